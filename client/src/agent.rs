@@ -1,0 +1,368 @@
+//! The session loop: connect, say hello, bind every tunnel, serve data streams, heartbeat, and
+//! reconnect with backoff when the session is lost.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use warren_proto::message::Token;
+use warren_proto::{AgentId, Bind, ErrorCode, Hello, Message, Preface, Subdomain, TunnelName};
+use warren_transport::{
+    ControlError, ControlReader, ControlWriter, Mode, RelayAddr, Session, Trust,
+};
+
+use crate::forward::{self, Tunnels};
+use crate::tunnel::TunnelSpec;
+
+/// Interval between the agent's pings.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A session from which nothing arrived for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+/// Longest wait between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the agent needs to run.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The relay's control address.
+    pub relay: RelayAddr,
+    /// The token the relay expects.
+    pub token: Token,
+    /// How to trust the relay's certificate.
+    pub trust: Trust,
+    /// Transport choice.
+    pub mode: Mode,
+    /// This agent's identity.
+    pub agent_id: AgentId,
+    /// The tunnels to serve, in order.
+    pub tunnels: Vec<TunnelSpec>,
+}
+
+/// Things the agent reports as they happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEvent {
+    /// A tunnel is bound (again). `changed` is false when the URL is the one it had before.
+    Bound {
+        /// The tunnel.
+        name: TunnelName,
+        /// Its public URL.
+        url: String,
+        /// Whether the URL differs from the previous bind's.
+        changed: bool,
+    },
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A refusal that retrying cannot fix (token, version, names, trust).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+enum Failure {
+    Fatal(String),
+    Retry(String),
+}
+
+impl From<ControlError> for Failure {
+    fn from(e: ControlError) -> Self {
+        Failure::Retry(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Retry(e.to_string())
+    }
+}
+
+/// What an earlier bind was granted, asked for again on reconnect.
+#[derive(Debug, Clone, Default)]
+struct Granted {
+    subdomain: Option<Subdomain>,
+    port: Option<u16>,
+    url: String,
+}
+
+/// Runs the agent until `shutdown` or a fatal error.
+pub async fn run(
+    cfg: AgentConfig,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let tls =
+        cfg.trust.client_config().map_err(|e| AgentError::Fatal(format!("TLS settings: {e}")))?;
+    let mut granted: HashMap<TunnelName, Granted> = HashMap::new();
+    let mut attempt: u32 = 0;
+    let mut ever_connected = false;
+    loop {
+        let outcome =
+            session_once(&cfg, tls.clone(), &mut granted, &events, &shutdown, &mut ever_connected)
+                .await;
+        match outcome {
+            Ok(End::Shutdown) => return Ok(()),
+            Ok(End::Lost(why)) => {
+                attempt = 0;
+                warn!(relay = %cfg.relay, reason = %why, "session lost; reconnecting");
+            }
+            Err(Failure::Fatal(why)) => return Err(AgentError::Fatal(why)),
+            Err(Failure::Retry(why)) => {
+                let delay = backoff(attempt);
+                attempt = attempt.saturating_add(1);
+                warn!(
+                    relay = %cfg.relay,
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    reason = %why,
+                    "cannot reach the relay; retrying (is warren-server running there?)"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+                continue;
+            }
+        }
+        // A lost session is retried after a short, jittered pause.
+        let delay = backoff(0);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, … capped at [`MAX_BACKOFF`], each
+/// scaled by a random factor in [0.5, 1].
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(500).saturating_mul(1 << attempt.min(16)).min(MAX_BACKOFF);
+    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+async fn session_once(
+    cfg: &AgentConfig,
+    tls: Arc<rustls::ClientConfig>,
+    granted: &mut HashMap<TunnelName, Granted>,
+    events: &mpsc::UnboundedSender<AgentEvent>,
+    shutdown: &CancellationToken,
+    ever_connected: &mut bool,
+) -> Result<End, Failure> {
+    let connected = tokio::select! {
+        r = warren_transport::connect(&cfg.relay, cfg.mode, tls) => r,
+        () = shutdown.cancelled() => return Ok(End::Shutdown),
+    };
+    let session = connected.map_err(|e| {
+        if e.untrusted && !*ever_connected {
+            Failure::Fatal(e.to_string())
+        } else {
+            Failure::Retry(e.to_string())
+        }
+    })?;
+    let result = serve_session(cfg, &session, granted, events, shutdown, ever_connected).await;
+    session.close("agent closing session");
+    result
+}
+
+async fn serve_session(
+    cfg: &AgentConfig,
+    session: &Session,
+    granted: &mut HashMap<TunnelName, Granted>,
+    events: &mpsc::UnboundedSender<AgentEvent>,
+    shutdown: &CancellationToken,
+    ever_connected: &mut bool,
+) -> Result<End, Failure> {
+    let relay = &cfg.relay;
+    let control = session.open().await?;
+    let (rd, wr) = tokio::io::split(control);
+    let mut reader = ControlReader::new(rd);
+    let mut writer = ControlWriter::new(wr);
+    let hello = Message::Hello(Hello {
+        token: cfg.token.clone(),
+        agent_id: cfg.agent_id.clone(),
+        agent_version: crate::VERSION.into(),
+    });
+    writer.send_with_preface(Preface::ours(), &hello).await?;
+    let welcome = match tokio::time::timeout(
+        warren_transport::tuning::HANDSHAKE_TIMEOUT,
+        reader.recv(),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(Failure::Retry("the relay did not answer the handshake in time".into()));
+        }
+        Ok(r) => r?,
+    };
+    let welcome = match welcome {
+        Message::Welcome(w) => w,
+        Message::Error {
+            code: code @ (ErrorCode::Unauthorized | ErrorCode::VersionMismatch),
+            message,
+            ..
+        } => {
+            return Err(Failure::Fatal(format!(
+                "relay {relay} refused the session: {code}: {message}"
+            )));
+        }
+        Message::Error { code, message, .. } => {
+            return Err(Failure::Retry(format!(
+                "relay {relay} refused the session: {code}: {message}"
+            )));
+        }
+        other => {
+            return Err(Failure::Retry(format!(
+                "unexpected first message from the relay: {other:?}"
+            )));
+        }
+    };
+    *ever_connected = true;
+    info!(
+        relay = %relay,
+        transport = %session.kind(),
+        session = welcome.session_id,
+        relay_version = %welcome.relay_version,
+        "connected to relay"
+    );
+
+    // Bind every tunnel, in order, asking again for what earlier binds were granted.
+    let mut tunnels = HashMap::new();
+    for (i, spec) in cfg.tunnels.iter().enumerate() {
+        let before = granted.get(&spec.name).cloned();
+        let req = (i + 1) as u32;
+        let bind = Bind {
+            req,
+            name: spec.name.clone(),
+            protocol: spec.protocol,
+            subdomain: before
+                .as_ref()
+                .and_then(|g| g.subdomain.clone())
+                .or_else(|| spec.subdomain.clone()),
+            remote_port: before.as_ref().and_then(|g| g.port).or(spec.remote_port),
+            sticky: before.is_some(),
+        };
+        writer.send(&Message::Bind(bind)).await?;
+        let reply = loop {
+            match tokio::time::timeout(warren_transport::tuning::HANDSHAKE_TIMEOUT, reader.recv())
+                .await
+            {
+                Err(_) => {
+                    return Err(Failure::Retry("the relay did not answer a bind in time".into()));
+                }
+                Ok(Ok(Message::Ping { nonce })) => writer.send(&Message::Pong { nonce }).await?,
+                Ok(r) => break r?,
+            }
+        };
+        match reply {
+            Message::Bound(b) if b.req == req => {
+                if !b.notice.is_empty() {
+                    warn!(tunnel = %spec.name, notice = %b.notice, "the relay adjusted the tunnel");
+                }
+                let changed = before.as_ref().is_none_or(|g| g.url != b.url);
+                info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
+                granted.insert(
+                    spec.name.clone(),
+                    Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
+                );
+                let _ =
+                    events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url, changed });
+                tunnels.insert(b.tunnel, Arc::new(spec.clone()));
+            }
+            Message::Error { code, message, .. } if code.is_fatal() => {
+                return Err(Failure::Fatal(format!(
+                    "relay {relay} refused tunnel {}: {code}: {message}",
+                    spec.name
+                )));
+            }
+            Message::Error { code, message, .. } => {
+                return Err(Failure::Retry(format!(
+                    "relay {relay} could not bind tunnel {}: {code}: {message}",
+                    spec.name
+                )));
+            }
+            other => return Err(Failure::Retry(format!("unexpected answer to a bind: {other:?}"))),
+        }
+    }
+    let tunnels: Tunnels = Arc::new(tunnels);
+
+    let mut streams = JoinSet::new();
+    let mut last_seen = Instant::now();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            s = session.accept() => match s {
+                Ok(stream) => {
+                    while streams.try_join_next().is_some() {}
+                    streams.spawn(forward::handle(stream, tunnels.clone()));
+                }
+                Err(e) => return Ok(End::Lost(format!("session closed: {e}"))),
+            },
+            m = reader.recv() => {
+                let msg = match m {
+                    Ok(m) => m,
+                    Err(ControlError::Closed) => return Ok(End::Lost("the relay closed the session".into())),
+                    Err(e) => return Ok(End::Lost(e.to_string())),
+                };
+                last_seen = Instant::now();
+                match msg {
+                    Message::Ping { nonce } => writer.send(&Message::Pong { nonce }).await?,
+                    Message::Pong { .. } => {}
+                    Message::GoAway { code, message } => {
+                        return Ok(End::Lost(format!("the relay is going away ({code}: {message})")));
+                    }
+                    Message::TunnelClosed { code, message, .. } => {
+                        return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
+                    }
+                    Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
+                        return Ok(End::Lost(format!("the relay rejected our frames: {message}")));
+                    }
+                    Message::Error { code, message, .. } => warn!(%code, %message, "relay reported an error"),
+                    Message::Unknown { kind } => {
+                        writer.send(&Message::Error { req: 0, code: ErrorCode::UnknownMessage, message: format!("unknown message type {kind:#x}") }).await?;
+                    }
+                    other => warn!(message = ?other, "unexpected message from the relay"),
+                }
+            }
+            _ = tick.tick() => {
+                if last_seen.elapsed() > DEAD_AFTER {
+                    return Ok(End::Lost(format!("no heartbeat from the relay for {} s", DEAD_AFTER.as_secs())));
+                }
+                nonce += 1;
+                writer.send(&Message::Ping { nonce }).await?;
+            }
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(&Message::GoAway { code: ErrorCode::ShuttingDown, message: "agent stopping".into() })).await;
+                return Ok(End::Shutdown);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for _ in 0..50 {
+            let first = backoff(0);
+            assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+            assert!(backoff(3) >= Duration::from_secs(2) && backoff(3) <= Duration::from_secs(4));
+            assert!(backoff(40) <= MAX_BACKOFF && backoff(40) >= MAX_BACKOFF / 2);
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The config file of `warren start`: TOML, every problem reported with its line.
+//!
+//! ```toml
+//! relay = "relay.example.com:7443"
+//! token = "s3cret"
+//! [tunnels.web]
+//! proto = "http"
+//! target = "8080"
+//! subdomain = "shop"
+//! ```
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+use warren_proto::{Protocol, Subdomain, TunnelName};
+use warren_transport::Mode;
+
+use crate::tunnel::{Target, TunnelSpec};
+
+/// A config file, parsed and checked. Fields left out are `None` and come from flags or the
+/// environment (or defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileConfig {
+    /// `relay = "HOST:PORT"`.
+    pub relay: Option<String>,
+    /// `token = "..."`.
+    pub token: Option<String>,
+    /// `transport = "auto" | "quic" | "tcp"`.
+    pub transport: Option<Mode>,
+    /// `relay_ca = "path/to/ca.pem"`, relative to the file.
+    pub relay_ca: Option<PathBuf>,
+    /// `relay_fingerprint = "hex"`.
+    pub relay_fingerprint: Option<String>,
+    /// `insecure = true`.
+    pub insecure: bool,
+    /// `agent_id = "..."`.
+    pub agent_id: Option<String>,
+    /// `[tunnels.NAME]` tables, in file order.
+    pub tunnels: Vec<TunnelSpec>,
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// The problems, in file order (empty when the file could not be read at all).
+    pub problems: Vec<Problem>,
+    /// Set when the file could not be read.
+    pub unreadable: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(why) = &self.unreadable {
+            return write!(f, "cannot read config file {}: {why}", self.path.display());
+        }
+        write!(f, "config file {} has {} problem(s):", self.path.display(), self.problems.len())?;
+        for p in &self.problems {
+            write!(f, "\n  {}:line {}: {}", self.path.display(), p.line, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.into(),
+        problems: Vec::new(),
+        unreadable: Some(e.to_string()),
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base).map_err(|problems| ConfigError {
+        path: path.into(),
+        problems,
+        unreadable: None,
+    })
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+    }
+    fn err(&mut self, span: Range<usize>, message: impl Into<String>) {
+        let line = self.line(span);
+        self.problems.push(Problem { line, message: message.into() });
+    }
+    fn string(&mut self, key: &str, v: &Spanned<DeValue<'_>>) -> Option<String> {
+        match v.get_ref().as_str() {
+            Some(s) => Some(s.to_owned()),
+            None => {
+                self.err(v.span(), format!("`{key}` must be a string"));
+                None
+            }
+        }
+    }
+}
+
+/// Parses config text; relative paths are taken from `base`.
+pub fn parse(text: &str, base: &Path) -> Result<FileConfig, Vec<Problem>> {
+    let mut cx = Ctx { text, problems: Vec::new() };
+    let (doc, errors) = DeTable::parse_recoverable(text);
+    for e in errors {
+        let span = e.span().unwrap_or(0..0);
+        let msg = e.message().trim().to_owned();
+        cx.err(span, format!("syntax: {msg}"));
+    }
+    if !cx.problems.is_empty() {
+        return Err(cx.problems);
+    }
+    let mut out = FileConfig::default();
+    let mut entries: Vec<_> = doc.get_ref().iter().collect();
+    entries.sort_by_key(|(k, _)| k.span().start);
+    for (key, value) in entries {
+        let k = key.get_ref().as_ref();
+        match k {
+            "relay" => out.relay = cx.string(k, value),
+            "token" => out.token = cx.string(k, value),
+            "agent_id" => out.agent_id = cx.string(k, value),
+            "relay_fingerprint" => out.relay_fingerprint = cx.string(k, value),
+            "relay_ca" => out.relay_ca = cx.string(k, value).map(|p| base.join(p)),
+            "transport" => {
+                if let Some(s) = cx.string(k, value) {
+                    match s.parse::<Mode>() {
+                        Ok(m) => out.transport = Some(m),
+                        Err(e) => cx.err(value.span(), e),
+                    }
+                }
+            }
+            "insecure" => match value.get_ref().as_bool() {
+                Some(b) => out.insecure = b,
+                None => cx.err(value.span(), "`insecure` must be true or false"),
+            },
+            "tunnels" => match value.get_ref().as_table() {
+                Some(t) => {
+                    let mut tunnels: Vec<_> = t.iter().collect();
+                    tunnels.sort_by_key(|(k, _)| k.span().start);
+                    for (name, body) in tunnels {
+                        if let Some(spec) = tunnel(&mut cx, name, body) {
+                            out.tunnels.push(spec);
+                        }
+                    }
+                }
+                None => cx.err(value.span(), "`tunnels` must be a table of [tunnels.NAME] tables"),
+            },
+            other => cx.err(
+                key.span(),
+                format!("unknown key `{other}` (expected relay, token, transport, relay_ca, relay_fingerprint, insecure, agent_id or [tunnels.NAME])"),
+            ),
+        }
+    }
+    if cx.problems.is_empty() { Ok(out) } else { Err(cx.problems) }
+}
+
+fn tunnel(
+    cx: &mut Ctx<'_>,
+    name: &Spanned<std::borrow::Cow<'_, str>>,
+    body: &Spanned<DeValue<'_>>,
+) -> Option<TunnelSpec> {
+    let before = cx.problems.len();
+    let tname = match TunnelName::parse(name.get_ref()) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            cx.err(name.span(), e.to_string());
+            None
+        }
+    };
+    let Some(table) = body.get_ref().as_table() else {
+        cx.err(body.span(), format!("tunnel `{}` must be a table", name.get_ref()));
+        return None;
+    };
+    let (mut proto, mut target, mut subdomain, mut port) = (None, None, None, None);
+    let mut fields: Vec<_> = table.iter().collect();
+    fields.sort_by_key(|(k, _)| k.span().start);
+    for (key, value) in fields {
+        let k = key.get_ref().as_ref();
+        match k {
+            "proto" => {
+                if let Some(s) = cx.string(k, value) {
+                    match s.as_str() {
+                        "http" => proto = Some(Protocol::Http),
+                        "tcp" => proto = Some(Protocol::Tcp),
+                        other => cx.err(value.span(), format!("unknown proto {other:?}: expected \"http\" or \"tcp\"")),
+                    }
+                }
+            }
+            "target" => {
+                let s = match value.get_ref() {
+                    DeValue::Integer(i) => Some(i.as_str().to_owned()),
+                    _ => cx.string(k, value),
+                };
+                if let Some(s) = s {
+                    match s.parse::<Target>() {
+                        Ok(t) => target = Some(t),
+                        Err(e) => cx.err(value.span(), e),
+                    }
+                }
+            }
+            "subdomain" => {
+                if let Some(s) = cx.string(k, value) {
+                    match Subdomain::parse(&s) {
+                        Ok(s) => subdomain = Some(s),
+                        Err(e) => cx.err(value.span(), e.to_string()),
+                    }
+                }
+            }
+            "remote_port" => match value.get_ref() {
+                DeValue::Integer(i) => match u16::from_str_radix(i.as_str(), i.radix()) {
+                    Ok(p) if p != 0 => port = Some(p),
+                    _ => cx.err(value.span(), "`remote_port` must be a port number, 1-65535"),
+                },
+                _ => cx.err(value.span(), "`remote_port` must be a number"),
+            },
+            other => cx.err(
+                key.span(),
+                format!("tunnel `{}`: unknown key `{other}` (expected proto, target, subdomain or remote_port)", name.get_ref()),
+            ),
+        }
+    }
+    if proto.is_none() {
+        cx.err(
+            name.span(),
+            format!("tunnel `{}` needs `proto = \"http\"` or `\"tcp\"`", name.get_ref()),
+        );
+    }
+    if target.is_none() && !cx.problems[before..].iter().any(|p| p.message.contains("target")) {
+        cx.err(
+            name.span(),
+            format!("tunnel `{}` needs `target = \"PORT\"` or `\"HOST:PORT\"`", name.get_ref()),
+        );
+    }
+    match proto {
+        Some(Protocol::Http) if port.is_some() => {
+            cx.err(
+                name.span(),
+                format!(
+                    "tunnel `{}`: `remote_port` is for tcp tunnels; http tunnels take `subdomain`",
+                    name.get_ref()
+                ),
+            );
+        }
+        Some(Protocol::Tcp) if subdomain.is_some() => {
+            cx.err(
+                name.span(),
+                format!(
+                    "tunnel `{}`: `subdomain` is for http tunnels; tcp tunnels take `remote_port`",
+                    name.get_ref()
+                ),
+            );
+        }
+        _ => {}
+    }
+    if cx.problems.len() > before {
+        return None;
+    }
+    Some(TunnelSpec {
+        name: tname?,
+        protocol: proto?,
+        target: target?,
+        subdomain,
+        remote_port: port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_good_file() {
+        let text = r#"
+relay = "relay.example.com:7443"
+token = "s3cret"
+transport = "tcp"
+relay_ca = "ca.pem"
+
+[tunnels.web]
+proto = "http"
+target = "8080"
+subdomain = "Shop"
+
+[tunnels.db]
+proto = "tcp"
+target = "127.0.0.1:5432"
+remote_port = 20432
+"#;
+        let c = parse(text, Path::new("/etc/warren")).unwrap();
+        assert_eq!(c.relay.as_deref(), Some("relay.example.com:7443"));
+        assert_eq!(c.transport, Some(Mode::Tcp));
+        assert_eq!(c.relay_ca, Some(PathBuf::from("/etc/warren/ca.pem")));
+        assert_eq!(c.tunnels.len(), 2);
+        assert_eq!(c.tunnels[0].name.as_str(), "web");
+        assert_eq!(c.tunnels[0].subdomain.as_ref().map(Subdomain::as_str), Some("shop"));
+        assert_eq!(c.tunnels[1].remote_port, Some(20432));
+    }
+
+    #[test]
+    fn every_problem_is_listed_with_its_line() {
+        let text = "relay = \"r:1\"\ncolour = \"blue\"\n[tunnels.a]\nproto = \"http\"\ntarget = \"80\"\nsubdomain = \"bad_name\"\n[tunnels.b]\nproto = \"tcp\"\nremot_port = 3\ntarget = \"x\"\n";
+        let problems = parse(text, Path::new(".")).unwrap_err();
+        let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![2, 6, 9, 10], "{problems:?}");
+        assert!(problems[1].message.contains("invalid subdomain"));
+        assert!(problems[2].message.contains("remot_port"));
+    }
+
+    #[test]
+    fn syntax_errors_have_lines() {
+        let problems =
+            parse("relay = \"x:1\"\n[tunnels.a\nproto = 1\n", Path::new(".")).unwrap_err();
+        assert!(!problems.is_empty());
+        assert_eq!(problems[0].line, 2, "{problems:?}");
+    }
+
+    #[test]
+    fn the_example_in_the_repo_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/warren.toml");
+        let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!c.tunnels.is_empty());
+    }
+}

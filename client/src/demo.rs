@@ -1,0 +1,173 @@
+//! `warren demo`: a relay, an agent, a sample web page, and an HTTP and a TCP tunnel to it, all
+//! in one process on loopback.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use warren_proto::message::Token;
+use warren_proto::{AgentId, Protocol, Subdomain, TunnelName};
+use warren_server::Relay;
+use warren_server::config::{PortRange, RelayConfig};
+use warren_transport::{Mode, RelayAddr, Trust};
+
+use crate::agent::{self, AgentConfig, AgentEvent};
+use crate::tunnel::{Target, TunnelSpec};
+
+/// Where the demo listens.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The relay's public HTTP listener.
+    pub http: SocketAddr,
+    /// The relay's TCP port pool.
+    pub ports: PortRange,
+}
+
+/// What the demo serves, once everything is up.
+#[derive(Debug, Clone)]
+pub struct DemoUrls {
+    /// The HTTP tunnel.
+    pub http: String,
+    /// The TCP tunnel.
+    pub tcp: String,
+    /// The sample service behind both.
+    pub sample: SocketAddr,
+}
+
+/// Runs the demo until `shutdown`; `ready` gets the URLs once both tunnels are bound.
+pub async fn run(
+    opts: DemoOptions,
+    ready: tokio::sync::oneshot::Sender<DemoUrls>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("warren-demo-{}", std::process::id()));
+    let result = run_in(&dir, opts, ready, shutdown).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn run_in(
+    dir: &std::path::Path,
+    opts: DemoOptions,
+    ready: tokio::sync::oneshot::Sender<DemoUrls>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let token: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..24)
+            .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+            .collect()
+    };
+    let mut config = RelayConfig::loopback(dir.to_path_buf(), &token, opts.ports);
+    config.http = opts.http;
+    let relay = Relay::bind(config).await?;
+    let control = relay.control_addr;
+    let ca = relay.ca_der.clone();
+
+    let sample = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let sample_addr = sample.local_addr()?;
+    let tasks = TaskTracker::new();
+    tasks.spawn(relay.run(shutdown.clone()));
+    tasks.spawn(serve_sample(sample, shutdown.clone()));
+
+    let target = Target { host: "127.0.0.1".into(), port: sample_addr.port() };
+    let parse = |s: &str| TunnelName::parse(s).map_err(anyhow::Error::from);
+    let agent_cfg = AgentConfig {
+        relay: RelayAddr { host: "127.0.0.1".into(), port: control.port() },
+        token: Token::new(token),
+        trust: Trust::Roots(vec![ca]),
+        mode: Mode::Auto,
+        agent_id: AgentId::parse("demo")?,
+        tunnels: vec![
+            TunnelSpec {
+                name: parse("demo-http")?,
+                protocol: Protocol::Http,
+                target: target.clone(),
+                subdomain: Some(Subdomain::parse("demo")?),
+                remote_port: None,
+            },
+            TunnelSpec {
+                name: parse("demo-tcp")?,
+                protocol: Protocol::Tcp,
+                target,
+                subdomain: None,
+                remote_port: None,
+            },
+        ],
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let agent_stop = shutdown.clone();
+    let agent = tokio::spawn(agent::run(agent_cfg, tx, agent_stop));
+
+    let mut urls = (None, None);
+    let mut ready = Some(ready);
+    while let Some(AgentEvent::Bound { name, url, .. }) = rx.recv().await {
+        if name.as_str() == "demo-http" {
+            urls.0 = Some(url);
+        } else {
+            urls.1 = Some(url);
+        }
+        if let (Some(http), Some(tcp)) = (&urls.0, &urls.1)
+            && let Some(tx) = ready.take()
+        {
+            let _ = tx.send(DemoUrls { http: http.clone(), tcp: tcp.clone(), sample: sample_addr });
+        }
+    }
+    let outcome = agent.await?;
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    outcome.map_err(anyhow::Error::from)
+}
+
+async fn serve_sample(listener: TcpListener, shutdown: CancellationToken) {
+    let tasks = TaskTracker::new();
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(a) => a, Err(_) => continue },
+            () = shutdown.cancelled() => break,
+        };
+        tasks.spawn(async move {
+            let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                Ok::<_, Infallible>(sample_page(&req))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+    tasks.close();
+}
+
+fn sample_page(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let mut rows = String::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).replace('&', "&amp;").replace('<', "&lt;");
+        rows.push_str(&format!("<tr><td><code>{k}</code></td><td><code>{v}</code></td></tr>"));
+    }
+    let body = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>warren demo</title></head>\
+         <body style=\"font-family:system-ui,sans-serif;max-width:48em;margin:3em auto\">\
+         <h1>Hello through warren</h1><p>This page is served by a small service on 127.0.0.1 and \
+         reached you through a warren tunnel. The relay added the <code>X-Forwarded-*</code> \
+         headers below.</p><p><code>{} {}</code></p><table>{rows}</table></body></html>\n",
+        req.method(),
+        req.uri().path().replace('<', "&lt;")
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp
+}

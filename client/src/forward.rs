@@ -1,0 +1,82 @@
+//! One data stream from the relay: read its header, connect the tunnel's target, splice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+use warren_proto::{Protocol, TunnelId};
+use warren_transport::Stream;
+use warren_transport::control::read_stream_header;
+
+use crate::tunnel::{Target, TunnelSpec};
+
+/// Deadline for the relay's header and for connecting the target.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tunnels of the current session, by the id the relay gave each.
+pub type Tunnels = Arc<HashMap<TunnelId, Arc<TunnelSpec>>>;
+
+/// Connects to a target, trying every address a host name resolves to.
+pub async fn connect_target(target: &Target) -> std::io::Result<TcpStream> {
+    let tcp = match target.socket_addr() {
+        Some(addr) => TcpStream::connect(addr).await?,
+        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// Serves one data stream until both directions end.
+pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
+    let header = match tokio::time::timeout(SETUP_TIMEOUT, read_stream_header(&mut stream)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            debug!(error = %e, "bad data stream header");
+            return;
+        }
+        Err(_) => {
+            debug!("data stream header timed out");
+            return;
+        }
+    };
+    let Some(tunnel) = tunnels.get(&header.tunnel).cloned() else {
+        debug!(tunnel = %header.tunnel, "data stream for a tunnel this session does not serve");
+        return;
+    };
+    let target = match tokio::time::timeout(SETUP_TIMEOUT, connect_target(&tunnel.target)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return refuse(stream, &tunnel, &e.to_string(), header.protocol).await,
+        Err(_) => return refuse(stream, &tunnel, "connection timed out", header.protocol).await,
+    };
+    let mut target = target;
+    if let Err(e) = warren_transport::splice(&mut stream, &mut target).await {
+        debug!(tunnel = %tunnel.name, visitor = %header.visitor, error = %e, "connection ended with an error");
+    }
+}
+
+async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Protocol) {
+    warn!(tunnel = %tunnel.name, target = %tunnel.target, reason = %why, "cannot reach the target");
+    if protocol == Protocol::Http {
+        let body = format!(
+            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>502 Bad Gateway</title></head>\
+             <body style=\"font-family:system-ui,sans-serif;max-width:40em;margin:4em auto\">\
+             <h1>502 Bad Gateway</h1><p>The warren agent serving tunnel <b>{name}</b> could not \
+             reach its target <code>{target}</code>: {why}.</p><p>Is the service running?</p>\
+             <hr><p><small>warren agent</small></p></body></html>\n",
+            name = tunnel.name,
+            target = tunnel.target,
+            why = why.replace('<', "&lt;"),
+        );
+        let head = format!(
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html; charset=utf-8\r\n\
+             content-length: {}\r\nconnection: close\r\nx-warren-error: target-unreachable\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+    }
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,67 @@
+//! The agent's stable identity, kept in its config directory.
+//!
+//! Leases on the relay belong to (token, agent identity, tunnel name): an agent that restarts
+//! with the same identity gets its subdomains and ports back. The identity is generated once
+//! (`HOSTNAME-RANDOM`) into `CONFIG_DIR/agent-id`.
+
+use std::path::{Path, PathBuf};
+
+use rand::Rng;
+use warren_proto::AgentId;
+
+/// The config directory: `$WARREN_CONFIG_DIR` (or the flag), else `$XDG_CONFIG_HOME/warren`, else
+/// `$HOME/.config/warren`, else `./.warren`.
+pub fn default_config_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("warren");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(h).join(".config").join("warren");
+    }
+    PathBuf::from(".warren")
+}
+
+fn hostname() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .take(40)
+        .collect();
+    if clean.is_empty() { "agent".into() } else { clean }
+}
+
+/// Reads the identity from `dir/agent-id`, creating it when absent.
+pub fn load_or_create(dir: &Path) -> Result<AgentId, String> {
+    let path = dir.join("agent-id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        return AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let suffix: String = {
+        let mut rng = rand::rng();
+        (0..8)
+            .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+            .collect()
+    };
+    let id = AgentId::parse(&format!("{}-{suffix}", hostname()))
+        .map_err(|e| format!("generated agent id: {e}"))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    // Two agents starting at once must end up with the same identity: write to a temporary file
+    // and link it into place, keeping whichever came first.
+    let tmp = dir.join(format!(".agent-id.{}", std::process::id()));
+    std::fs::write(&tmp, format!("{id}\n"))
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(id),
+        Err(_) => {
+            let s = std::fs::read_to_string(&path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! warren's agent and CLI: exposes local services through a relay.
+//!
+//! The agent holds one session to a relay (QUIC, or TLS+yamux over TCP), binds its tunnels, and
+//! splices every data stream the relay opens to the tunnel's local target. It reconnects forever
+//! with backoff and gets the same subdomains and ports back (leases).
+//!
+//! Not here yet: the local API and dashboard, the request inspector, networks, DNS and Docker
+//! (each has its own issue).
+//!
+//! # Layout
+//! - [`tunnel`]: what a tunnel is on the agent side: name, protocol, target, wishes.
+//! - [`identity`]: the agent's stable identity, kept in its config directory.
+//! - [`config`]: the TOML config file for `warren start`, with every problem reported by line.
+//! - [`agent`]: the session loop: connect, bind, serve, heartbeat, reconnect.
+//! - [`forward`]: one data stream: connect the target, splice, or answer 502.
+//! - [`demo`]: relay, agent and a sample service in one process.
+
+pub mod agent;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod identity;
+pub mod tunnel;
+
+pub use agent::{AgentConfig, AgentError, AgentEvent};
+pub use tunnel::{Target, TunnelSpec};
+
+/// The agent's software version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,34 @@
+//! warren's wire protocol, sans-IO.
+//!
+//! What lives here: the session preface and version negotiation, the bounded frame format, the
+//! control messages exchanged on a session's first stream, and the header that starts every data
+//! stream. Everything is plain `encode`/`decode` over byte buffers; nothing here does I/O, owns a
+//! socket or knows about tokio, QUIC or TLS. `PROTOCOL.md` beside this crate is the normative
+//! specification; this crate is its reference implementation.
+//!
+//! Not here: transports (see `warren-transport`), routing, leases, configuration.
+//!
+//! # Layout
+//! - [`names`]: validated newtypes for what crosses the wire (tunnel names, subdomains, ids).
+//! - [`frame`]: the frame header, length bounds and the primitive field codecs.
+//! - [`message`]: control messages and error codes.
+//! - [`stream`]: the data-stream header.
+//! - [`preface`]: the session preface that carries the protocol version.
+
+pub mod frame;
+pub mod message;
+pub mod names;
+pub mod preface;
+pub mod stream;
+
+pub use frame::{DecodeError, MAX_FRAME_LEN};
+pub use message::{Bind, Bound, ErrorCode, Hello, Message, Protocol, Welcome};
+pub use names::{AgentId, Subdomain, TunnelId, TunnelName};
+pub use preface::{PROTOCOL_VERSION, Preface, SUPPORTED_VERSIONS};
+pub use stream::StreamHeader;
+
+/// The ALPN protocol identifier both transports negotiate.
+pub const ALPN: &[u8] = b"warren/1";
+
+#[cfg(test)]
+mod proptests;

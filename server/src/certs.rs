@@ -1,0 +1,116 @@
+//! The development CA kept in the data directory, and the relay certificate it signs.
+//!
+//! On first start the relay creates `ca.pem` and `ca-key.pem` in its data directory. At every
+//! start it issues a fresh certificate for its domain (and `*.domain`, `localhost`, loopback
+//! addresses and any extra names) signed by that CA. Agents trust the relay with
+//! `--relay-ca DATA/ca.pem` or by pinning the CA's fingerprint.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use warren_transport::ServerIdentity;
+
+/// Why the CA or certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The system error.
+        source: io::Error,
+    },
+    /// Generating or parsing a key or certificate failed.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+/// The development CA and the identity the relay presents.
+#[derive(Debug)]
+pub struct DevCa {
+    /// Path of the CA certificate (PEM).
+    pub ca_path: PathBuf,
+    /// The CA certificate (DER).
+    pub ca_der: CertificateDer<'static>,
+    /// SHA-256 of the CA certificate, hex.
+    pub fingerprint: String,
+    /// True when the CA was created by this call.
+    pub created: bool,
+    /// The relay's certificate chain (leaf, CA) and key.
+    pub identity: ServerIdentity,
+}
+
+fn ca_params() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, "warren development CA");
+    p.distinguished_name.push(DnType::OrganizationName, "warren");
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    p
+}
+
+fn write_private(path: &Path, data: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(data.as_bytes())
+}
+
+/// Loads the CA from `data_dir`, creating it when absent, and issues the relay's certificate for
+/// `names`.
+pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertError> {
+    let io_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| CertError::Io { path, source }
+    };
+    fs::create_dir_all(data_dir).map_err(io_err(data_dir))?;
+    let ca_path = data_dir.join("ca.pem");
+    let key_path = data_dir.join("ca-key.pem");
+    let created = !key_path.exists();
+    let ca_key = if created {
+        let key = KeyPair::generate()?;
+        let cert = ca_params().self_signed(&key)?;
+        write_private(&key_path, &key.serialize_pem()).map_err(io_err(&key_path))?;
+        fs::write(&ca_path, cert.pem()).map_err(io_err(&ca_path))?;
+        key
+    } else {
+        let pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        KeyPair::from_pem(&pem)?
+    };
+    let ca_der = warren_transport::tls::load_certs(&ca_path)
+        .map_err(|e| CertError::Io { path: ca_path.clone(), source: io::Error::other(e) })?
+        .remove(0);
+
+    let leaf_key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, names.first().map_or("warren relay", |n| n));
+    let issuer = Issuer::new(ca_params(), &ca_key);
+    let leaf = params.signed_by(&leaf_key, &issuer)?;
+    let identity = ServerIdentity {
+        chain: vec![leaf.der().clone(), ca_der.clone()],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
+    };
+    Ok(DevCa {
+        fingerprint: warren_transport::tls::fingerprint(&ca_der),
+        ca_path,
+        ca_der,
+        created,
+        identity,
+    })
+}
+
+/// The names the relay's certificate covers by default.
+pub fn default_names(domain: &str, extra: &[String]) -> Vec<String> {
+    let mut names = vec![domain.to_owned(), format!("*.{domain}")];
+    for n in ["localhost", "127.0.0.1", "::1"] {
+        names.push(n.to_owned());
+    }
+    names.extend(extra.iter().cloned());
+    names.dedup();
+    names
+}

@@ -1,0 +1,91 @@
+//! The TCP port pool: one address, a range of public ports, each bound to at most one tunnel.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::SocketAddr;
+
+use rand::Rng;
+use tokio::net::TcpListener;
+
+use crate::config::PortRange;
+
+/// Why a port could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The port lies outside the pool.
+    #[error("port {port} is outside this relay's pool ({range})")]
+    OutOfRange {
+        /// The port asked for.
+        port: u16,
+        /// The pool.
+        range: PortRange,
+    },
+    /// Another program on the relay host holds the port.
+    #[error("port {0} is in use on the relay host")]
+    InUse(u16),
+    /// No port is free.
+    #[error("the port pool {0} is exhausted: every port is leased or in use")]
+    Exhausted(PortRange),
+    /// Binding failed for another reason.
+    #[error("cannot bind port {port}: {source}")]
+    Bind {
+        /// The port.
+        port: u16,
+        /// The system error.
+        source: io::Error,
+    },
+}
+
+/// Hands out listeners on the pool's ports.
+#[derive(Debug, Clone, Copy)]
+pub struct PortPool {
+    range: PortRange,
+}
+
+impl PortPool {
+    /// A pool over `range`.
+    pub fn new(range: PortRange) -> Self {
+        Self { range }
+    }
+
+    /// The pool's range.
+    pub fn range(&self) -> PortRange {
+        self.range
+    }
+
+    /// Binds exactly `port`.
+    pub fn bind(&self, port: u16) -> Result<TcpListener, PoolError> {
+        if !self.range.contains(port) {
+            return Err(PoolError::OutOfRange { port, range: self.range });
+        }
+        let addr = SocketAddr::new(self.range.ip, port);
+        let std = std::net::TcpListener::bind(addr).map_err(|source| {
+            if source.kind() == io::ErrorKind::AddrInUse {
+                PoolError::InUse(port)
+            } else {
+                PoolError::Bind { port, source }
+            }
+        })?;
+        std.set_nonblocking(true).map_err(|source| PoolError::Bind { port, source })?;
+        TcpListener::from_std(std).map_err(|source| PoolError::Bind { port, source })
+    }
+
+    /// Binds some free port not in `leased`, starting from a random point of the range so that
+    /// ports are not reused at once after they are released.
+    pub fn bind_any(&self, leased: &HashSet<u16>) -> Result<(u16, TcpListener), PoolError> {
+        let len = self.range.len();
+        let start = rand::rng().random_range(0..len);
+        for i in 0..len {
+            let port = (u32::from(self.range.low) + (start + i) % len) as u16;
+            if leased.contains(&port) {
+                continue;
+            }
+            match self.bind(port) {
+                Ok(l) => return Ok((port, l)),
+                Err(PoolError::InUse(_)) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(PoolError::Exhausted(self.range))
+    }
+}

@@ -1,0 +1,160 @@
+//! Wiring: bind every listener, run until shut down, drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warren_transport::ControlListener;
+use warren_transport::listen::ListenError;
+
+use crate::auth::Tokens;
+use crate::certs::{self, CertError};
+use crate::config::RelayConfig;
+use crate::ingress::{self, HttpIngress};
+use crate::pool::PortPool;
+use crate::router::Router;
+use crate::session::{self, Shared};
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// The development CA or certificate.
+    #[error("certificates in the data directory: {0}")]
+    Cert(#[from] CertError),
+    /// The control port.
+    #[error(transparent)]
+    Control(#[from] ListenError),
+    /// The HTTP listener.
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// Nothing to check tokens against.
+    #[error("no agent token configured")]
+    NoTokens,
+}
+
+/// The relay, as a library: see [`Relay::bind`].
+#[derive(Debug)]
+pub struct Relay;
+
+/// A relay whose listeners are bound; [`BoundRelay::run`] serves them.
+#[derive(Debug)]
+pub struct BoundRelay {
+    /// The control port (TCP and UDP).
+    pub control_addr: SocketAddr,
+    /// The public HTTP listener.
+    pub http_addr: SocketAddr,
+    /// Where the development CA certificate is.
+    pub ca_path: PathBuf,
+    /// The CA certificate, for in-process agents (the demo, tests).
+    pub ca_der: rustls::pki_types::CertificateDer<'static>,
+    /// SHA-256 of the CA certificate, hex.
+    pub ca_fingerprint: String,
+    /// True when the CA was created at this start.
+    pub ca_created: bool,
+    control: ControlListener,
+    http: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Relay {
+    /// Prepares certificates and binds the control port and the HTTP listener.
+    pub async fn bind(config: RelayConfig) -> Result<BoundRelay, RelayError> {
+        if config.tokens.is_empty() {
+            return Err(RelayError::NoTokens);
+        }
+        let ca = certs::load_or_create(
+            &config.data_dir,
+            &certs::default_names(&config.domain, &config.tls_names),
+        )?;
+        let control = ControlListener::bind(config.control, &ca.identity, config.quic).await?;
+        let http = TcpListener::bind(config.http)
+            .await
+            .map_err(|source| RelayError::Http { addr: config.http, source })?;
+        let http_addr =
+            http.local_addr().map_err(|source| RelayError::Http { addr: config.http, source })?;
+        let router = Arc::new(Router::new(
+            config.domain.clone(),
+            http_addr.port(),
+            PortPool::new(config.ports),
+            config.lease_grace,
+            Box::new(ingress::spawn_tcp_tunnel),
+        ));
+        let shared = Arc::new(Shared {
+            tokens: Tokens::new(&config.tokens),
+            router,
+            domain: config.domain.clone(),
+            lease_grace: config.lease_grace,
+            shutdown: CancellationToken::new(),
+        });
+        Ok(BoundRelay {
+            control_addr: control.local_addr(),
+            http_addr,
+            ca_path: ca.ca_path,
+            ca_der: ca.ca_der,
+            ca_fingerprint: ca.fingerprint,
+            ca_created: ca.created,
+            control,
+            http,
+            shared,
+        })
+    }
+}
+
+impl BoundRelay {
+    /// Serves until `shutdown` is cancelled, then tells every agent it is going away and waits
+    /// (a few seconds at most) for sessions and visitor connections to end.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let transports: Vec<String> =
+            self.control.transports().iter().map(ToString::to_string).collect();
+        info!(name = "control", addr = %self.control_addr, transports = %transports.join(","), "listening");
+        ingress::log_listening("http", self.http_addr);
+
+        let tasks = TaskTracker::new();
+        let ingress = HttpIngress::new(self.shared.router.clone(), &self.shared.domain);
+        tasks.spawn(ingress.serve(self.http, self.shared.shutdown.clone()));
+
+        let router = self.shared.router.clone();
+        let stop = self.shared.shutdown.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { router.expire(Instant::now()); }
+                    () = stop.cancelled() => break,
+                }
+            }
+        });
+
+        loop {
+            tokio::select! {
+                accepted = self.control.accept() => match accepted {
+                    Ok(a) => { tasks.spawn(session::serve(a, self.shared.clone())); }
+                    Err(e) => {
+                        warn!(error = %e, "control accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = shutdown.cancelled() => break,
+            }
+        }
+        info!("shutting down: telling agents, draining connections");
+        self.shared.shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.is_err() {
+            warn!("some connections did not end within 5 s; closing them");
+        }
+        self.control.close();
+        info!("relay stopped");
+    }
+}

@@ -1,0 +1,398 @@
+//! Tunnels, leases and routes: who serves which subdomain and which port.
+//!
+//! A tunnel is keyed by its [`LeaseKey`] — (token, agent identity, tunnel name) — and holds its
+//! subdomain or port for as long as a session serves it, plus a grace period after that session
+//! ends. A bind of the same key from a newer session takes the tunnel over at once; the older
+//! session is told. The router is all in memory behind one lock; nothing in it awaits.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_util::task::AbortOnDropHandle;
+use warren_proto::{
+    AgentId, Bind, Bound, ErrorCode, Message, Protocol, Subdomain, TunnelId, TunnelName,
+};
+use warren_transport::Session;
+
+use crate::auth::TokenId;
+use crate::pool::{PoolError, PortPool};
+
+/// Who owns a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Owner {
+    /// The token the agent presented.
+    pub token: TokenId,
+    /// The agent's identity.
+    pub agent: AgentId,
+}
+
+/// The key of a lease.
+pub type LeaseKey = (Owner, TunnelName);
+
+/// The session currently serving a tunnel.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// The relay's number for the session.
+    pub session_id: u64,
+    /// The session, to open data streams on.
+    pub session: Session,
+    /// The tunnel's id within that session's binds.
+    pub tunnel: TunnelId,
+    /// The tunnel's name.
+    pub name: TunnelName,
+    /// The session's control outbox.
+    pub notify: mpsc::Sender<Message>,
+}
+
+/// What a public listener finds for a visitor.
+#[derive(Debug, Clone)]
+pub enum Route {
+    /// The tunnel is served now.
+    Live(Live),
+    /// The tunnel is leased but its agent is away (reconnecting).
+    Offline(TunnelName),
+}
+
+/// A refused bind: the code for the wire and a sentence for the user.
+#[derive(Debug, Clone)]
+pub struct BindError {
+    /// Error code.
+    pub code: ErrorCode,
+    /// Explanation.
+    pub message: String,
+}
+
+impl BindError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+/// Starts serving a TCP tunnel's listener; the returned handle stops it when dropped.
+pub type ListenerSpawner =
+    Box<dyn Fn(TcpListener, watch::Receiver<Option<Live>>) -> AbortOnDropHandle<()> + Send + Sync>;
+
+struct Entry {
+    protocol: Protocol,
+    subdomain: Option<Subdomain>,
+    port: Option<u16>,
+    live: watch::Sender<Option<Live>>,
+    offline_since: Option<Instant>,
+    _listener: Option<AbortOnDropHandle<()>>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<LeaseKey, Entry>,
+    by_sub: HashMap<Subdomain, LeaseKey>,
+    by_port: HashMap<u16, LeaseKey>,
+    next_id: u32,
+}
+
+/// Counts for logs and status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterStats {
+    /// Tunnels with a live session.
+    pub live: usize,
+    /// Tunnels leased but offline.
+    pub offline: usize,
+}
+
+/// The registry of tunnels.
+pub struct Router {
+    state: Mutex<State>,
+    domain: String,
+    http_port: u16,
+    pool: PortPool,
+    grace: Duration,
+    spawn_listener: ListenerSpawner,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router").field("domain", &self.domain).finish_non_exhaustive()
+    }
+}
+
+/// A subdomain derived from the lease key, so an agent that names none gets the same one back
+/// after any reconnect or relay restart.
+fn derived_subdomain(owner: &Owner, name: &TunnelName) -> Subdomain {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(&owner.token.0);
+    ctx.update(owner.agent.as_str().as_bytes());
+    ctx.update(&[0]);
+    ctx.update(name.as_str().as_bytes());
+    let digest = ctx.finish();
+    const ALPHABET: &[u8] = b"abcdefghijkmnpqrstuvwxyz23456789";
+    let label: String =
+        digest.as_ref().iter().take(10).map(|b| ALPHABET[(*b as usize) % 32] as char).collect();
+    // Built only from the alphabet above, so always a valid label.
+    Subdomain::parse(&label).unwrap_or_else(|_| unreachable!("derived label {label} is valid"))
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new(
+        domain: String,
+        http_port: u16,
+        pool: PortPool,
+        grace: Duration,
+        spawn_listener: ListenerSpawner,
+    ) -> Self {
+        Self { state: Mutex::default(), domain, http_port, pool, grace, spawn_listener }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than stopping the relay would; keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn url(&self, protocol: Protocol, sub: Option<&Subdomain>, port: Option<u16>) -> String {
+        match (protocol, sub, port) {
+            (Protocol::Http, Some(s), _) if self.http_port == 80 => {
+                format!("http://{s}.{}", self.domain)
+            }
+            (Protocol::Http, Some(s), _) => {
+                format!("http://{s}.{}:{}", self.domain, self.http_port)
+            }
+            (_, _, Some(p)) => format!("tcp://{}:{p}", self.domain),
+            _ => String::new(),
+        }
+    }
+
+    /// Binds (or takes over) a tunnel for `owner` on the session described by `live`.
+    pub fn bind(
+        &self,
+        owner: &Owner,
+        req: &Bind,
+        session_id: u64,
+        session: &Session,
+        notify: &mpsc::Sender<Message>,
+    ) -> Result<Bound, BindError> {
+        match req.protocol {
+            Protocol::Http if req.remote_port.is_some() => {
+                return Err(BindError::new(
+                    ErrorCode::InvalidRequest,
+                    "an http tunnel takes a subdomain, not a remote port",
+                ));
+            }
+            Protocol::Tcp if req.subdomain.is_some() => {
+                return Err(BindError::new(
+                    ErrorCode::InvalidRequest,
+                    "a tcp tunnel takes a remote port, not a subdomain",
+                ));
+            }
+            _ => {}
+        }
+        let key: LeaseKey = (owner.clone(), req.name.clone());
+        let mut st = self.lock();
+        st.next_id = st.next_id.wrapping_add(1).max(1);
+        let id = TunnelId(st.next_id);
+        let live = Live {
+            session_id,
+            session: session.clone(),
+            tunnel: id,
+            name: req.name.clone(),
+            notify: notify.clone(),
+        };
+
+        let mut notice = String::new();
+        if let Some(entry) = st.entries.get(&key) {
+            let same = entry.protocol == req.protocol
+                && (req.subdomain.is_none() || req.subdomain == entry.subdomain)
+                && (req.remote_port.is_none() || req.remote_port == entry.port);
+            if same {
+                let entry = st.entries.get_mut(&key).unwrap_or_else(|| unreachable!());
+                let previous = entry.live.send_replace(Some(live));
+                entry.offline_since = None;
+                if let Some(old) = previous.filter(|o| o.session_id != session_id) {
+                    let _ = old.notify.try_send(Message::TunnelClosed {
+                        tunnel: old.tunnel,
+                        code: ErrorCode::Replaced,
+                        message: format!(
+                            "tunnel {} was taken over by a newer session of agent {}",
+                            req.name, owner.agent
+                        ),
+                    });
+                }
+                let (sub, port) = (entry.subdomain.clone(), entry.port);
+                return Ok(Bound {
+                    req: req.req,
+                    tunnel: id,
+                    url: self.url(req.protocol, sub.as_ref(), port),
+                    subdomain: sub,
+                    remote_port: port,
+                    notice,
+                });
+            }
+            // The same tunnel name now asks for something else: its old lease goes.
+            remove(&mut st, &key);
+        }
+
+        let (subdomain, port, listener) = match req.protocol {
+            Protocol::Http => {
+                let derived = derived_subdomain(owner, &req.name);
+                let wanted = req.subdomain.clone().unwrap_or_else(|| derived.clone());
+                let free = |s: &Subdomain| st.by_sub.get(s).is_none_or(|k| *k == key);
+                let sub = if free(&wanted) {
+                    wanted
+                } else if req.sticky && free(&derived) {
+                    notice = format!("subdomain {wanted} is no longer free; got {derived}");
+                    derived
+                } else {
+                    return Err(BindError::new(
+                        ErrorCode::SubdomainTaken,
+                        format!(
+                            "subdomain {wanted} is taken by another tunnel; choose another with --subdomain"
+                        ),
+                    ));
+                };
+                (Some(sub), None, None)
+            }
+            Protocol::Tcp => {
+                let leased: HashSet<u16> = st.by_port.keys().copied().collect();
+                let fixed = match req.remote_port {
+                    Some(p) if leased.contains(&p) => Err(BindError::new(
+                        ErrorCode::PortTaken,
+                        format!("port {p} is leased to another tunnel"),
+                    )),
+                    Some(p) => self.pool.bind(p).map(|l| (p, l)).map_err(pool_error),
+                    None => Err(BindError::new(ErrorCode::Internal, "")),
+                };
+                let (p, l) = match fixed {
+                    Ok(ok) => ok,
+                    Err(e) if req.remote_port.is_some() && !req.sticky => return Err(e),
+                    Err(e) => {
+                        let got = self.pool.bind_any(&leased).map_err(pool_error)?;
+                        if req.remote_port.is_some() {
+                            notice = format!("{}; got port {} instead", e.message, got.0);
+                        }
+                        got
+                    }
+                };
+                (None, Some(p), Some(l))
+            }
+            _ => return Err(BindError::new(ErrorCode::InvalidRequest, "unsupported protocol")),
+        };
+
+        let (live_tx, live_rx) = watch::channel(Some(live));
+        let listener = listener.map(|l| (self.spawn_listener)(l, live_rx));
+        if let Some(s) = &subdomain {
+            st.by_sub.insert(s.clone(), key.clone());
+        }
+        if let Some(p) = port {
+            st.by_port.insert(p, key.clone());
+        }
+        st.entries.insert(
+            key,
+            Entry {
+                protocol: req.protocol,
+                subdomain: subdomain.clone(),
+                port,
+                live: live_tx,
+                offline_since: None,
+                _listener: listener,
+            },
+        );
+        Ok(Bound {
+            req: req.req,
+            tunnel: id,
+            url: self.url(req.protocol, subdomain.as_ref(), port),
+            subdomain,
+            remote_port: port,
+            notice,
+        })
+    }
+
+    /// Closes a tunnel of this session and releases its lease at once.
+    pub fn unbind(&self, owner: &Owner, session_id: u64, tunnel: TunnelId) -> bool {
+        let mut st = self.lock();
+        let key = st.entries.iter().find_map(|(k, e)| {
+            let live = e.live.borrow();
+            let ours =
+                live.as_ref().is_some_and(|l| l.session_id == session_id && l.tunnel == tunnel);
+            (ours && k.0 == *owner).then(|| k.clone())
+        });
+        match key {
+            Some(k) => {
+                remove(&mut st, &k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Marks every tunnel still served by this session offline; their leases start to run out.
+    pub fn session_ended(&self, session_id: u64) {
+        let st = &mut *self.lock();
+        let now = Instant::now();
+        for entry in st.entries.values_mut() {
+            let ours = entry.live.borrow().as_ref().is_some_and(|l| l.session_id == session_id);
+            if ours {
+                entry.live.send_replace(None);
+                entry.offline_since = Some(now);
+            }
+        }
+    }
+
+    /// Releases leases whose grace period has run out; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut st = self.lock();
+        let expired: Vec<LeaseKey> = st
+            .entries
+            .iter()
+            .filter(|(_, e)| e.offline_since.is_some_and(|t| now.duration_since(t) >= self.grace))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &expired {
+            tracing::info!(agent = %k.0.agent, tunnel = %k.1, "lease expired");
+            remove(&mut st, k);
+        }
+        expired.len()
+    }
+
+    /// The route for an HTTP host's subdomain.
+    pub fn http_route(&self, sub: &str) -> Option<Route> {
+        let sub = Subdomain::parse(sub).ok()?;
+        let st = self.lock();
+        let key = st.by_sub.get(&sub)?;
+        let entry = st.entries.get(key)?;
+        let live = entry.live.borrow().clone();
+        Some(match live {
+            Some(l) => Route::Live(l),
+            None => Route::Offline(key.1.clone()),
+        })
+    }
+
+    /// Live and offline tunnel counts.
+    pub fn stats(&self) -> RouterStats {
+        let st = self.lock();
+        let live = st.entries.values().filter(|e| e.live.borrow().is_some()).count();
+        RouterStats { live, offline: st.entries.len() - live }
+    }
+}
+
+fn remove(st: &mut State, key: &LeaseKey) {
+    if let Some(e) = st.entries.remove(key) {
+        if let Some(s) = e.subdomain {
+            st.by_sub.remove(&s);
+        }
+        if let Some(p) = e.port {
+            st.by_port.remove(&p);
+        }
+    }
+}
+
+fn pool_error(e: PoolError) -> BindError {
+    let code = match e {
+        PoolError::OutOfRange { .. } => ErrorCode::PortOutOfRange,
+        PoolError::InUse(_) => ErrorCode::PortTaken,
+        PoolError::Exhausted(_) => ErrorCode::PortPoolExhausted,
+        PoolError::Bind { .. } => ErrorCode::Internal,
+    };
+    BindError::new(code, e.to_string())
+}

@@ -1,0 +1,274 @@
+//! One agent session on the relay: handshake, control loop, heartbeats.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+use warren_proto::preface::mismatch_message;
+use warren_proto::{ErrorCode, Message, PROTOCOL_VERSION, Welcome};
+use warren_transport::control::read_preface;
+use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
+
+use crate::auth::Tokens;
+use crate::router::{Owner, Router};
+
+/// Deadline for everything before `Welcome`: transport handshake, control stream, preface,
+/// hello.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval between the relay's pings.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A session from which nothing arrived for this long is dead.
+pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+
+/// What every session needs from the relay.
+#[derive(Debug)]
+pub struct Shared {
+    /// Accepted tokens.
+    pub tokens: Tokens,
+    /// The registry of tunnels.
+    pub router: Arc<Router>,
+    /// The relay's domain.
+    pub domain: String,
+    /// Lease grace, told to agents.
+    pub lease_grace: Duration,
+    /// Cancelled when the relay shuts down.
+    pub shutdown: CancellationToken,
+}
+
+static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
+
+/// Serves one accepted connection until it ends. Never panics on what the peer sends.
+pub async fn serve(accepted: Accepted, shared: Arc<Shared>) {
+    let peer = accepted.remote_addr();
+    let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("session", id, %peer);
+    async move {
+        match run(accepted, id, &shared).await {
+            Ok(()) => info!("session ended"),
+            Err(e) => info!(reason = %e, "session ended"),
+        }
+        shared.router.session_ended(id);
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("transport: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("no message from the agent for {0:?}")]
+    Dead(Duration),
+    #[error("relay shutting down")]
+    Shutdown,
+}
+
+async fn run(accepted: Accepted, id: u64, shared: &Shared) -> Result<(), SessionError> {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let session = tokio::time::timeout_at(deadline, accepted.establish())
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let result = run_session(&session, id, shared, deadline).await;
+    if matches!(result, Err(SessionError::Refused(_) | SessionError::Shutdown)) {
+        // The agent closes the session once it has read why; do not cut the answer off.
+        let _ = timeout(Duration::from_secs(2), session.closed()).await;
+    }
+    session.close("session ended");
+    result
+}
+
+async fn run_session(
+    session: &Session,
+    id: u64,
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<(), SessionError> {
+    let stream = tokio::time::timeout_at(deadline, session.accept())
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)??;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = ControlReader::new(rd);
+    let mut writer = ControlWriter::new(wr);
+
+    let hello = tokio::time::timeout_at(deadline, async {
+        let preface = read_preface(&mut reader_inner(&mut reader)).await?;
+        Ok::<_, ControlError>((preface, reader.recv().await?))
+    })
+    .await
+    .map_err(|_| SessionError::HandshakeTimeout)?;
+    let (preface, first) = match hello {
+        Ok(v) => v,
+        Err(ControlError::Decode(e)) => {
+            refuse(&mut writer, ErrorCode::Malformed, format!("not a warren agent: {e}")).await;
+            return Err(SessionError::Refused(format!("malformed handshake: {e}")));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let Some(version) = preface.negotiate() else {
+        let msg = mismatch_message(preface);
+        refuse(&mut writer, ErrorCode::VersionMismatch, msg.clone()).await;
+        return Err(SessionError::Refused(msg));
+    };
+    let Message::Hello(hello) = first else {
+        refuse(&mut writer, ErrorCode::Malformed, "expected Hello after the preface".into()).await;
+        return Err(SessionError::Refused("no Hello".into()));
+    };
+    let Some(token) = shared.tokens.check(&hello.token) else {
+        refuse(&mut writer, ErrorCode::Unauthorized, "the relay does not accept this token".into())
+            .await;
+        return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
+    };
+    let owner = Owner { token, agent: hello.agent_id.clone() };
+    writer
+        .send(&Message::Welcome(Welcome {
+            version,
+            session_id: id,
+            relay_version: crate::VERSION.into(),
+            domain: shared.domain.clone(),
+            heartbeat_secs: HEARTBEAT.as_secs() as u16,
+            lease_grace_secs: shared.lease_grace.as_secs() as u32,
+        }))
+        .await?;
+    info!(
+        agent = %owner.agent,
+        token = %owner.token,
+        transport = %session.kind(),
+        agent_version = %hello.agent_version,
+        protocol = version.min(PROTOCOL_VERSION),
+        "agent connected"
+    );
+
+    let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            let closing = matches!(msg, Message::GoAway { .. });
+            if writer.send(&msg).await.is_err() {
+                break;
+            }
+            if closing {
+                let _ = writer.shutdown().await;
+                break;
+            }
+        }
+    });
+    let _writer_guard = tokio_util::task::AbortOnDropHandle::new(writer_task);
+
+    let mut last_seen = Instant::now();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut nonce = 0u64;
+    loop {
+        let msg = tokio::select! {
+            m = reader.recv() => m,
+            _ = tick.tick() => {
+                if last_seen.elapsed() > DEAD_AFTER {
+                    let _ = out_tx.try_send(Message::GoAway { code: ErrorCode::Timeout, message: "no heartbeat".into() });
+                    return Err(SessionError::Dead(DEAD_AFTER));
+                }
+                nonce += 1;
+                let _ = out_tx.try_send(Message::Ping { nonce });
+                continue;
+            }
+            () = shared.shutdown.cancelled() => {
+                let _ = out_tx.send(Message::GoAway { code: ErrorCode::ShuttingDown, message: "relay shutting down".into() }).await;
+                // Give the writer a moment to put the GoAway on the wire.
+                let _ = timeout(Duration::from_millis(500), out_tx.closed()).await;
+                return Err(SessionError::Shutdown);
+            }
+            () = session.closed() => return Ok(()),
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(ControlError::Decode(e)) => {
+                let _ = out_tx
+                    .send(Message::Error {
+                        req: 0,
+                        code: ErrorCode::Malformed,
+                        message: e.to_string(),
+                    })
+                    .await;
+                let _ = timeout(Duration::from_millis(200), out_tx.closed()).await;
+                return Err(ControlError::Decode(e).into());
+            }
+            Err(ControlError::Closed) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        last_seen = Instant::now();
+        let reply = match msg {
+            Message::Bind(req) => match shared.router.bind(&owner, &req, id, session, &out_tx) {
+                Ok(bound) => {
+                    info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
+                    if !bound.notice.is_empty() {
+                        warn!(tunnel = %req.name, notice = %bound.notice, "bind adjusted");
+                    }
+                    Message::Bound(bound)
+                }
+                Err(e) => {
+                    info!(tunnel = %req.name, code = %e.code, reason = %e.message, "bind refused");
+                    Message::Error { req: req.req, code: e.code, message: e.message }
+                }
+            },
+            Message::Unbind { req, tunnel } => {
+                if shared.router.unbind(&owner, id, tunnel) {
+                    Message::Unbound { req, tunnel }
+                } else {
+                    Message::Error {
+                        req,
+                        code: ErrorCode::UnknownTunnel,
+                        message: format!("tunnel {tunnel} is not bound on this session"),
+                    }
+                }
+            }
+            Message::Ping { nonce } => Message::Pong { nonce },
+            Message::Pong { .. } => continue,
+            Message::GoAway { message, .. } => {
+                debug!(%message, "agent going away");
+                return Ok(());
+            }
+            Message::Error { code, message, .. } => {
+                warn!(%code, %message, "agent reported an error");
+                continue;
+            }
+            Message::Unknown { kind } => Message::Error {
+                req: 0,
+                code: ErrorCode::UnknownMessage,
+                message: format!("unknown message type {kind:#x}"),
+            },
+            other => Message::Error {
+                req: 0,
+                code: ErrorCode::UnknownMessage,
+                message: format!("unexpected message from an agent: {other:?}"),
+            },
+        };
+        if out_tx.send(reply).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands the preface reader the raw stream under a control reader that has not buffered yet.
+fn reader_inner<R: tokio::io::AsyncRead + Unpin>(r: &mut ControlReader<R>) -> &mut R {
+    r.get_mut()
+}
+
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut ControlWriter<W>,
+    code: ErrorCode,
+    message: String,
+) {
+    let _ = timeout(Duration::from_secs(2), async {
+        let _ = writer.send(&Message::Error { req: 0, code, message }).await;
+        let _ = writer.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,341 @@
+//! The relay, `warren-server`, as a child process.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::agent::Agent;
+use crate::process::{Lines, Proc, binary, dump};
+use crate::util::{PortRange, READY_TIMEOUT, TempDir};
+
+/// How to start a relay.
+#[derive(Debug, Clone)]
+pub struct RelayOpts {
+    /// Tokens agents may present (`--token`, repeated). The first is the one [`Relay::token`]
+    /// returns.
+    pub tokens: Vec<String>,
+    /// The public TCP port pool.
+    pub ports: PortRange,
+    /// `--lease-grace`, verbatim (e.g. `30s`, `5m`, `300`).
+    pub lease_grace: Option<String>,
+    /// `--no-quic`: serve only TLS over TCP on the control port.
+    pub no_quic: bool,
+    /// Extra arguments appended as they are.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for RelayOpts {
+    fn default() -> Self {
+        Self {
+            tokens: vec!["test-token-1".into()],
+            ports: PortRange::random(20),
+            lease_grace: None,
+            no_quic: false,
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl RelayOpts {
+    /// Sets `--lease-grace`.
+    pub fn lease_grace(mut self, grace: &str) -> Self {
+        self.lease_grace = Some(grace.into());
+        self
+    }
+
+    /// Sets `--no-quic`.
+    pub fn no_quic(mut self) -> Self {
+        self.no_quic = true;
+        self
+    }
+
+    /// Uses this port pool.
+    pub fn ports(mut self, ports: PortRange) -> Self {
+        self.ports = ports;
+        self
+    }
+
+    /// Uses these tokens.
+    pub fn tokens(mut self, tokens: &[&str]) -> Self {
+        self.tokens = tokens.iter().map(|t| (*t).to_owned()).collect();
+        self
+    }
+}
+
+/// A running `warren-server` on 127.0.0.1 with its own data dir. Killed on drop; its stderr is
+/// printed if the test is failing.
+#[derive(Debug)]
+pub struct Relay {
+    opts: RelayOpts,
+    /// Control port: QUIC (UDP) and TLS (TCP) on the same port number.
+    pub control_addr: SocketAddr,
+    /// Public HTTP listener.
+    pub http_addr: SocketAddr,
+    /// `--data` directory.
+    pub data_dir: PathBuf,
+    /// The development CA the relay writes into its data dir.
+    pub ca_path: PathBuf,
+    stderr: Lines,
+    stdout: Lines,
+    proc: Option<Proc>,
+    _dir: TempDir,
+}
+
+impl Relay {
+    /// Starts a relay with OS-chosen control and HTTP ports and waits until both listen.
+    pub async fn start(opts: RelayOpts) -> Self {
+        let dir = TempDir::new("relay");
+        let data_dir = dir.dir("data");
+        let ca_path = data_dir.join("ca.pem");
+        let stderr = Lines::default();
+        let stdout = Lines::default();
+        let args = relay_args(&opts, &data_dir, "127.0.0.1:0", "127.0.0.1:0");
+        let (proc, control_addr, http_addr) =
+            match launch(&args, &stdout, &stderr, Instant::now() + READY_TIMEOUT).await {
+                Ok(v) => v,
+                Err(e) => {
+                    dump("relay stderr", &stderr);
+                    panic!("relay did not start: {e}");
+                }
+            };
+        let relay = Self {
+            opts,
+            control_addr,
+            http_addr,
+            data_dir,
+            ca_path,
+            stderr,
+            stdout,
+            proc: Some(proc),
+            _dir: dir,
+        };
+        assert!(
+            relay.ca_path.is_file(),
+            "relay listens but wrote no CA at {}",
+            relay.ca_path.display()
+        );
+        relay
+    }
+
+    /// Starts a relay with default options.
+    pub async fn start_default() -> Self {
+        Self::start(RelayOpts::default()).await
+    }
+
+    /// The first token the relay accepts.
+    pub fn token(&self) -> &str {
+        &self.opts.tokens[0]
+    }
+
+    /// The relay's public port pool.
+    pub fn ports(&self) -> PortRange {
+        self.opts.ports
+    }
+
+    /// `127.0.0.1:CONTROLPORT`, as agents are given it.
+    pub fn relay_arg(&self) -> String {
+        self.control_addr.to_string()
+    }
+
+    /// All stderr lines of every run of this relay so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.snapshot()
+    }
+
+    /// Whether the relay process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(|p| p.try_status().is_none())
+    }
+
+    /// Panics (showing the relay's stderr) if the relay has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(p) = self.proc.as_mut()
+            && let Some(status) = p.try_status()
+        {
+            panic!("relay exited with {status}; stderr:\n{}", self.stderr.text());
+        }
+        assert!(self.proc.is_some(), "relay is not running (killed by the test)");
+    }
+
+    /// SIGKILLs the relay and waits until it is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill().await;
+        }
+    }
+
+    /// Kills the relay if running and starts it again with the same data dir, control port and
+    /// HTTP port. Retries for a while if the ports are not free yet.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        let control = self.control_addr.to_string();
+        let http = self.http_addr.to_string();
+        let args = relay_args(&self.opts, &self.data_dir, &control, &http);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            self.stderr.push(format!("----- test harness: relay (re)start, try {tries} -----"));
+            match launch(&args, &self.stdout, &self.stderr, deadline).await {
+                Ok((proc, c, h)) => {
+                    assert_eq!(
+                        (c.port(), h.port()),
+                        (self.control_addr.port(), self.http_addr.port()),
+                        "restarted relay listens on other ports"
+                    );
+                    self.proc = Some(proc);
+                    return;
+                }
+                Err(e) if Instant::now() + Duration::from_millis(500) < deadline => {
+                    eprintln!("relay restart try {tries} failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    dump("relay stderr", &self.stderr);
+                    panic!("relay did not restart on the same ports: {e}");
+                }
+            }
+        }
+    }
+
+    /// The arguments every agent needs to reach this relay: `--relay`, `--token`, `--relay-ca`.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--relay".into(),
+            self.relay_arg(),
+            "--token".into(),
+            self.token().to_owned(),
+            "--relay-ca".into(),
+            self.ca_path.display().to_string(),
+        ]
+    }
+
+    /// Spawns `warren ARGS... --relay ... --token ... --relay-ca ...`.
+    ///
+    /// `args` starts with the subcommand (`http`, `tcp`, `start`). The caller passes
+    /// `--config-dir` or `--agent-id` itself.
+    pub fn spawn_agent<I, S>(&self, label: &str, args: I) -> Agent
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut all: Vec<String> =
+            args.into_iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        all.extend(self.agent_args());
+        Agent::spawn(label, all)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump("relay stderr", &self.stderr);
+            if !self.stdout.is_empty() {
+                dump("relay stdout", &self.stdout);
+            }
+        }
+    }
+}
+
+fn relay_args(
+    opts: &RelayOpts,
+    data_dir: &std::path::Path,
+    control: &str,
+    http: &str,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--domain".into(),
+        "localhost".into(),
+        "--control".into(),
+        control.into(),
+        "--http".into(),
+        http.into(),
+        "--ports".into(),
+        opts.ports.arg(),
+        "--data".into(),
+        data_dir.display().to_string(),
+    ];
+    for t in &opts.tokens {
+        args.push("--token".into());
+        args.push(t.clone());
+    }
+    if let Some(g) = &opts.lease_grace {
+        args.push("--lease-grace".into());
+        args.push(g.clone());
+    }
+    if opts.no_quic {
+        args.push("--no-quic".into());
+    }
+    args.extend(opts.extra_args.iter().cloned());
+    args
+}
+
+/// Parses `listening name=NAME addr=IP:PORT` out of a log line.
+pub fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = &line[line.find("listening")?..];
+    let field = |key: &str| -> Option<String> {
+        let start = rest.find(key)? + key.len();
+        let v: String = rest[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+        Some(v.trim_matches(|c| c == '"' || c == ',').to_owned())
+    };
+    let name = field("name=")?;
+    let addr = field("addr=")?.parse().ok()?;
+    Some((name, addr))
+}
+
+/// Starts one relay process and waits for its `control` and `http` listening lines.
+async fn launch(
+    args: &[String],
+    stdout: &Lines,
+    stderr: &Lines,
+    deadline: Instant,
+) -> Result<(Proc, SocketAddr, SocketAddr), String> {
+    let first_line = stderr.len();
+    let mut proc = Proc::spawn("relay", &binary("warren-server"), args, &[], stdout, stderr);
+    loop {
+        let lines = stderr.snapshot();
+        let mut control = None;
+        let mut http = None;
+        for l in &lines[first_line.min(lines.len())..] {
+            if let Some((name, addr)) = parse_listening(l) {
+                match name.as_str() {
+                    "control" => control = Some(addr),
+                    "http" => http = Some(addr),
+                    _ => {}
+                }
+            }
+        }
+        if let (Some(c), Some(h)) = (control, http) {
+            return Ok((proc, c, h));
+        }
+        if let Some(status) = proc.try_status() {
+            proc.drain_output().await;
+            let tail = stderr.snapshot()[first_line..].join("\n");
+            return Err(format!("relay exited with {status} before listening; stderr:\n{tail}"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no `listening name=control` and `listening name=http` lines within the deadline \
+                 (got control={control:?} http={http:?}); args: {args:?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listening_lines() {
+        let l = "2025-01-01T00:00:00Z  INFO warren_server::relay: listening name=control addr=127.0.0.1:4433";
+        assert_eq!(parse_listening(l), Some(("control".into(), "127.0.0.1:4433".parse().unwrap())));
+        let l = "INFO listening name=\"http\" addr=\"127.0.0.1:80\" extra=1";
+        assert_eq!(parse_listening(l), Some(("http".into(), "127.0.0.1:80".parse().unwrap())));
+        assert_eq!(parse_listening("INFO started"), None);
+    }
+}

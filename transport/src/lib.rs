@@ -1,0 +1,64 @@
+//! warren's session transports: QUIC, and TLS over TCP with yamux on top, behind one interface.
+//!
+//! A [`Session`] is one authenticated, encrypted connection between an agent and a relay that
+//! carries many bidirectional [`Stream`]s. Both transports listen on the same port number of the
+//! relay (UDP for QUIC, TCP for TLS). The agent picks one with [`Mode`]; `auto` tries QUIC first
+//! and falls back to TCP when UDP does not answer.
+//!
+//! Not here: what the streams carry (see `warren-proto`) and who may connect (the relay checks
+//! tokens after the transport is up).
+//!
+//! # Layout
+//! - [`tls`]: certificates, trust (CA file, fingerprint pin, system roots, insecure) and rustls
+//!   configurations for both sides.
+//! - [`session`]: the [`Session`] handle and its [`Stream`]s.
+//! - [`mux`]: the yamux driver that turns one TLS stream into many.
+//! - [`listen`]: the relay's control listener (QUIC and TCP on one port).
+//! - [`connect`]: the agent's side, with the automatic fallback.
+//! - [`control`]: reading and writing framed control messages on a stream.
+
+pub mod connect;
+pub mod control;
+pub mod listen;
+pub mod mux;
+pub mod session;
+pub mod tls;
+
+pub use connect::{ConnectError, Mode, RelayAddr, connect};
+pub use control::{ControlError, ControlReader, ControlWriter};
+pub use listen::{Accepted, ControlListener};
+pub use session::{Session, Stream, TransportKind};
+pub use tls::{ServerIdentity, Trust};
+
+/// Tuning shared by both transports, sized so one stream can fill a fast link.
+pub mod tuning {
+    use std::time::Duration;
+
+    /// Most concurrent streams per session (visitor connections in flight on one agent).
+    pub const MAX_STREAMS: u32 = 16_384;
+    /// QUIC per-stream receive window.
+    pub const QUIC_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+    /// QUIC per-connection receive window and send window.
+    pub const QUIC_CONN_WINDOW: u32 = 64 * 1024 * 1024;
+    /// QUIC keep-alive interval (also keeps NAT bindings open).
+    pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+    /// A session with no packets from the peer for this long is dead.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    /// How long `auto` waits for a QUIC handshake before trying TCP.
+    pub const QUIC_FALLBACK_AFTER: Duration = Duration::from_millis(2000);
+    /// Bytes of copy buffer per direction of a forwarded connection.
+    pub const SPLICE_BUF: usize = 16 * 1024;
+    /// Deadline for a transport handshake (TCP connect plus TLS, or QUIC).
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+/// Copies bytes both ways between a visitor-side and a tunnel-side stream until both directions
+/// have ended, closing each write side when its read side ends. One buffer per direction is
+/// allocated once per connection, none per chunk. Returns (bytes a→b, bytes b→a).
+pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::io::copy_bidirectional_with_sizes(a, b, tuning::SPLICE_BUF, tuning::SPLICE_BUF).await
+}

@@ -1,0 +1,206 @@
+//! The relay's control listener: QUIC on UDP and TLS on TCP, on one port number.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::mux::{MuxHandle, Side};
+use crate::session::{Session, TransportKind};
+use crate::tls::{ServerIdentity, TlsError};
+use crate::tuning;
+
+/// Listens for agent sessions on TCP and (unless disabled) UDP of one port.
+pub struct ControlListener {
+    tcp: TcpListener,
+    quic: Option<quinn::Endpoint>,
+    tls: TlsAcceptor,
+    addr: SocketAddr,
+    quic_done: std::sync::atomic::AtomicBool,
+}
+
+/// A connection accepted but not yet through its transport handshake.
+pub enum Accepted {
+    /// A TCP connection that must still do TLS.
+    Tcp(TcpStream, SocketAddr, TlsAcceptor),
+    /// A QUIC connection attempt.
+    Quic(Box<quinn::Incoming>),
+}
+
+/// Why the listener could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ListenError {
+    /// A socket could not be bound.
+    #[error("cannot listen on {proto} {addr}: {source}")]
+    Bind {
+        /// "TCP" or "UDP".
+        proto: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The system error.
+        source: io::Error,
+    },
+    /// The TLS configuration was refused.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+impl std::fmt::Debug for ControlListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlListener").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Accepted({})", self.remote_addr())
+    }
+}
+
+pub(crate) fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(tuning::MAX_STREAMS.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(tuning::QUIC_STREAM_WINDOW.into())
+        .receive_window(tuning::QUIC_CONN_WINDOW.into())
+        .send_window(tuning::QUIC_CONN_WINDOW.into())
+        .keep_alive_interval(Some(tuning::KEEP_ALIVE));
+    // IDLE_TIMEOUT is far below quinn's VarInt limit.
+    if let Ok(idle) = tuning::IDLE_TIMEOUT.try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+impl ControlListener {
+    /// Binds TCP on `addr`, then UDP on the same port number (when `quic` is set). With port 0,
+    /// a port free on both is searched for.
+    pub async fn bind(
+        addr: SocketAddr,
+        identity: &ServerIdentity,
+        quic: bool,
+    ) -> Result<Self, ListenError> {
+        let tls = TlsAcceptor::from(identity.server_config()?);
+        let quic_cfg = if quic {
+            let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
+                (*identity.server_config()?).clone(),
+            )
+            .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+            let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+            cfg.transport_config(Arc::new(transport_config()));
+            Some(cfg)
+        } else {
+            None
+        };
+        let attempts = if addr.port() == 0 { 20 } else { 1 };
+        let mut last_err = None;
+        for _ in 0..attempts {
+            let tcp = TcpListener::bind(addr).await.map_err(|source| ListenError::Bind {
+                proto: "TCP",
+                addr,
+                source,
+            })?;
+            let bound = tcp.local_addr().map_err(|source| ListenError::Bind {
+                proto: "TCP",
+                addr,
+                source,
+            })?;
+            let Some(cfg) = quic_cfg.clone() else {
+                return Ok(Self { tcp, quic: None, tls, addr: bound, quic_done: false.into() });
+            };
+            match quinn::Endpoint::server(cfg, bound) {
+                Ok(ep) => {
+                    return Ok(Self {
+                        tcp,
+                        quic: Some(ep),
+                        tls,
+                        addr: bound,
+                        quic_done: false.into(),
+                    });
+                }
+                Err(source) => {
+                    last_err = Some(ListenError::Bind { proto: "UDP", addr: bound, source })
+                }
+            }
+        }
+        Err(last_err.unwrap_or(ListenError::Bind {
+            proto: "UDP",
+            addr,
+            source: io::Error::other("no port free on both TCP and UDP"),
+        }))
+    }
+
+    /// The bound address (same port for TCP and UDP).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Which transports are served.
+    pub fn transports(&self) -> Vec<TransportKind> {
+        let mut v = Vec::new();
+        if self.quic.is_some() {
+            v.push(TransportKind::Quic);
+        }
+        v.push(TransportKind::Tcp);
+        v
+    }
+
+    /// Waits for the next connection on either transport.
+    pub async fn accept(&self) -> io::Result<Accepted> {
+        use std::sync::atomic::Ordering;
+        loop {
+            let quic = async {
+                match &self.quic {
+                    Some(ep) if !self.quic_done.load(Ordering::Relaxed) => ep.accept().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                res = self.tcp.accept() => {
+                    let (stream, peer) = res?;
+                    return Ok(Accepted::Tcp(stream, peer, self.tls.clone()));
+                }
+                incoming = quic => match incoming {
+                    Some(i) => return Ok(Accepted::Quic(Box::new(i))),
+                    // The endpoint was closed; keep serving TCP.
+                    None => self.quic_done.store(true, Ordering::Relaxed),
+                },
+            }
+        }
+    }
+
+    /// Closes the QUIC endpoint, telling every QUIC peer at once.
+    pub fn close(&self) {
+        if let Some(ep) = &self.quic {
+            ep.close(0u32.into(), b"relay shutting down");
+        }
+    }
+}
+
+impl Accepted {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        match self {
+            Self::Tcp(_, peer, _) => *peer,
+            Self::Quic(i) => i.remote_address(),
+        }
+    }
+
+    /// Completes the transport handshake. The caller bounds it with a timeout.
+    pub async fn establish(self) -> io::Result<Session> {
+        match self {
+            Self::Tcp(stream, peer, tls) => {
+                let _ = stream.set_nodelay(true);
+                let tls = tls.accept(stream).await?;
+                Ok(Session::mux(MuxHandle::start(tls, Side::Server), peer))
+            }
+            Self::Quic(incoming) => {
+                let conn = (*incoming).await.map_err(io::Error::other)?;
+                Ok(Session::quic(conn, None))
+            }
+        }
+    }
+}

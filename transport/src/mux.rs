@@ -1,0 +1,157 @@
+//! The yamux driver: one task owns the yamux connection and hands streams out over channels.
+//!
+//! yamux moves no bytes unless its connection is polled, outbound streams included, so the
+//! driver polls inbound streams, outbound requests and the connection itself in one place.
+
+use std::collections::VecDeque;
+use std::io;
+use std::task::Poll;
+
+use futures::future::poll_fn;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::tuning;
+
+type OpenReply = oneshot::Sender<io::Result<yamux::Stream>>;
+
+/// The handle to a driven yamux connection.
+#[derive(Debug)]
+pub struct MuxHandle {
+    open_tx: mpsc::Sender<OpenReply>,
+    inbound: Mutex<mpsc::UnboundedReceiver<yamux::Stream>>,
+    close_req: CancellationToken,
+    closed: CancellationToken,
+    _driver: AbortOnDropHandle<()>,
+}
+
+/// Which side of the yamux connection this is (stream ids differ by side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The agent.
+    Client,
+    /// The relay.
+    Server,
+}
+
+fn config() -> yamux::Config {
+    let mut cfg = yamux::Config::default();
+    // Windows start at 256 KiB per stream and are auto-tuned towards the bandwidth-delay
+    // product; the connection-wide cap must allow every stream its initial window.
+    let streams = tuning::MAX_STREAMS as usize;
+    cfg.set_max_connection_receive_window(Some(streams * 256 * 1024));
+    cfg.set_max_num_streams(streams);
+    cfg
+}
+
+impl MuxHandle {
+    /// Starts driving a yamux connection over `io` on the current tokio runtime.
+    pub fn start<T>(io: T, side: Side) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mode = match side {
+            Side::Client => yamux::Mode::Client,
+            Side::Server => yamux::Mode::Server,
+        };
+        let conn = yamux::Connection::new(io.compat(), config(), mode);
+        let (open_tx, open_rx) = mpsc::channel(64);
+        let (in_tx, in_rx) = mpsc::unbounded_channel();
+        let close_req = CancellationToken::new();
+        let closed = CancellationToken::new();
+        let driver = tokio::spawn(drive(conn, open_rx, in_tx, close_req.clone(), closed.clone()));
+        Self {
+            open_tx,
+            inbound: Mutex::new(in_rx),
+            close_req,
+            closed,
+            _driver: AbortOnDropHandle::new(driver),
+        }
+    }
+
+    pub(crate) async fn open(&self) -> io::Result<Compat<yamux::Stream>> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.send(tx).await.map_err(|_| closed_error())?;
+        let stream = rx.await.map_err(|_| closed_error())??;
+        Ok(stream.compat())
+    }
+
+    pub(crate) async fn accept(&self) -> io::Result<Compat<yamux::Stream>> {
+        let mut rx = self.inbound.lock().await;
+        rx.recv().await.map(FuturesAsyncReadCompatExt::compat).ok_or_else(closed_error)
+    }
+
+    pub(crate) fn close(&self) {
+        self.close_req.cancel();
+    }
+
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "session closed")
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenReply>,
+    in_tx: mpsc::UnboundedSender<yamux::Stream>,
+    close_req: CancellationToken,
+    closed: CancellationToken,
+) where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    let mut pending: VecDeque<OpenReply> = VecDeque::new();
+    let run = poll_fn(|cx| {
+        while let Poll::Ready(Some(tx)) = open_rx.poll_recv(cx) {
+            pending.push_back(tx);
+        }
+        while !pending.is_empty() {
+            match conn.poll_new_outbound(cx) {
+                Poll::Ready(res) => {
+                    if let Some(tx) = pending.pop_front() {
+                        let _ = tx.send(res.map_err(io::Error::other));
+                    }
+                }
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(stream))) => {
+                    // The receiver only goes away with the handle, and then the driver is
+                    // aborted too; a stream refused here is simply dropped (reset).
+                    let _ = in_tx.send(stream);
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    });
+    let asked_to_close = tokio::select! {
+        res = run => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "yamux connection ended");
+            }
+            false
+        }
+        () = close_req.cancelled() => true,
+    };
+    if asked_to_close {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            poll_fn(|cx| conn.poll_close(cx)),
+        )
+        .await;
+    }
+    for tx in pending {
+        let _ = tx.send(Err(closed_error()));
+    }
+    closed.cancel();
+}
