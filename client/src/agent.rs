@@ -21,9 +21,9 @@ use crate::forward::{self, Tunnels};
 use crate::tunnel::TunnelSpec;
 
 /// Interval between the agent's pings.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A session from which nothing arrived for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 

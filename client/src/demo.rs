@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
-
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;

@@ -16,6 +16,10 @@ use crate::tunnel::{Target, TunnelSpec};
 /// Deadline for the relay's header and for connecting the target.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long, and how much of a request, the agent reads before answering 502.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
 /// The tunnels of the current session, by the id the relay gave each.
 pub type Tunnels = Arc<HashMap<TunnelId, Arc<TunnelSpec>>>;
 
@@ -59,24 +63,45 @@ pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
 
 async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Protocol) {
     warn!(tunnel = %tunnel.name, target = %tunnel.target, reason = %why, "cannot reach the target");
-    if protocol == Protocol::Http {
-        let body = format!(
-            "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>502 Bad Gateway</title></head>\
-             <body style=\"font-family:system-ui,sans-serif;max-width:40em;margin:4em auto\">\
-             <h1>502 Bad Gateway</h1><p>The warren agent serving tunnel <b>{name}</b> could not \
-             reach its target <code>{target}</code>: {why}.</p><p>Is the service running?</p>\
-             <hr><p><small>warren agent</small></p></body></html>\n",
-            name = tunnel.name,
-            target = tunnel.target,
-            why = why.replace('<', "&lt;"),
-        );
-        let head = format!(
-            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html; charset=utf-8\r\n\
-             content-length: {}\r\nconnection: close\r\nx-warren-error: target-unreachable\r\n\r\n",
-            body.len()
-        );
-        let _ = stream.write_all(head.as_bytes()).await;
-        let _ = stream.write_all(body.as_bytes()).await;
+    if protocol != Protocol::Http {
+        let _ = stream.shutdown().await;
+        return;
     }
-    let _ = stream.shutdown().await;
+    let page = bad_gateway_page(tunnel, why);
+    // Answer as an HTTP server would: read the whole request (bounded) before the 502, so the
+    // relay has finished sending and reads the answer, then close.
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let page = page.clone();
+        async move {
+            use http_body_util::BodyExt;
+            let _ = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT).collect().await;
+            let mut resp =
+                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(page)));
+            *resp.status_mut() = http::StatusCode::BAD_GATEWAY;
+            let h = resp.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            h.insert("x-warren-error", http::HeaderValue::from_static("target-unreachable"));
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+}
+
+fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> String {
+    format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>502 Bad Gateway</title></head>\
+         <body style=\"font-family:system-ui,sans-serif;max-width:40em;margin:4em auto\">\
+         <h1>502 Bad Gateway</h1><p>The warren agent serving tunnel <b>{name}</b> could not \
+         reach its target <code>{target}</code>: {why}.</p><p>Is the service running?</p>\
+         <hr><p><small>warren agent</small></p></body></html>\n",
+        name = tunnel.name,
+        target = tunnel.target,
+        why = why.replace('<', "&lt;"),
+    )
 }

@@ -2,7 +2,8 @@
 //!
 //! On first start the relay creates `ca.pem` and `ca-key.pem` in its data directory. At every
 //! start it issues a fresh certificate for its domain (and `*.domain`, `localhost`, loopback
-//! addresses and any extra names) signed by that CA. Agents trust the relay with
+//! addresses and any extra names) signed by that CA, and writes it to `relay.pem` and
+//! `relay-key.pem`. Agents trust the relay with
 //! `--relay-ca DATA/ca.pem` or by pinning the CA's fingerprint.
 
 use std::fs;
@@ -91,6 +92,12 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertEr
     params.distinguished_name.push(DnType::CommonName, names.first().map_or("warren relay", |n| n));
     let issuer = Issuer::new(ca_params(), &ca_key);
     let leaf = params.signed_by(&leaf_key, &issuer)?;
+    // Kept for inspection (`openssl x509 -in DATA/relay.pem -text`); reissued at every start.
+    let relay_pem = data_dir.join("relay.pem");
+    fs::write(&relay_pem, leaf.pem()).map_err(io_err(&relay_pem))?;
+    let relay_key = data_dir.join("relay-key.pem");
+    let _ = fs::remove_file(&relay_key);
+    write_private(&relay_key, &leaf_key.serialize_pem()).map_err(io_err(&relay_key))?;
     let identity = ServerIdentity {
         chain: vec![leaf.der().clone(), ca_der.clone()],
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
@@ -102,6 +109,36 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertEr
         created,
         identity,
     })
+}
+
+/// Reads the 32-byte secret at `path`, creating it (mode 0600) when absent.
+pub fn load_or_create_secret(path: &Path) -> Result<[u8; 32], CertError> {
+    use ring::rand::SecureRandom;
+    let io_err = |source| CertError::Io { path: path.to_owned(), source };
+    if let Ok(bytes) = fs::read(path) {
+        if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(key);
+        }
+        return Err(io_err(io::Error::other(
+            "expected exactly 32 bytes; delete the file to regenerate it",
+        )));
+    }
+    let mut key = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut key)
+        .map_err(|_| io_err(io::Error::other("no system randomness")))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err)?;
+        f.write_all(&key).map_err(io_err)?;
+    }
+    Ok(key)
 }
 
 /// The names the relay's certificate covers by default.

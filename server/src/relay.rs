@@ -77,7 +77,10 @@ impl Relay {
             &config.data_dir,
             &certs::default_names(&config.domain, &config.tls_names),
         )?;
-        let control = ControlListener::bind(config.control, &ca.identity, config.quic).await?;
+        let reset_key = certs::load_or_create_secret(&config.data_dir.join("quic-reset-key"))?;
+        let control =
+            ControlListener::bind(config.control, &ca.identity, config.quic, Some(&reset_key))
+                .await?;
         let http = TcpListener::bind(config.http)
             .await
             .map_err(|source| RelayError::Http { addr: config.http, source })?;
@@ -117,7 +120,7 @@ impl BoundRelay {
     pub async fn run(self, shutdown: CancellationToken) {
         let transports: Vec<String> =
             self.control.transports().iter().map(ToString::to_string).collect();
-        info!(name = "control", addr = %self.control_addr, transports = %transports.join(","), "listening");
+        info!(name = %"control", addr = %self.control_addr, transports = %transports.join(","), "listening");
         ingress::log_listening("http", self.http_addr);
 
         let tasks = TaskTracker::new();

@@ -20,9 +20,9 @@ use crate::router::{Owner, Router};
 /// hello.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Interval between the relay's pings.
-pub const HEARTBEAT: Duration = Duration::from_secs(10);
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A session from which nothing arrived for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(30);
+pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 
 /// What every session needs from the relay.
 #[derive(Debug)]

@@ -1,13 +1,16 @@
 //! Visitors: HTTP/1.1 over a plain TcpStream with an explicit `Host`, TCP echo exchanges,
 //! WebSocket.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail, ensure};
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt as _, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -39,7 +42,7 @@ impl HttpResponse {
 /// (keep-alive).
 #[derive(Debug)]
 pub struct HttpConn {
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<BoxBody<Bytes, Infallible>>,
     task: JoinHandle<()>,
 }
 
@@ -58,6 +61,14 @@ impl HttpConn {
 
     /// Sends a request and reads the whole response.
     pub async fn send(&mut self, req: Request<Full<Bytes>>) -> anyhow::Result<HttpResponse> {
+        self.send_body(req.map(BodyExt::boxed)).await
+    }
+
+    /// Sends a request with any body (e.g. [`chunked_body`]) and reads the whole response.
+    pub async fn send_body(
+        &mut self,
+        req: Request<BoxBody<Bytes, Infallible>>,
+    ) -> anyhow::Result<HttpResponse> {
         self.sender.ready().await.context("connection not ready for another request")?;
         let resp = self.sender.send_request(req).await.context("send request")?;
         let (parts, body) = resp.into_parts();
@@ -85,6 +96,12 @@ impl Drop for HttpConn {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A request body of unknown length, so hyper sends it with `Transfer-Encoding: chunked`.
+pub fn chunked_body(chunks: Vec<Bytes>) -> BoxBody<Bytes, Infallible> {
+    let frames = futures::stream::iter(chunks.into_iter().map(|c| Ok(Frame::data(c))));
+    BodyExt::boxed(StreamBody::new(frames))
 }
 
 /// Builds a request with a `Host` header.

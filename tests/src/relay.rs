@@ -160,6 +160,11 @@ impl Relay {
         assert!(self.proc.is_some(), "relay is not running (killed by the test)");
     }
 
+    /// The relay's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(|p| p.id())
+    }
+
     /// SIGKILLs the relay and waits until it is gone.
     pub async fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {

@@ -139,11 +139,25 @@ static HANDED_OUT: Mutex<Vec<PortRange>> = Mutex::new(Vec::new());
 impl PortRange {
     /// A random range of `len` ports in 30000-59000 whose ports are all free right now and that
     /// overlaps no range handed out earlier in this process.
+    ///
+    /// Ports outside the kernel's ephemeral range (`ip_local_port_range`) are preferred when
+    /// 30000-59000 has enough of them: an ephemeral port can be taken at any moment by an
+    /// outgoing connection of another test, which would make the relay's pool flaky.
     pub fn random(len: u16) -> Self {
         assert!(len >= 1);
+        let (lo, hi) = (30000u16, 59000u16);
+        let windows: Vec<(u16, u16)> = match ephemeral_range() {
+            Some((e_lo, e_hi)) => [(lo, e_lo.min(hi)), (e_hi.saturating_add(1).max(lo), hi)]
+                .into_iter()
+                .filter(|(a, b)| b > a && b - a >= len.saturating_mul(20))
+                .collect(),
+            None => Vec::new(),
+        };
+        let windows = if windows.is_empty() { vec![(lo, hi)] } else { windows };
         let mut rng = rand::rng();
-        for _ in 0..500 {
-            let low: u16 = rng.random_range(30000..59000 - len);
+        for _ in 0..1000 {
+            let (w_lo, w_hi) = windows[rng.random_range(0..windows.len())];
+            let low: u16 = rng.random_range(w_lo..w_hi - len);
             let range = Self { low, high: low + len - 1 };
             let mut taken = HANDED_OUT.lock().expect("port registry poisoned");
             if taken.iter().any(|r| r.low <= range.high && range.low <= r.high) {
@@ -166,6 +180,13 @@ impl PortRange {
     pub fn arg(&self) -> String {
         format!("127.0.0.1:{}-{}", self.low, self.high)
     }
+}
+
+/// The kernel's ephemeral port range, where outgoing connections get their local ports.
+fn ephemeral_range() -> Option<(u16, u16)> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
 fn port_is_free(port: u16) -> bool {

@@ -14,7 +14,8 @@ use warren_tests::raw::{
 };
 use warren_tests::{
     EchoBackend, HttpBackend, HttpSetup, IO_TIMEOUT, PortRange, READY_TIMEOUT, Relay, RelayOpts,
-    TempDir, Transport, closed_port, expect_get, http_get, random_bytes, tcp_echo, unique, within,
+    TempDir, Transport, closed_port, expect_get, http_get, http_post, random_bytes, tcp_echo,
+    unique, within,
 };
 
 /// How long a misbehaving peer waits for the relay to answer or hang up.
@@ -383,9 +384,10 @@ async fn version_mismatch_over_tls() {
     relay.assert_running();
 }
 
+warren_tests::each_transport!(http_target_down_gives_502);
+
 /// An HTTP tunnel whose target refuses connections answers 502 naming the tunnel and target.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_target_down_gives_502() {
+async fn http_target_down_gives_502(t: Transport) {
     let tmp = TempDir::new("http-down");
     let relay = Relay::start_default().await;
     let port = closed_port();
@@ -395,20 +397,38 @@ async fn http_target_down_gives_502() {
         [
             "http".to_owned(),
             target.clone(),
+            "--transport".into(),
+            t.as_str().into(),
             "--config-dir".into(),
             tmp.dir("agent").display().to_string(),
         ],
     );
     let url = agent.http_url().await;
-    let resp =
-        within(IO_TIMEOUT, "GET / on a dead target", http_get(relay.http_addr, &url.host(), "/"))
-            .await
-            .expect("an answer from the relay");
-    assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "body: {:?}", resp.text());
-    let body = resp.text();
     let name = format!("http-{port}");
-    assert!(body.contains(&name), "the 502 body should name the tunnel {name:?}: {body:?}");
-    assert!(body.contains(&target), "the 502 body should name the target {target:?}: {body:?}");
+    // Several requests, with and without a body the agent never reads: each must get the
+    // agent's 502, not a generic failure of the relay.
+    for i in 0..10 {
+        let fut = async {
+            if i % 2 == 0 {
+                http_get(relay.http_addr, &url.host(), "/").await
+            } else {
+                http_post(relay.http_addr, &url.host(), "/form", random_bytes(64 * 1024)).await
+            }
+        };
+        let resp = within(IO_TIMEOUT, "request to a dead target", fut)
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: no answer from the relay: {e:#}"));
+        let body = resp.text();
+        assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "request {i}: body {body:?}");
+        assert!(
+            body.contains(&name),
+            "request {i}: the 502 body should name the tunnel {name:?}: {body:?}"
+        );
+        assert!(
+            body.contains(&target),
+            "request {i}: the 502 body should name the target {target:?}: {body:?}"
+        );
+    }
     agent.assert_running();
 }
 

@@ -1,8 +1,8 @@
 //! HTTP tunnels through the real relay and agent, over each transport.
 
 use bytes::Bytes;
-use http::StatusCode;
-use warren_tests::client::websocket_echo;
+use http::{Method, Request, StatusCode, header};
+use warren_tests::client::{chunked_body, websocket_echo};
 use warren_tests::{
     BULK_TIMEOUT, HttpConn, HttpSetup, IO_TIMEOUT, RelayOpts, Transport, http_get, http_post,
     parse_headers, random_bytes, sha256, within,
@@ -11,6 +11,7 @@ use warren_tests::{
 warren_tests::each_transport!(
     get,
     post_10mb_echo,
+    post_chunked_echo,
     keep_alive_200_requests,
     websocket_echo_through_tunnel,
     forwarded_headers,
@@ -44,6 +45,35 @@ async fn post_10mb_echo(t: Transport) {
     assert_eq!(resp.status, StatusCode::OK);
     assert_eq!(resp.body.len(), body.len(), "echoed body length");
     assert!(sha256(&resp.body) == sha256(&body), "echoed 10 MB body differs from what was sent");
+}
+
+/// A body sent with `Transfer-Encoding: chunked` (no Content-Length), in chunks of many sizes,
+/// reaches the backend and comes back intact.
+async fn post_chunked_echo(t: Transport) {
+    let s = HttpSetup::start(t).await;
+    let data = random_bytes(3 * 1024 * 1024);
+    let mut chunks = Vec::new();
+    let (mut at, mut size) = (0usize, 1usize);
+    while at < data.len() {
+        let n = size.min(data.len() - at);
+        chunks.push(Bytes::copy_from_slice(&data[at..at + n]));
+        at += n;
+        size = size * 3 % 70_001 + 1;
+    }
+    let req = Request::builder()
+        .method(Method::POST)
+        .uri("/echo")
+        .header(header::HOST, s.host())
+        .body(chunked_body(chunks))
+        .expect("request");
+    let resp = within(BULK_TIMEOUT, "chunked POST", async {
+        HttpConn::connect(s.addr()).await?.send_body(req).await
+    })
+    .await
+    .expect("chunked POST /echo");
+    assert_eq!(resp.status, StatusCode::OK, "body: {:?}", resp.text());
+    assert_eq!(resp.body.len(), data.len(), "echoed body length");
+    assert!(sha256(&resp.body) == sha256(&data), "echoed chunked body differs from what was sent");
 }
 
 /// 200 requests, GETs and POSTs alternating, on a single keep-alive connection.

@@ -36,6 +36,9 @@ pub mod tuning {
 
     /// Most concurrent streams per session (visitor connections in flight on one agent).
     pub const MAX_STREAMS: u32 = 16_384;
+    /// Most concurrent streams an agent may open to the relay (the control stream, and room
+    /// for later use).
+    pub const AGENT_STREAMS: u32 = 8;
     /// QUIC per-stream receive window.
     pub const QUIC_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
     /// QUIC per-connection receive window and send window.
@@ -43,7 +46,7 @@ pub mod tuning {
     /// QUIC keep-alive interval (also keeps NAT bindings open).
     pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
     /// A session with no packets from the peer for this long is dead.
-    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
     /// How long `auto` waits for a QUIC handshake before trying TCP.
     pub const QUIC_FALLBACK_AFTER: Duration = Duration::from_millis(2000);
     /// Bytes of copy buffer per direction of a forwarded connection.

@@ -60,9 +60,11 @@ impl std::fmt::Debug for Accepted {
     }
 }
 
-pub(crate) fn transport_config() -> quinn::TransportConfig {
+/// QUIC transport settings; `peer_streams` bounds how many streams the peer may open at once
+/// (the relay opens one per visitor connection; an agent opens only its control stream).
+pub(crate) fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(tuning::MAX_STREAMS.into())
+    t.max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(tuning::QUIC_STREAM_WINDOW.into())
         .receive_window(tuning::QUIC_CONN_WINDOW.into())
@@ -78,11 +80,33 @@ pub(crate) fn transport_config() -> quinn::TransportConfig {
 impl ControlListener {
     /// Binds TCP on `addr`, then UDP on the same port number (when `quic` is set). With port 0,
     /// a port free on both is searched for.
+    ///
+    /// `reset_key` is the secret QUIC stateless resets are derived from. A relay that keeps it
+    /// across restarts can end the QUIC connections of its previous run at once, so agents
+    /// reconnect in about a keep-alive interval instead of waiting for their idle timeout.
     pub async fn bind(
         addr: SocketAddr,
         identity: &ServerIdentity,
         quic: bool,
+        reset_key: Option<&[u8; 32]>,
     ) -> Result<Self, ListenError> {
+        let endpoint_cfg = match reset_key {
+            Some(k) => {
+                let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+                    ring::hmac::HMAC_SHA256,
+                    k,
+                )));
+                // Connection ids are checked against a keyed hash; with the key derived from the
+                // same secret, a restarted relay recognises its previous run's ids and answers
+                // them with stateless resets instead of dropping them.
+                let cid_key = u64::from_be_bytes([k[0], k[1], k[2], k[3], k[4], k[5], k[6], k[7]]);
+                cfg.cid_generator(move || {
+                    Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+                });
+                cfg
+            }
+            None => quinn::EndpointConfig::default(),
+        };
         let tls = TlsAcceptor::from(identity.server_config()?);
         let quic_cfg = if quic {
             let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
@@ -90,7 +114,7 @@ impl ControlListener {
             )
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
             let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            cfg.transport_config(Arc::new(transport_config()));
+            cfg.transport_config(Arc::new(transport_config(tuning::AGENT_STREAMS)));
             Some(cfg)
         } else {
             None
@@ -111,7 +135,12 @@ impl ControlListener {
             let Some(cfg) = quic_cfg.clone() else {
                 return Ok(Self { tcp, quic: None, tls, addr: bound, quic_done: false.into() });
             };
-            match quinn::Endpoint::server(cfg, bound) {
+            let endpoint = std::net::UdpSocket::bind(bound).and_then(|socket| {
+                let runtime = quinn::default_runtime()
+                    .ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+                quinn::Endpoint::new(endpoint_cfg.clone(), Some(cfg), socket, runtime)
+            });
+            match endpoint {
                 Ok(ep) => {
                     return Ok(Self {
                         tcp,
