@@ -228,6 +228,12 @@ async fn serve_session(
             )));
         }
     };
+    if !warren_proto::SUPPORTED_VERSIONS.contains(&welcome.version) {
+        return Err(Failure::Fatal(format!(
+            "relay {relay} chose protocol version {}, which this agent does not speak; upgrade the agent",
+            welcome.version
+        )));
+    }
     *ever_connected = true;
     info!(
         relay = %relay,

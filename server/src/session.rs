@@ -9,7 +9,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use warren_proto::preface::mismatch_message;
-use warren_proto::{ErrorCode, Message, PROTOCOL_VERSION, Welcome};
+use warren_proto::{ErrorCode, Message, Welcome};
 use warren_transport::control::read_preface;
 use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
 
@@ -100,17 +100,15 @@ async fn run_session(
     let mut reader = ControlReader::new(rd);
     let mut writer = ControlWriter::new(wr);
 
-    let hello = tokio::time::timeout_at(deadline, async {
-        let preface = read_preface(&mut reader_inner(&mut reader)).await?;
-        Ok::<_, ControlError>((preface, reader.recv().await?))
-    })
-    .await
-    .map_err(|_| SessionError::HandshakeTimeout)?;
-    let (preface, first) = match hello {
-        Ok(v) => v,
+    // The version is chosen from the preface alone: a Hello of another version may not decode.
+    let preface = tokio::time::timeout_at(deadline, read_preface(reader_inner(&mut reader)))
+        .await
+        .map_err(|_| SessionError::HandshakeTimeout)?;
+    let preface = match preface {
+        Ok(p) => p,
         Err(ControlError::Decode(e)) => {
             refuse(&mut writer, ErrorCode::Malformed, format!("not a warren agent: {e}")).await;
-            return Err(SessionError::Refused(format!("malformed handshake: {e}")));
+            return Err(SessionError::Refused(format!("malformed preface: {e}")));
         }
         Err(e) => return Err(e.into()),
     };
@@ -118,6 +116,15 @@ async fn run_session(
         let msg = mismatch_message(preface);
         refuse(&mut writer, ErrorCode::VersionMismatch, msg.clone()).await;
         return Err(SessionError::Refused(msg));
+    };
+    let first = match tokio::time::timeout_at(deadline, reader.recv()).await {
+        Err(_) => return Err(SessionError::HandshakeTimeout),
+        Ok(Ok(m)) => m,
+        Ok(Err(ControlError::Decode(e))) => {
+            refuse(&mut writer, ErrorCode::Malformed, format!("malformed Hello: {e}")).await;
+            return Err(SessionError::Refused(format!("malformed Hello: {e}")));
+        }
+        Ok(Err(e)) => return Err(e.into()),
     };
     let Message::Hello(hello) = first else {
         refuse(&mut writer, ErrorCode::Malformed, "expected Hello after the preface".into()).await;
@@ -144,7 +151,7 @@ async fn run_session(
         token = %owner.token,
         transport = %session.kind(),
         agent_version = %hello.agent_version,
-        protocol = version.min(PROTOCOL_VERSION),
+        protocol = version,
         "agent connected"
     );
 
