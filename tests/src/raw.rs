@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -20,65 +17,16 @@ use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt as _, TokioAsyncReadC
 use warren_proto::message::Token;
 use warren_proto::{AgentId, Hello, Message, Preface};
 
-/// A server certificate verifier that accepts every certificate: these clients test the
-/// relay's robustness, not its identity.
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A rustls client config with ALPN `warren/1` that trusts any server certificate.
-pub fn insecure_client_config(tls13_only: bool) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let versions: &[&rustls::SupportedProtocolVersion] =
-        if tls13_only { &[&rustls::version::TLS13] } else { rustls::DEFAULT_VERSIONS };
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(versions)
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![warren_proto::ALPN.to_vec()];
-    cfg
+/// A rustls client config with ALPN `warren/1` that trusts any server certificate: these
+/// clients test the relay's robustness, not its identity.
+pub fn insecure_client_config() -> Arc<rustls::ClientConfig> {
+    warren_transport::Trust::Insecure.client_config().expect("insecure client config")
 }
 
 /// TCP connect plus TLS handshake to the relay's control port.
 pub async fn tls_connect(addr: SocketAddr) -> anyhow::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(insecure_client_config(false)));
+    let connector = tokio_rustls::TlsConnector::from(insecure_client_config());
     let name = ServerName::try_from("localhost").expect("server name");
     connector.connect(name, tcp).await.context("TLS handshake with the relay")
 }
@@ -86,8 +34,8 @@ pub async fn tls_connect(addr: SocketAddr) -> anyhow::Result<TlsStream<TcpStream
 /// The bytes of a TLS ClientHello as an agent would send it (for half-finished handshakes).
 pub fn client_hello() -> Vec<u8> {
     let name = ServerName::try_from("localhost").expect("server name");
-    let mut conn = rustls::ClientConnection::new(Arc::new(insecure_client_config(false)), name)
-        .expect("client connection");
+    let mut conn =
+        rustls::ClientConnection::new(insecure_client_config(), name).expect("client connection");
     let mut out = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut out).expect("write ClientHello");
@@ -97,7 +45,7 @@ pub fn client_hello() -> Vec<u8> {
 
 /// A QUIC client endpoint on 127.0.0.1 that trusts any certificate and offers ALPN `warren/1`.
 pub fn quic_endpoint() -> anyhow::Result<quinn::Endpoint> {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_client_config(true))
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(insecure_client_config())
         .context("QUIC client config")?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

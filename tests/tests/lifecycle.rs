@@ -16,6 +16,22 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.is_ok_and(|s| s.success()), "kill -{sig} {pid} failed");
 }
 
+/// An agent exposing `backend` over the TLS+yamux transport, where only heartbeats (not QUIC's
+/// idle timeout) can find a silent peer.
+fn spawn_http_over_tcp(relay: &Relay, label: &str, backend: &HttpBackend, tmp: &TempDir) -> Agent {
+    relay.spawn_agent(
+        label,
+        [
+            "http".to_owned(),
+            backend.port().to_string(),
+            "--transport".into(),
+            Transport::Tcp.as_str().into(),
+            "--config-dir".into(),
+            tmp.dir(label).display().to_string(),
+        ],
+    )
+}
+
 /// A frozen agent (SIGSTOP) keeps its TCP connection open, so only heartbeats can tell the relay
 /// it is gone: the relay drops the session and shows the tunnel as offline, and once the agent
 /// thaws it finds its session dead, reconnects and serves the same URL again.
@@ -24,17 +40,7 @@ async fn relay_finds_a_frozen_agent() {
     let tmp = TempDir::new("frozen-agent");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "frozen",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--transport".into(),
-            Transport::Tcp.as_str().into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent = spawn_http_over_tcp(&relay, "frozen", &backend, &tmp);
     let url = agent.http_url().await;
     expect_get(relay.http_addr, &url.host(), &backend.greeting()).await.expect("before freezing");
     let pid = agent.pid().expect("agent pid");
@@ -66,17 +72,7 @@ async fn agent_finds_a_frozen_relay() {
     let tmp = TempDir::new("frozen-relay");
     let mut relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "patient",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--transport".into(),
-            Transport::Tcp.as_str().into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent = spawn_http_over_tcp(&relay, "patient", &backend, &tmp);
     let url = agent.http_url().await;
     let pid = relay.pid().expect("relay pid");
     signal(pid, "STOP");

@@ -16,18 +16,21 @@
 //! - [`listen`]: the relay's control listener (QUIC and TCP on one port).
 //! - [`connect`]: the agent's side, with the automatic fallback.
 //! - [`control`]: reading and writing framed control messages on a stream.
+//! - [`splice`]: copying both ways between a visitor's connection and its stream.
 
 pub mod connect;
 pub mod control;
 pub mod listen;
 pub mod mux;
 pub mod session;
+pub mod splice;
 pub mod tls;
 
 pub use connect::{ConnectError, Mode, RelayAddr, connect};
 pub use control::{ControlError, ControlReader, ControlWriter};
 pub use listen::{Accepted, ControlListener};
 pub use session::{Session, Stream, TransportKind};
+pub use splice::splice;
 pub use tls::{ServerIdentity, Trust};
 
 /// Tuning shared by both transports, sized so one stream can fill a fast link.
@@ -43,25 +46,17 @@ pub mod tuning {
     pub const QUIC_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
     /// QUIC per-connection receive window and send window.
     pub const QUIC_CONN_WINDOW: u32 = 64 * 1024 * 1024;
+    /// Largest UDP payload QUIC's path MTU discovery may try.
+    pub const QUIC_MTU_UPPER_BOUND: u16 = 16_384;
     /// QUIC keep-alive interval (also keeps NAT bindings open).
     pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
     /// A session with no packets from the peer for this long is dead.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
     /// How long `auto` waits for a QUIC handshake before trying TCP.
     pub const QUIC_FALLBACK_AFTER: Duration = Duration::from_millis(2000);
-    /// Bytes of copy buffer per direction of a forwarded connection.
-    pub const SPLICE_BUF: usize = 16 * 1024;
+    /// Bytes of copy buffer per direction of a forwarded connection, held only while bytes are
+    /// in flight (see [`crate::splice`]).
+    pub const SPLICE_BUF: usize = 64 * 1024;
     /// Deadline for a transport handshake (TCP connect plus TLS, or QUIC).
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-}
-
-/// Copies bytes both ways between a visitor-side and a tunnel-side stream until both directions
-/// have ended, closing each write side when its read side ends. One buffer per direction is
-/// allocated once per connection, none per chunk. Returns (bytes a→b, bytes b→a).
-pub async fn splice<A, B>(a: &mut A, b: &mut B) -> std::io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, tuning::SPLICE_BUF, tuning::SPLICE_BUF).await
 }

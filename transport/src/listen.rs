@@ -70,6 +70,12 @@ pub(crate) fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
         .receive_window(tuning::QUIC_CONN_WINDOW.into())
         .send_window(tuning::QUIC_CONN_WINDOW.into())
         .keep_alive_interval(Some(tuning::KEEP_ALIVE));
+    // Let path MTU discovery go past Ethernet sizes: on loopback and jumbo-frame links fewer,
+    // larger packets mean less per-packet crypto and fewer syscalls; elsewhere discovery stops at
+    // what the path carries.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(tuning::QUIC_MTU_UPPER_BOUND);
+    t.mtu_discovery_config(Some(mtu));
     // IDLE_TIMEOUT is far below quinn's VarInt limit.
     if let Ok(idle) = tuning::IDLE_TIMEOUT.try_into() {
         t.max_idle_timeout(Some(idle));
