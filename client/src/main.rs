@@ -32,6 +32,10 @@ use warren_transport::{Mode, RelayAddr, Trust};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Worker threads (default: 1 for an agent, which splices several Gbit/s on one core and
+    /// leaves the others to the services it exposes; half the CPUs for the demo).
+    #[arg(long, global = true, value_name = "N", env = "WARREN_THREADS")]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,7 +132,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let demo = matches!(cli.command, Command::Demo { .. });
     init_logging(if demo { "warn" } else { "info" });
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = cli.threads.unwrap_or(if demo { cpus / 2 } else { 1 }).max(1);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

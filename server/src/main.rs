@@ -56,6 +56,10 @@ struct Args {
     /// How long a disconnected agent's subdomains and ports stay reserved for it (e.g. 30s, 5m).
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
+    /// Worker threads for the relay's runtime (default: half the CPUs, at least 1: most of a
+    /// relay's work is the kernel's network stack, which needs the other cores).
+    #[arg(long, value_name = "N", env = "WARREN_THREADS")]
+    threads: Option<usize>,
     /// Extra host name or IP address for the relay's certificate (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
@@ -64,7 +68,13 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = args.threads.unwrap_or(cpus / 2).max(1);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
