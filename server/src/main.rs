@@ -132,7 +132,11 @@ fn load_or_generate_token(data: &Path) -> anyhow::Result<String> {
             .with_context(|| format!("writing {}", path.display()))?;
         writeln!(f, "{token}")?;
     }
-    tracing::warn!(path = %path.display(), "no --token given; generated an agent token (agents pass it with --token)");
+    tracing::warn!(
+        path = %path.display(),
+        token = %token,
+        "no --token given; generated an agent token, kept in the data directory (agents: --token TOKEN)"
+    );
     Ok(token)
 }
 
