@@ -164,6 +164,9 @@ impl HttpIngress {
         };
         let host = host.trim_end_matches('.');
         let cut = host.len().checked_sub(self.domain.len() + 1)?;
+        if !host.is_char_boundary(cut) {
+            return None;
+        }
         let (label, rest) = host.split_at(cut);
         (rest.as_bytes()[0] == b'.'
             && rest[1..].eq_ignore_ascii_case(&self.domain)
@@ -369,5 +372,8 @@ mod tests {
         assert_eq!(i.label(".example.com"), None);
         assert_eq!(i.label("x.other.org"), None);
         assert_eq!(i.label(""), None);
+        // Not a valid subdomain (the router refuses it), but no panic on non-ASCII bytes either.
+        assert_eq!(i.label("é.example.com"), Some("é"));
+        assert_eq!(i.label("ééééééééééééé"), None);
     }
 }

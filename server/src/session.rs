@@ -101,7 +101,7 @@ async fn run_session(
     let mut writer = ControlWriter::new(wr);
 
     // The version is chosen from the preface alone: a Hello of another version may not decode.
-    let preface = tokio::time::timeout_at(deadline, read_preface(reader_inner(&mut reader)))
+    let preface = tokio::time::timeout_at(deadline, read_preface(reader.get_mut()))
         .await
         .map_err(|_| SessionError::HandshakeTimeout)?;
     let preface = match preface {
@@ -261,11 +261,6 @@ async fn run_session(
             return Ok(());
         }
     }
-}
-
-/// Hands the preface reader the raw stream under a control reader that has not buffered yet.
-fn reader_inner<R: tokio::io::AsyncRead + Unpin>(r: &mut ControlReader<R>) -> &mut R {
-    r.get_mut()
 }
 
 async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
