@@ -374,6 +374,6 @@ mod tests {
         assert_eq!(i.label(""), None);
         // Not a valid subdomain (the router refuses it), but no panic on non-ASCII bytes either.
         assert_eq!(i.label("é.example.com"), Some("é"));
-        assert_eq!(i.label("ééééééééééééé"), None);
+        assert_eq!(i.label("éééééééx"), None);
     }
 }
