@@ -201,7 +201,14 @@ async fn connect_quic(
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let endpoint = quinn::Endpoint::client(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            crate::listen::udp_socket(bind)?,
+            runtime,
+        )?;
         let connecting = match endpoint.connect_with(cfg.clone(), *addr, host) {
             Ok(c) => c,
             Err(e) => {

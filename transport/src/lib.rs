@@ -48,6 +48,8 @@ pub mod tuning {
     pub const QUIC_CONN_WINDOW: u32 = 64 * 1024 * 1024;
     /// Largest UDP payload QUIC's path MTU discovery may try.
     pub const QUIC_MTU_UPPER_BOUND: u16 = 16_384;
+    /// Requested UDP socket buffer size, each direction (capped by the kernel's limits).
+    pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
     /// QUIC keep-alive interval (also keeps NAT bindings open).
     pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
     /// A session with no packets from the peer for this long is dead.

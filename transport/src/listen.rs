@@ -83,6 +83,21 @@ pub(crate) fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     t
 }
 
+/// A UDP socket with room for bursts: the default buffers (about 200 KiB) overflow at a few
+/// Gbit/s and every dropped datagram makes QUIC slow down. The kernel caps the size at
+/// `net.core.rmem_max`/`wmem_max`; failing to enlarge is not an error.
+pub(crate) fn udp_socket(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(tuning::UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(tuning::UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
 impl ControlListener {
     /// Binds TCP on `addr`, then UDP on the same port number (when `quic` is set). With port 0,
     /// a port free on both is searched for.
@@ -141,7 +156,7 @@ impl ControlListener {
             let Some(cfg) = quic_cfg.clone() else {
                 return Ok(Self { tcp, quic: None, tls, addr: bound, quic_done: false.into() });
             };
-            let endpoint = std::net::UdpSocket::bind(bound).and_then(|socket| {
+            let endpoint = udp_socket(bound).and_then(|socket| {
                 let runtime = quinn::default_runtime()
                     .ok_or_else(|| io::Error::other("no async runtime for QUIC"))?;
                 quinn::Endpoint::new(endpoint_cfg.clone(), Some(cfg), socket, runtime)
