@@ -60,13 +60,7 @@ async fn run_in(
     ready: tokio::sync::oneshot::Sender<DemoUrls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let token: String = {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        (0..24)
-            .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
-            .collect()
-    };
+    let token = warren_server::util::random_alnum(24);
     let mut config = RelayConfig::loopback(dir.to_path_buf(), &token, opts.ports);
     config.http = opts.http;
     let relay = Relay::bind(config).await?;

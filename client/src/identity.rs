@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use rand::Rng;
 use warren_proto::AgentId;
 
 /// The config directory: `$WARREN_CONFIG_DIR` (or the flag), else `$XDG_CONFIG_HOME/warren`, else
@@ -40,12 +39,7 @@ pub fn load_or_create(dir: &Path) -> Result<AgentId, String> {
     if let Ok(s) = std::fs::read_to_string(&path) {
         return AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()));
     }
-    let suffix: String = {
-        let mut rng = rand::rng();
-        (0..8)
-            .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
-            .collect()
-    };
+    let suffix = warren_server::util::random_alnum(8);
     let id = AgentId::parse(&format!("{}-{suffix}", hostname()))
         .map_err(|e| format!("generated agent id: {e}"))?;
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

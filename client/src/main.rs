@@ -131,7 +131,7 @@ struct ConnOpts {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let demo = matches!(cli.command, Command::Demo { .. });
-    init_logging(if demo { "warn" } else { "info" });
+    warren_server::util::init_logging(if demo { "warn" } else { "info" });
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = cli.threads.unwrap_or(if demo { cpus / 2 } else { 1 }).max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -152,18 +152,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(default: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 fn shutdown_on_signal() -> CancellationToken {

@@ -14,6 +14,8 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use warren_transport::ServerIdentity;
 
+use crate::util::write_private;
+
 /// Why the CA or certificate could not be made.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -55,13 +57,6 @@ fn ca_params() -> CertificateParams {
     p
 }
 
-fn write_private(path: &Path, data: &str) -> io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
-    f.write_all(data.as_bytes())
-}
-
 /// Loads the CA from `data_dir`, creating it when absent, and issues the relay's certificate for
 /// `names`.
 pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertError> {
@@ -76,7 +71,7 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertEr
     let ca_key = if created {
         let key = KeyPair::generate()?;
         let cert = ca_params().self_signed(&key)?;
-        write_private(&key_path, &key.serialize_pem()).map_err(io_err(&key_path))?;
+        write_private(&key_path, key.serialize_pem().as_bytes()).map_err(io_err(&key_path))?;
         fs::write(&ca_path, cert.pem()).map_err(io_err(&ca_path))?;
         key
     } else {
@@ -97,7 +92,7 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertEr
     fs::write(&relay_pem, leaf.pem()).map_err(io_err(&relay_pem))?;
     let relay_key = data_dir.join("relay-key.pem");
     let _ = fs::remove_file(&relay_key);
-    write_private(&relay_key, &leaf_key.serialize_pem()).map_err(io_err(&relay_key))?;
+    write_private(&relay_key, leaf_key.serialize_pem().as_bytes()).map_err(io_err(&relay_key))?;
     let identity = ServerIdentity {
         chain: vec![leaf.der().clone(), ca_der.clone()],
         key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
@@ -127,17 +122,7 @@ pub fn load_or_create_secret(path: &Path) -> Result<[u8; 32], CertError> {
     ring::rand::SystemRandom::new()
         .fill(&mut key)
         .map_err(|_| io_err(io::Error::other("no system randomness")))?;
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(io_err)?;
-        f.write_all(&key).map_err(io_err)?;
-    }
+    write_private(path, &key).map_err(io_err)?;
     Ok(key)
 }
 

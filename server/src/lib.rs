@@ -16,6 +16,8 @@
 //! - [`session`]: one agent session: handshake, control loop, heartbeats.
 //! - [`ingress`]: the public HTTP listener and the TCP tunnel listeners.
 //! - [`relay`]: wiring it all together: bind, run, shut down.
+//! - [`util`]: small helpers the relay and the agent binary share (random names, private files,
+//!   logging).
 
 pub mod auth;
 pub mod certs;
@@ -25,6 +27,7 @@ pub mod pool;
 pub mod relay;
 pub mod router;
 pub mod session;
+pub mod util;
 
 pub use config::RelayConfig;
 pub use relay::{BoundRelay, Relay};

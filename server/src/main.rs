@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use warren_proto::message::Token;
-use warren_server::Relay;
 use warren_server::config::{PortRange, RelayConfig, parse_duration};
+use warren_server::{Relay, util};
 
 /// warren relay: puts services that sit behind NAT on this host's public address.
 ///
@@ -67,7 +67,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    util::init_logging("info");
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = args.threads.unwrap_or(cpus / 2).max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -90,18 +90,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WARREN_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_from_env("RUST_LOG"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn load_or_generate_token(data: &Path) -> anyhow::Result<String> {
     use anyhow::Context;
     let path = data.join("agent-token");
@@ -113,25 +101,11 @@ fn load_or_generate_token(data: &Path) -> anyhow::Result<String> {
         }
     }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
-    let token: String = {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        (0..32)
-            .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
-            .collect()
-    };
-    {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("writing {}", path.display()))?;
-        writeln!(f, "{token}")?;
-    }
+    let token = util::random_alnum(32);
+    // An empty token file is replaced; any other existing file was returned above.
+    let _ = std::fs::remove_file(&path);
+    util::write_private(&path, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
     tracing::warn!(
         path = %path.display(),
         token = %token,

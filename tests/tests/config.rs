@@ -11,6 +11,13 @@ fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `warren start --config FILE` with the relay's flags, its identity in a per-test config dir.
+fn start_with_relay_flags(relay: &Relay, label: &str, file: &Path, tmp: &TempDir) -> Agent {
+    let mut args = vec!["start".to_owned(), "--config".into(), path_str(file)];
+    args.extend(relay.agent_args());
+    Agent::spawn_with_env(label, args, &[("WARREN_CONFIG_DIR", &path_str(&tmp.dir("config-dir")))])
+}
+
 /// `warren start` with everything in the file, including a second relay token, a fixed
 /// subdomain and a fixed remote port; URLs come out in file order ("web" before "db", which is
 /// not alphabetical) and both tunnels work.
@@ -83,13 +90,7 @@ target = "{echo_port}"
         echo_port = echo.port(),
     );
     let file = tmp.write("warren.toml", &config);
-    let mut args = vec!["start".to_owned(), "--config".into(), path_str(&file)];
-    args.extend(relay.agent_args());
-    let mut agent = Agent::spawn_with_env(
-        "start",
-        args,
-        &[("WARREN_CONFIG_DIR", &path_str(&tmp.dir("config-dir")))],
-    );
+    let mut agent = start_with_relay_flags(&relay, "start", &file, &tmp);
     let urls = agent.urls(2).await;
     let http = HttpUrl::parse(&urls[0]).expect("first URL is the http tunnel");
     let tcp = TcpUrl::parse(&urls[1]).expect("second URL is the tcp tunnel");
@@ -199,13 +200,7 @@ async fn example_config_binds_its_tunnels() {
     assert!(example.is_file(), "{} is missing", example.display());
     let tmp = TempDir::new("config-example");
     let relay = Relay::start_default().await;
-    let mut args = vec!["start".to_owned(), "--config".into(), path_str(&example)];
-    args.extend(relay.agent_args());
-    let mut agent = Agent::spawn_with_env(
-        "example",
-        args,
-        &[("WARREN_CONFIG_DIR", &path_str(&tmp.dir("config-dir")))],
-    );
+    let mut agent = start_with_relay_flags(&relay, "example", &example, &tmp);
     let urls = agent.urls(2).await;
     assert_eq!(urls[0], format!("http://shop.localhost:{}", relay.http_addr.port()));
     let tcp = TcpUrl::parse(&urls[1]).expect("second URL is the db tunnel");
