@@ -248,16 +248,17 @@ async fn serve_session(
     for (i, spec) in cfg.tunnels.iter().enumerate() {
         let before = granted.get(&spec.name).cloned();
         let req = (i + 1) as u32;
+        let wanted = spec
+            .wanted_subdomain(&welcome.domain)
+            .map_err(|e| Failure::Fatal(format!("tunnel {}: {e}", spec.name)))?;
         let bind = Bind {
             req,
             name: spec.name.clone(),
             protocol: spec.protocol,
-            subdomain: before
-                .as_ref()
-                .and_then(|g| g.subdomain.clone())
-                .or_else(|| spec.subdomain.clone()),
+            subdomain: before.as_ref().and_then(|g| g.subdomain.clone()).or(wanted),
             remote_port: before.as_ref().and_then(|g| g.port).or(spec.remote_port),
             sticky: before.is_some(),
+            options: spec.options.clone(),
         };
         writer.send(&Message::Bind(bind)).await?;
         let reply = loop {
@@ -302,6 +303,15 @@ async fn serve_session(
         }
     }
     let tunnels: Tunnels = Arc::new(tunnels);
+    let has_udp = tunnels.values().any(|t| t.protocol == warren_proto::Protocol::Udp);
+    let _datagrams =
+        (has_udp && session.kind() == warren_transport::TransportKind::Quic).then(|| {
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
+                session.clone(),
+                tunnels.clone(),
+                crate::udp::FLOW_IDLE,
+            )))
+        });
 
     let mut streams = JoinSet::new();
     let mut last_seen = Instant::now();

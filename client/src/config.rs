@@ -18,7 +18,7 @@ use toml::de::{DeTable, DeValue};
 use warren_proto::{Protocol, Subdomain, TunnelName};
 use warren_transport::Mode;
 
-use crate::tunnel::{Target, TunnelSpec};
+use crate::tunnel::{OPTION_KEYS, Target, TunnelSpec};
 
 /// A config file, parsed and checked. Fields left out are `None` and come from flags or the
 /// environment (or defaults).
@@ -190,6 +190,8 @@ fn tunnel(
         return None;
     };
     let (mut proto, mut target, mut subdomain, mut port) = (None, None, None, None);
+    let mut hostname = None;
+    let mut options: Vec<(String, String, Range<usize>)> = Vec::new();
     let mut fields: Vec<_> = table.iter().collect();
     fields.sort_by_key(|(k, _)| k.span().start);
     for (key, value) in fields {
@@ -200,7 +202,12 @@ fn tunnel(
                     match s.as_str() {
                         "http" => proto = Some(Protocol::Http),
                         "tcp" => proto = Some(Protocol::Tcp),
-                        other => cx.err(value.span(), format!("unknown proto {other:?}: expected \"http\" or \"tcp\"")),
+                        "tls" => proto = Some(Protocol::Tls),
+                        "udp" => proto = Some(Protocol::Udp),
+                        other => cx.err(
+                            value.span(),
+                            format!("unknown proto {other:?}: expected \"http\", \"tcp\", \"tls\" or \"udp\""),
+                        ),
                     }
                 }
             }
@@ -224,6 +231,7 @@ fn tunnel(
                     }
                 }
             }
+            "hostname" => hostname = cx.string(k, value),
             "remote_port" => match value.get_ref() {
                 DeValue::Integer(i) => match u16::from_str_radix(i.as_str(), i.radix()) {
                     Ok(p) if p != 0 => port = Some(p),
@@ -231,16 +239,45 @@ fn tunnel(
                 },
                 _ => cx.err(value.span(), "`remote_port` must be a number"),
             },
+            k if OPTION_KEYS.contains(&k) => {
+                let scalar = |v: &DeValue<'_>| match v {
+                    DeValue::String(s) => Some(s.to_string()),
+                    DeValue::Integer(i) => Some(i.as_str().to_owned()),
+                    DeValue::Boolean(b) => Some(b.to_string()),
+                    _ => None,
+                };
+                match value.get_ref() {
+                    DeValue::Array(items) => {
+                        for item in items {
+                            match scalar(item.get_ref()) {
+                                Some(v) => options.push((k.to_owned(), v, item.span())),
+                                None => cx.err(item.span(), format!("`{k}` entries must be strings")),
+                            }
+                        }
+                    }
+                    v => match scalar(v) {
+                        Some(v) => options.push((k.to_owned(), v, value.span())),
+                        None => cx.err(value.span(), format!("`{k}` must be a string, number, boolean or a list of strings")),
+                    },
+                }
+            }
             other => cx.err(
                 key.span(),
-                format!("tunnel `{}`: unknown key `{other}` (expected proto, target, subdomain or remote_port)", name.get_ref()),
+                format!(
+                    "tunnel `{}`: unknown key `{other}` (expected proto, target, subdomain, hostname, remote_port or one of {})",
+                    name.get_ref(),
+                    OPTION_KEYS.join(", ")
+                ),
             ),
         }
     }
     if proto.is_none() {
         cx.err(
             name.span(),
-            format!("tunnel `{}` needs `proto = \"http\"` or `\"tcp\"`", name.get_ref()),
+            format!(
+                "tunnel `{}` needs `proto = \"http\"`, `\"tcp\"`, `\"tls\"` or `\"udp\"`",
+                name.get_ref()
+            ),
         );
     }
     if target.is_none() && !cx.problems[before..].iter().any(|p| p.message.contains("target")) {
@@ -249,37 +286,22 @@ fn tunnel(
             format!("tunnel `{}` needs `target = \"PORT\"` or `\"HOST:PORT\"`", name.get_ref()),
         );
     }
-    match proto {
-        Some(Protocol::Http) if port.is_some() => {
-            cx.err(
-                name.span(),
-                format!(
-                    "tunnel `{}`: `remote_port` is for tcp tunnels; http tunnels take `subdomain`",
-                    name.get_ref()
-                ),
-            );
+    let (Some(tname), Some(proto), Some(target)) = (tname, proto, target) else { return None };
+    let mut spec = TunnelSpec::new(tname, proto, target);
+    spec.subdomain = subdomain;
+    spec.hostname = hostname;
+    spec.remote_port = port;
+    for (k, v, span) in options {
+        if let Err(e) = spec.apply(&k, &v) {
+            cx.err(span, format!("`{k}`: {e}"));
         }
-        Some(Protocol::Tcp) if subdomain.is_some() => {
-            cx.err(
-                name.span(),
-                format!(
-                    "tunnel `{}`: `subdomain` is for http tunnels; tcp tunnels take `remote_port`",
-                    name.get_ref()
-                ),
-            );
-        }
-        _ => {}
     }
-    if cx.problems.len() > before {
-        return None;
+    if cx.problems.len() == before
+        && let Err(e) = spec.check()
+    {
+        cx.err(name.span(), e);
     }
-    Some(TunnelSpec {
-        name: tname?,
-        protocol: proto?,
-        target: target?,
-        subdomain,
-        remote_port: port,
-    })
+    (cx.problems.len() == before).then_some(spec)
 }
 
 #[cfg(test)]

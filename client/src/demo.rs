@@ -83,19 +83,10 @@ async fn run_in(
         agent_id: AgentId::parse("demo")?,
         tunnels: vec![
             TunnelSpec {
-                name: parse("demo-http")?,
-                protocol: Protocol::Http,
-                target: target.clone(),
                 subdomain: Some(Subdomain::parse("demo")?),
-                remote_port: None,
+                ..TunnelSpec::new(parse("demo-http")?, Protocol::Http, target.clone())
             },
-            TunnelSpec {
-                name: parse("demo-tcp")?,
-                protocol: Protocol::Tcp,
-                target,
-                subdomain: None,
-                remote_port: None,
-            },
+            TunnelSpec::new(parse("demo-tcp")?, Protocol::Tcp, target),
         ],
     };
     let (tx, mut rx) = mpsc::unbounded_channel();

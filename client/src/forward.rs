@@ -50,12 +50,34 @@ pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
         debug!(tunnel = %header.tunnel, "data stream for a tunnel this session does not serve");
         return;
     };
+    if header.protocol != tunnel.protocol {
+        debug!(tunnel = %tunnel.name, "data stream of another protocol than its tunnel's");
+        return;
+    }
+    if header.protocol == Protocol::Udp {
+        if let Err(e) =
+            crate::udp::serve_stream(stream, &tunnel.target, crate::udp::FLOW_IDLE).await
+        {
+            debug!(tunnel = %tunnel.name, visitor = %header.visitor, error = %e, "udp flow ended with an error");
+        }
+        return;
+    }
     let target = match tokio::time::timeout(SETUP_TIMEOUT, connect_target(&tunnel.target)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return refuse(stream, &tunnel, &e.to_string(), header.protocol).await,
         Err(_) => return refuse(stream, &tunnel, "connection timed out", header.protocol).await,
     };
     let mut target = target;
+    if let Some(version) = tunnel.proxy_protocol {
+        // The visitor's address, as the relay saw it, for a target that reads PROXY headers.
+        let dst = target.peer_addr().unwrap_or(header.visitor);
+        let mut proxy = Vec::with_capacity(64);
+        warren_proto::proxy::encode(version, header.visitor, dst, &mut proxy);
+        if let Err(e) = target.write_all(&proxy).await {
+            debug!(tunnel = %tunnel.name, error = %e, "cannot send the PROXY header");
+            return;
+        }
+    }
     if let Err(e) = warren_transport::splice(&mut stream, &mut target).await {
         debug!(tunnel = %tunnel.name, visitor = %header.visitor, error = %e, "connection ended with an error");
     }
@@ -74,15 +96,22 @@ async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Pr
         let page = page.clone();
         async move {
             use http_body_util::BodyExt;
+            let json = req
+                .headers()
+                .get(http::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/json"));
             let _ = http_body_util::Limited::new(req.into_body(), DRAIN_LIMIT).collect().await;
+            let (ctype, body) = if json {
+                ("application/json", page.1)
+            } else {
+                ("text/html; charset=utf-8", page.0)
+            };
             let mut resp =
-                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(page)));
+                hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
             *resp.status_mut() = http::StatusCode::BAD_GATEWAY;
             let h = resp.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/html; charset=utf-8"),
-            );
+            h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(ctype));
             h.insert("x-warren-error", http::HeaderValue::from_static("target-unreachable"));
             Ok::<_, std::convert::Infallible>(resp)
         }
@@ -93,8 +122,16 @@ async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Pr
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
 }
 
-fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> String {
-    format!(
+/// The 502 answer as an HTML page and as JSON.
+fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> (String, String) {
+    let json = format!(
+        "{{\"error\":{{\"status\":502,\"title\":\"Target unreachable\",\"message\":{:?}}}}}\n",
+        format!(
+            "The warren agent serving tunnel {} could not reach its target {}: {why}",
+            tunnel.name, tunnel.target
+        )
+    );
+    let html = format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>502 Bad Gateway</title></head>\
          <body style=\"font-family:system-ui,sans-serif;max-width:40em;margin:4em auto\">\
          <h1>502 Bad Gateway</h1><p>The warren agent serving tunnel <b>{name}</b> could not \
@@ -103,5 +140,6 @@ fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> String {
         name = tunnel.name,
         target = tunnel.target,
         why = why.replace('<', "&lt;"),
-    )
+    );
+    (html, json)
 }

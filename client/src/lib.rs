@@ -8,11 +8,13 @@
 //! (each has its own issue).
 //!
 //! # Layout
-//! - [`tunnel`]: what a tunnel is on the agent side: name, protocol, target, wishes.
+//! - [`tunnel`]: what a tunnel is on the agent side: name, protocol, target, wishes, and the
+//!   visitor options the relay enforces.
 //! - [`identity`]: the agent's stable identity, kept in its config directory.
 //! - [`config`]: the TOML config file for `warren start`, with every problem reported by line.
 //! - [`agent`]: the session loop: connect, bind, serve, heartbeat, reconnect.
 //! - [`forward`]: one data stream: connect the target, splice, or answer 502.
+//! - [`udp`]: UDP tunnels: flows over QUIC datagrams or length-prefixed streams.
 //! - [`demo`]: relay, agent and a sample service in one process.
 
 pub mod agent;
@@ -21,6 +23,7 @@ pub mod demo;
 pub mod forward;
 pub mod identity;
 pub mod tunnel;
+pub mod udp;
 
 pub use agent::{AgentConfig, AgentError, AgentEvent};
 pub use tunnel::{Target, TunnelSpec};

@@ -42,15 +42,24 @@ struct Cli {
 enum Command {
     /// Expose a local HTTP service under NAME.DOMAIN on the relay.
     #[command(
-        after_help = "Examples:\n  warren http 8080 --relay example.com:7443 --token s3cret\n  warren http 127.0.0.1:3000 --subdomain shop --relay example.com:7443 --token s3cret"
+        after_help = "Examples:\n  warren http 8080 --relay example.com:7443 --token s3cret\n  warren http 127.0.0.1:3000 --subdomain shop --relay example.com:7443 --token s3cret\n  warren http 3000 --basic-auth ann:s3cret --allow 203.0.113.0/24 --rate-limit 20/s ...\n  warren http 50051 --upstream-http2 ...        a gRPC or other h2c server\n\nThe tunnel answers on the relay's HTTP and HTTPS listeners, HTTP/1.1 and HTTP/2."
     )]
     Http {
         /// The local service: PORT (on 127.0.0.1) or HOST:PORT.
         target: Target,
         /// The subdomain to serve under (default: a stable name derived from this agent and
         /// the tunnel name).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "hostname")]
         subdomain: Option<Subdomain>,
+        /// The full host name to serve under, NAME.RELAY_DOMAIN (same as --subdomain NAME).
+        #[arg(long, value_name = "HOST")]
+        hostname: Option<String>,
+        #[command(flatten)]
+        http: HttpOpts,
+        #[command(flatten)]
+        rate: RateOpts,
+        #[command(flatten)]
+        access: AccessOpts,
         #[command(flatten)]
         tunnel: TunnelOpts,
         #[command(flatten)]
@@ -66,6 +75,53 @@ enum Command {
         /// The public port wanted, from the relay's pool (default: one is chosen and kept).
         #[arg(long, value_name = "PORT")]
         remote_port: Option<u16>,
+        #[command(flatten)]
+        proxy: ProxyOpts,
+        #[command(flatten)]
+        rate: RateOpts,
+        #[command(flatten)]
+        access: AccessOpts,
+        #[command(flatten)]
+        tunnel: TunnelOpts,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Expose a local TLS service by SNI on the relay's HTTPS port, without the relay
+    /// decrypting it: the TLS session ends at your service, with your certificate.
+    #[command(
+        after_help = "Examples:\n  warren tls 8443 --hostname secure --relay example.com:7443 --token s3cret\n  warren tls 127.0.0.1:8443 --hostname secure.example.com --proxy-protocol v2 --relay example.com:7443 --token s3cret"
+    )]
+    Tls {
+        /// The local TLS service: PORT (on 127.0.0.1) or HOST:PORT.
+        target: Target,
+        /// The name visitors connect to (their SNI): NAME.RELAY_DOMAIN, or just NAME (default:
+        /// a stable name derived from this agent and the tunnel name).
+        #[arg(long, value_name = "HOST")]
+        hostname: Option<String>,
+        #[command(flatten)]
+        proxy: ProxyOpts,
+        #[command(flatten)]
+        rate: RateOpts,
+        #[command(flatten)]
+        access: AccessOpts,
+        #[command(flatten)]
+        tunnel: TunnelOpts,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
+    /// Expose a local UDP service on a port of the relay's pool (packets ride QUIC datagrams;
+    /// over --transport tcp, a stream per visitor).
+    #[command(
+        after_help = "Examples:\n  warren udp 53 --relay example.com:7443 --token s3cret\n  warren udp 127.0.0.1:27015 --remote-port 20015 --relay example.com:7443 --token s3cret"
+    )]
+    Udp {
+        /// The local UDP service: PORT (on 127.0.0.1) or HOST:PORT.
+        target: Target,
+        /// The public UDP port wanted, from the relay's pool (default: one is chosen and kept).
+        #[arg(long, value_name = "PORT")]
+        remote_port: Option<u16>,
+        #[command(flatten)]
+        access: AccessOpts,
         #[command(flatten)]
         tunnel: TunnelOpts,
         #[command(flatten)]
@@ -89,6 +145,110 @@ enum Command {
         #[arg(long, value_name = "[IP:]LOW-HIGH", default_value = "127.0.0.1:20000-29999")]
         ports: PortRange,
     },
+}
+
+/// Who may use the tunnel; enforced at the relay.
+#[derive(Debug, Args)]
+struct AccessOpts {
+    /// Let in only visitors from this network (repeatable), e.g. 203.0.113.0/24 or 2001:db8::/32.
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    /// Refuse visitors from this network (repeatable); checked before --allow.
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct RateOpts {
+    /// Most requests (http) or connections (tcp, tls) per second from one visitor address;
+    /// HTTP visitors over it get 429 with Retry-After. E.g. 20/s.
+    #[arg(long, value_name = "N/s")]
+    rate_limit: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ProxyOpts {
+    /// Send a PROXY protocol header (v1 text or v2 binary) to the target first, carrying the
+    /// visitor's address (for HAProxy, nginx `proxy_protocol`, Traefik...).
+    #[arg(long, value_name = "v1|v2")]
+    proxy_protocol: Option<String>,
+}
+
+/// HTTP behaviour; enforced at the relay.
+#[derive(Debug, Args)]
+struct HttpOpts {
+    /// Require HTTP basic authentication as USER:PASS (repeatable). The relay gets only a
+    /// digest; passwords are never logged.
+    #[arg(long, value_name = "USER:PASS")]
+    basic_auth: Vec<String>,
+    /// Add (or replace) a request header, "NAME: VALUE" (repeatable).
+    #[arg(long, value_name = "NAME:VALUE")]
+    request_header_add: Vec<String>,
+    /// Remove a request header (repeatable).
+    #[arg(long, value_name = "NAME")]
+    request_header_remove: Vec<String>,
+    /// Add (or replace) a response header, "NAME: VALUE" (repeatable).
+    #[arg(long, value_name = "NAME:VALUE")]
+    response_header_add: Vec<String>,
+    /// Remove a response header (repeatable).
+    #[arg(long, value_name = "NAME")]
+    response_header_remove: Vec<String>,
+    /// Largest request body let through (413 beyond), e.g. 10MiB.
+    #[arg(long, value_name = "SIZE")]
+    max_body: Option<String>,
+    /// Redirect plain-HTTP visitors to HTTPS (308).
+    #[arg(long)]
+    https_only: bool,
+    /// The target speaks HTTP/2 without TLS (h2c, e.g. a gRPC server): the relay forwards
+    /// requests as HTTP/2, trailers and streaming included.
+    #[arg(long)]
+    upstream_http2: bool,
+}
+
+impl AccessOpts {
+    fn pairs(self) -> Vec<(&'static str, String)> {
+        let mut v: Vec<(&'static str, String)> = Vec::new();
+        v.extend(self.allow.into_iter().map(|x| ("allow", x)));
+        v.extend(self.deny.into_iter().map(|x| ("deny", x)));
+        v
+    }
+}
+
+impl HttpOpts {
+    fn pairs(self) -> Vec<(&'static str, String)> {
+        let mut v: Vec<(&'static str, String)> = Vec::new();
+        v.extend(self.basic_auth.into_iter().map(|x| ("basic_auth", x)));
+        v.extend(self.request_header_add.into_iter().map(|x| ("request_header_add", x)));
+        v.extend(self.request_header_remove.into_iter().map(|x| ("request_header_remove", x)));
+        v.extend(self.response_header_add.into_iter().map(|x| ("response_header_add", x)));
+        v.extend(self.response_header_remove.into_iter().map(|x| ("response_header_remove", x)));
+        v.extend(self.max_body.map(|x| ("max_body", x)));
+        if self.https_only {
+            v.push(("https_only", "true".into()));
+        }
+        if self.upstream_http2 {
+            v.push(("upstream_http2", "true".into()));
+        }
+        v
+    }
+}
+
+/// A tunnel from the command line: options applied and checked, errors naming the flag.
+fn cli_spec(
+    protocol: Protocol,
+    target: Target,
+    name: Option<TunnelName>,
+    pairs: Vec<(&'static str, String)>,
+    shape: impl FnOnce(&mut TunnelSpec),
+) -> anyhow::Result<TunnelSpec> {
+    let name = name.unwrap_or_else(|| TunnelSpec::default_name(protocol, &target));
+    let mut spec = TunnelSpec::new(name, protocol, target);
+    shape(&mut spec);
+    for (key, value) in pairs {
+        spec.apply(key, &value).map_err(|e| anyhow::anyhow!("--{}: {e}", key.replace('_', "-")))?;
+    }
+    spec.check().map_err(anyhow::Error::msg)?;
+    Ok(spec)
 }
 
 #[derive(Debug, Args)]
@@ -174,18 +334,38 @@ fn shutdown_on_signal() -> CancellationToken {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Http { target, subdomain, tunnel, conn } => {
-            let name =
-                tunnel.name.unwrap_or_else(|| TunnelSpec::default_name(Protocol::Http, &target));
-            let spec =
-                TunnelSpec { name, protocol: Protocol::Http, target, subdomain, remote_port: None };
+        Command::Http { target, subdomain, hostname, http, rate, access, tunnel, conn } => {
+            let mut pairs = http.pairs();
+            pairs.extend(rate.rate_limit.map(|r| ("rate_limit", r)));
+            pairs.extend(access.pairs());
+            let spec = cli_spec(Protocol::Http, target, tunnel.name, pairs, |s| {
+                s.subdomain = subdomain;
+                s.hostname = hostname;
+            })?;
             run_agent(conn, FileConfig { tunnels: vec![spec], ..FileConfig::default() }).await
         }
-        Command::Tcp { target, remote_port, tunnel, conn } => {
-            let name =
-                tunnel.name.unwrap_or_else(|| TunnelSpec::default_name(Protocol::Tcp, &target));
-            let spec =
-                TunnelSpec { name, protocol: Protocol::Tcp, target, subdomain: None, remote_port };
+        Command::Tcp { target, remote_port, proxy, rate, access, tunnel, conn } => {
+            let mut pairs = access.pairs();
+            pairs.extend(rate.rate_limit.map(|r| ("rate_limit", r)));
+            pairs.extend(proxy.proxy_protocol.map(|p| ("proxy_protocol", p)));
+            let spec = cli_spec(Protocol::Tcp, target, tunnel.name, pairs, |s| {
+                s.remote_port = remote_port;
+            })?;
+            run_agent(conn, FileConfig { tunnels: vec![spec], ..FileConfig::default() }).await
+        }
+        Command::Tls { target, hostname, proxy, rate, access, tunnel, conn } => {
+            let mut pairs = access.pairs();
+            pairs.extend(rate.rate_limit.map(|r| ("rate_limit", r)));
+            pairs.extend(proxy.proxy_protocol.map(|p| ("proxy_protocol", p)));
+            let spec = cli_spec(Protocol::Tls, target, tunnel.name, pairs, |s| {
+                s.hostname = hostname;
+            })?;
+            run_agent(conn, FileConfig { tunnels: vec![spec], ..FileConfig::default() }).await
+        }
+        Command::Udp { target, remote_port, access, tunnel, conn } => {
+            let spec = cli_spec(Protocol::Udp, target, tunnel.name, access.pairs(), |s| {
+                s.remote_port = remote_port;
+            })?;
             run_agent(conn, FileConfig { tunnels: vec![spec], ..FileConfig::default() }).await
         }
         Command::Start { config, conn } => {

@@ -4,7 +4,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
-use warren_proto::{Protocol, Subdomain, TunnelName};
+use warren_proto::proxy::ProxyVersion;
+use warren_proto::{BasicAuth, Cidr, Protocol, Subdomain, TunnelName, TunnelOptions};
 
 /// Where a tunnel's traffic goes: `PORT` (on 127.0.0.1) or `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,22 +56,218 @@ impl fmt::Display for Target {
 pub struct TunnelSpec {
     /// Unique per agent; the lease is keyed by it.
     pub name: TunnelName,
-    /// HTTP or TCP.
+    /// HTTP, TCP, TLS or UDP.
     pub protocol: Protocol,
     /// The local service.
     pub target: Target,
-    /// Subdomain wanted (HTTP).
+    /// Subdomain wanted (HTTP, TLS).
     pub subdomain: Option<Subdomain>,
-    /// Public port wanted (TCP).
+    /// Full host name wanted (TLS, HTTP): must lie under the relay's domain.
+    pub hostname: Option<String>,
+    /// Public port wanted (TCP, UDP).
     pub remote_port: Option<u16>,
+    /// What the relay enforces for visitors.
+    pub options: TunnelOptions,
+    /// PROXY protocol header sent to the target before the visitor's bytes (TCP, TLS).
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
+/// The option keys [`TunnelSpec::apply`] knows, as config keys (flags use dashes).
+pub const OPTION_KEYS: &[&str] = &[
+    "basic_auth",
+    "allow",
+    "deny",
+    "rate_limit",
+    "request_header_add",
+    "request_header_remove",
+    "response_header_add",
+    "response_header_remove",
+    "max_body",
+    "https_only",
+    "upstream_http2",
+    "proxy_protocol",
+];
+
 impl TunnelSpec {
+    /// A tunnel with no options.
+    pub fn new(name: TunnelName, protocol: Protocol, target: Target) -> Self {
+        Self {
+            name,
+            protocol,
+            target,
+            subdomain: None,
+            hostname: None,
+            remote_port: None,
+            options: TunnelOptions::default(),
+            proxy_protocol: None,
+        }
+    }
+
+    /// Sets one option from its text form, as a flag or config value gives it. Repeatable
+    /// options (basic_auth, allow, deny, header edits) add one entry per call.
+    pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let o = &mut self.options;
+        match key {
+            "basic_auth" => o.basic_auth.push(parse_basic_auth(value)?),
+            "allow" => o.allow.push(value.parse::<Cidr>()?),
+            "deny" => o.deny.push(value.parse::<Cidr>()?),
+            "rate_limit" => o.rate_limit = Some(parse_rate(value)?),
+            "request_header_add" => o.request_header_add.push(parse_header(value)?),
+            "response_header_add" => o.response_header_add.push(parse_header(value)?),
+            "request_header_remove" => o.request_header_remove.push(parse_header_name(value)?),
+            "response_header_remove" => o.response_header_remove.push(parse_header_name(value)?),
+            "max_body" => o.max_body = Some(parse_size(value)?),
+            "https_only" => o.https_only = parse_bool(value)?,
+            "upstream_http2" => o.upstream_http2 = parse_bool(value)?,
+            "proxy_protocol" => self.proxy_protocol = Some(value.parse::<ProxyVersion>()?),
+            other => return Err(format!("unknown tunnel option {other:?}")),
+        }
+        Ok(())
+    }
+
+    /// Checks that every option set fits the tunnel's protocol.
+    pub fn check(&self) -> Result<(), String> {
+        let o = &self.options;
+        let p = self.protocol;
+        let set = [
+            ("basic_auth", !o.basic_auth.is_empty(), &[Protocol::Http][..]),
+            ("rate_limit", o.rate_limit.is_some(), &[Protocol::Http, Protocol::Tcp, Protocol::Tls]),
+            ("request_header_add", !o.request_header_add.is_empty(), &[Protocol::Http]),
+            ("request_header_remove", !o.request_header_remove.is_empty(), &[Protocol::Http]),
+            ("response_header_add", !o.response_header_add.is_empty(), &[Protocol::Http]),
+            ("response_header_remove", !o.response_header_remove.is_empty(), &[Protocol::Http]),
+            ("max_body", o.max_body.is_some(), &[Protocol::Http]),
+            ("https_only", o.https_only, &[Protocol::Http]),
+            ("upstream_http2", o.upstream_http2, &[Protocol::Http]),
+            ("proxy_protocol", self.proxy_protocol.is_some(), &[Protocol::Tcp, Protocol::Tls]),
+            ("subdomain", self.subdomain.is_some(), &[Protocol::Http, Protocol::Tls]),
+            ("hostname", self.hostname.is_some(), &[Protocol::Http, Protocol::Tls]),
+            ("remote_port", self.remote_port.is_some(), &[Protocol::Tcp, Protocol::Udp]),
+        ];
+        for (key, is_set, allowed) in set {
+            if is_set && !allowed.contains(&p) {
+                let names: Vec<&str> = allowed.iter().map(|p| p.as_str()).collect();
+                return Err(format!(
+                    "tunnel {}: {} applies to {} tunnels, not {p}",
+                    self.name,
+                    key.replace('_', "-"),
+                    names.join(" and ")
+                ));
+            }
+        }
+        if self.subdomain.is_some() && self.hostname.is_some() {
+            return Err(format!("tunnel {}: give a subdomain or a hostname, not both", self.name));
+        }
+        let (len, count) = o.wire_size();
+        if len > warren_proto::options::MAX_OPTIONS_LEN
+            || count > warren_proto::options::MAX_OPTIONS
+        {
+            return Err(format!(
+                "tunnel {}: too many or too long options ({count} options, {len} bytes; at most {} and {} bytes)",
+                self.name,
+                warren_proto::options::MAX_OPTIONS,
+                warren_proto::options::MAX_OPTIONS_LEN
+            ));
+        }
+        Ok(())
+    }
+
+    /// The subdomain to ask the relay for, given its domain: `subdomain`, or `hostname` with the
+    /// domain taken off.
+    pub fn wanted_subdomain(&self, domain: &str) -> Result<Option<Subdomain>, String> {
+        let Some(host) = &self.hostname else { return Ok(self.subdomain.clone()) };
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        let label = match host.strip_suffix(&domain).and_then(|l| l.strip_suffix('.')) {
+            Some(l) => l,
+            None if !host.contains('.') => host.as_str(),
+            None => {
+                return Err(format!(
+                    "hostname {host} is not under the relay's domain {domain}: the relay serves NAME.{domain}"
+                ));
+            }
+        };
+        Subdomain::parse(label).map(Some).map_err(|e| format!("hostname {host}: {e}"))
+    }
+
     /// The default name of a tunnel: protocol and target port, e.g. `http-8080`.
     pub fn default_name(protocol: Protocol, target: &Target) -> TunnelName {
         let name = format!("{protocol}-{}", target.port);
         // Built from a protocol name and digits only.
         TunnelName::parse(&name).unwrap_or_else(|_| unreachable!("{name} is a valid name"))
+    }
+}
+
+/// `USER:PASS` → the user and the SHA-256 of `USER:PASS`, which is all the relay gets.
+pub fn parse_basic_auth(s: &str) -> Result<BasicAuth, String> {
+    let (user, pass) = s
+        .split_once(':')
+        .filter(|(u, p)| !u.is_empty() && !p.is_empty())
+        .ok_or_else(|| "basic auth must be USER:PASSWORD, both non-empty".to_owned())?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{user}:{pass}").as_bytes());
+    let mut d = [0u8; 32];
+    d.copy_from_slice(digest.as_ref());
+    Ok(BasicAuth { user: user.to_owned(), digest: d })
+}
+
+fn parse_header_name(s: &str) -> Result<String, String> {
+    let n = s.trim();
+    http::HeaderName::from_bytes(n.as_bytes())
+        .map(|h| h.as_str().to_owned())
+        .map_err(|_| format!("{n:?} is not a valid header name"))
+}
+
+/// `NAME: VALUE` (or `NAME=VALUE`).
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (n, v) = s
+        .split_once(':')
+        .or_else(|| s.split_once('='))
+        .ok_or_else(|| format!("header {s:?} must be NAME:VALUE, e.g. \"X-Env: staging\""))?;
+    let name = parse_header_name(n)?;
+    let value = v.trim();
+    http::HeaderValue::from_str(value).map_err(|_| format!("header {name}: invalid value"))?;
+    Ok((name, value.to_owned()))
+}
+
+/// `N/s` or `N`: requests (HTTP) or connections (TCP, TLS) per second per visitor address.
+fn parse_rate(s: &str) -> Result<u32, String> {
+    let n = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    n.parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("rate limit {s:?} must be N/s with N at least 1, e.g. 20/s"))
+}
+
+/// A size: `1048576`, `512KiB`, `10MB`, `1GiB`, `64k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?} must be a number with an optional unit, e.g. 10MiB"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "kb" => 1000,
+        "m" | "mib" => 1 << 20,
+        "mb" => 1_000_000,
+        "g" | "gib" => 1 << 30,
+        "gb" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "size {s:?}: unknown unit {other:?} (B, KB, KiB, MB, MiB, GB, GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim() {
+        "true" | "yes" | "1" | "on" => Ok(true),
+        "false" | "no" | "0" | "off" => Ok(false),
+        _ => Err(format!("{s:?} is not true or false")),
     }
 }
 
@@ -91,5 +288,71 @@ mod tests {
         assert!("http://x:80".parse::<Target>().is_err());
         assert!("x:".parse::<Target>().is_err());
         assert!("99999".parse::<Target>().is_err());
+    }
+
+    fn spec(p: Protocol) -> TunnelSpec {
+        TunnelSpec::new(TunnelName::parse("t").unwrap(), p, "80".parse().unwrap())
+    }
+
+    #[test]
+    fn options_parse_and_fit_their_protocol() {
+        let mut s = spec(Protocol::Http);
+        s.apply("basic_auth", "ann:secret:with:colons").unwrap();
+        assert_eq!(s.options.basic_auth[0].user, "ann");
+        s.apply("allow", "10.0.0.0/8").unwrap();
+        s.apply("rate_limit", "20/s").unwrap();
+        s.apply("request_header_add", "X-Env: staging").unwrap();
+        s.apply("response_header_remove", "Server").unwrap();
+        s.apply("max_body", "10MiB").unwrap();
+        assert_eq!(s.options.max_body, Some(10 << 20));
+        assert_eq!(s.options.request_header_add[0], ("x-env".into(), "staging".into()));
+        s.check().unwrap();
+        for (k, v) in [
+            ("basic_auth", "nopass"),
+            ("basic_auth", ":x"),
+            ("allow", "10.0.0.0/40"),
+            ("rate_limit", "0/s"),
+            ("rate_limit", "fast"),
+            ("request_header_add", "novalue"),
+            ("request_header_add", "bad name: v"),
+            ("max_body", "10 parsecs"),
+            ("https_only", "maybe"),
+            ("proxy_protocol", "v3"),
+            ("colour", "blue"),
+        ] {
+            assert!(spec(Protocol::Http).apply(k, v).is_err(), "{k}={v}");
+        }
+        let mut t = spec(Protocol::Tcp);
+        t.apply("basic_auth", "a:b").unwrap();
+        assert!(t.check().unwrap_err().contains("basic-auth applies to http"));
+        let mut t = spec(Protocol::Tcp);
+        t.apply("proxy_protocol", "v2").unwrap();
+        t.check().unwrap();
+        let mut u = spec(Protocol::Udp);
+        u.apply("proxy_protocol", "v1").unwrap();
+        assert!(u.check().is_err());
+    }
+
+    #[test]
+    fn hostnames_become_subdomains() {
+        let mut s = spec(Protocol::Tls);
+        s.hostname = Some("Secure.Example.com".into());
+        assert_eq!(s.wanted_subdomain("example.com").unwrap().unwrap().as_str(), "secure");
+        s.hostname = Some("secure".into());
+        assert_eq!(s.wanted_subdomain("example.com").unwrap().unwrap().as_str(), "secure");
+        s.hostname = Some("secure.other.org".into());
+        assert!(s.wanted_subdomain("example.com").unwrap_err().contains("not under"));
+        s.hostname = Some("a.b.example.com".into());
+        assert!(s.wanted_subdomain("example.com").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024").unwrap(), 1024);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("1MB").unwrap(), 1_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("99999999999999999GiB").is_err());
+        assert!(parse_size("MB").is_err());
     }
 }

@@ -13,17 +13,24 @@
 //! - [`frame`]: the frame header, length bounds and the primitive field codecs.
 //! - [`message`]: control messages and error codes.
 //! - [`stream`]: the data-stream header.
+//! - [`options`]: per-tunnel access control and HTTP options carried in a bind.
+//! - [`datagram`]: how UDP tunnels carry packets (QUIC datagrams or stream records).
+//! - [`proxy`]: the PROXY protocol (v1, v2) that carries a visitor's address to a target.
 //! - [`preface`]: the session preface that carries the protocol version.
 
+pub mod datagram;
 pub mod frame;
 pub mod message;
 pub mod names;
+pub mod options;
 pub mod preface;
+pub mod proxy;
 pub mod stream;
 
 pub use frame::{DecodeError, MAX_FRAME_LEN};
 pub use message::{Bind, Bound, ErrorCode, Hello, Message, Protocol, Welcome};
 pub use names::{AgentId, Subdomain, TunnelId, TunnelName};
+pub use options::{BasicAuth, Cidr, TunnelOptions};
 pub use preface::{PROTOCOL_VERSION, Preface, SUPPORTED_VERSIONS};
 pub use stream::StreamHeader;
 

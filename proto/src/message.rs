@@ -6,6 +6,7 @@ use bytes::BufMut;
 
 use crate::frame::{DecodeError, Reader, Writer, split_frame, write_frame};
 use crate::names::{AgentId, Subdomain, TunnelId, TunnelName};
+use crate::options::TunnelOptions;
 
 /// A tunnel's protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -15,6 +16,10 @@ pub enum Protocol {
     Http,
     /// Raw TCP on a public port from the relay's port pool.
     Tcp,
+    /// TLS passed through by SNI on the relay's HTTPS listener, never decrypted by the relay.
+    Tls,
+    /// UDP packets on a public port from the relay's port pool.
+    Udp,
 }
 
 impl Protocol {
@@ -22,6 +27,8 @@ impl Protocol {
         match self {
             Self::Http => 1,
             Self::Tcp => 2,
+            Self::Tls => 3,
+            Self::Udp => 4,
         }
     }
 
@@ -29,6 +36,8 @@ impl Protocol {
         match c {
             1 => Ok(Self::Http),
             2 => Ok(Self::Tcp),
+            3 => Ok(Self::Tls),
+            4 => Ok(Self::Udp),
             _ => Err(DecodeError::Malformed("protocol")),
         }
     }
@@ -38,6 +47,8 @@ impl Protocol {
         match self {
             Self::Http => "http",
             Self::Tcp => "tcp",
+            Self::Tls => "tls",
+            Self::Udp => "udp",
         }
     }
 }
@@ -228,13 +239,15 @@ pub struct Bind {
     pub name: TunnelName,
     /// HTTP or TCP.
     pub protocol: Protocol,
-    /// The subdomain wanted (HTTP).
+    /// The subdomain wanted (HTTP, TLS).
     pub subdomain: Option<Subdomain>,
-    /// The public port wanted (TCP).
+    /// The public port wanted (TCP, UDP).
     pub remote_port: Option<u16>,
     /// When set, `subdomain` and `remote_port` are what an earlier bind was given and are only
     /// preferences: if they are no longer free the relay picks others instead of refusing.
     pub sticky: bool,
+    /// Access control and HTTP behaviour the relay enforces for this tunnel.
+    pub options: TunnelOptions,
 }
 
 /// A tunnel is open.
@@ -374,6 +387,7 @@ impl Message {
                 b.opt(r.subdomain.as_ref(), |b, s| b.string(s.as_str()));
                 b.opt(r.remote_port, |b, p| b.put_u16(p));
                 b.bool_(r.sticky);
+                r.options.encode(b);
             }),
             Self::Bound(r) => write_frame(dst, kind::BOUND, |b| {
                 b.put_u32(r.req);
@@ -453,6 +467,7 @@ impl Message {
                     .transpose()?,
                 remote_port: p.opt("remote port", |p| p.u16_("remote port"))?,
                 sticky: p.bool_("sticky")?,
+                options: TunnelOptions::decode(p)?,
             }),
             kind::BOUND => Self::Bound(Bound {
                 req: p.u32_("request id")?,

@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use crate::frame::{DecodeError, HEADER_LEN, MAX_FRAME_LEN, MAX_STR_LEN, truncate};
 use crate::message::{Bind, Bound, ErrorCode, Hello, Message, Protocol, Token, Welcome, kind};
 use crate::names::{AgentId, Subdomain, TunnelId, TunnelName};
+use crate::options::{BasicAuth, Cidr, TunnelOptions};
 use crate::preface::{MAGIC, PREFACE_LEN, Preface, SUPPORTED_VERSIONS, mismatch_message};
 use crate::stream::StreamHeader;
 
@@ -45,7 +46,7 @@ fn token() -> impl Strategy<Value = Token> {
 }
 
 fn protocol() -> impl Strategy<Value = Protocol> {
-    prop_oneof![Just(Protocol::Http), Just(Protocol::Tcp)]
+    prop_oneof![Just(Protocol::Http), Just(Protocol::Tcp), Just(Protocol::Tls), Just(Protocol::Udp)]
 }
 
 /// Codes as they come out of `from_code`: `Other` never holds a known number.
@@ -97,9 +98,52 @@ fn bind() -> impl Strategy<Value = Message> {
         proptest::option::of(subdomain()),
         any::<Option<u16>>(),
         any::<bool>(),
+        options(),
     )
-        .prop_map(|(req, name, protocol, subdomain, remote_port, sticky)| {
-            Message::Bind(Bind { req, name, protocol, subdomain, remote_port, sticky })
+        .prop_map(|(req, name, protocol, subdomain, remote_port, sticky, options)| {
+            Message::Bind(Bind { req, name, protocol, subdomain, remote_port, sticky, options })
+        })
+}
+
+fn cidr() -> impl Strategy<Value = Cidr> {
+    prop_oneof![
+        (any::<u32>(), 0u8..=32).prop_map(|(a, p)| Cidr::new(Ipv4Addr::from(a).into(), p)),
+        (any::<u128>(), 0u8..=128).prop_map(|(a, p)| Cidr::new(Ipv6Addr::from(a).into(), p)),
+    ]
+    .prop_map(|c| c.unwrap_or_else(|| unreachable!("prefix within range")))
+}
+
+fn options() -> impl Strategy<Value = TunnelOptions> {
+    let short = || "(?s).{0,40}";
+    let pairs = || proptest::collection::vec((short(), short()), 0..3);
+    let names = || proptest::collection::vec(short(), 0..3);
+    (
+        proptest::collection::vec(
+            (short(), any::<[u8; 32]>()).prop_map(|(user, digest)| BasicAuth { user, digest }),
+            0..3,
+        ),
+        proptest::collection::vec(cidr(), 0..3),
+        proptest::collection::vec(cidr(), 0..3),
+        any::<Option<u32>>(),
+        (pairs(), names(), pairs(), names()),
+        any::<Option<u64>>(),
+        any::<(bool, bool)>(),
+    )
+        .prop_map(|(basic_auth, allow, deny, rate_limit, headers, max_body, flags)| {
+            TunnelOptions {
+                basic_auth,
+                allow,
+                deny,
+                rate_limit,
+                request_header_add: headers.0,
+                request_header_remove: headers.1,
+                response_header_add: headers.2,
+                response_header_remove: headers.3,
+                max_body,
+                https_only: flags.0,
+                upstream_http2: flags.1,
+                unknown: Vec::new(),
+            }
         })
 }
 

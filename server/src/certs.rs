@@ -5,10 +5,15 @@
 //! addresses and any extra names) signed by that CA, and writes it to `relay.pem` and
 //! `relay-key.pem`. Agents trust the relay with
 //! `--relay-ca DATA/ca.pem` or by pinning the CA's fingerprint.
+//!
+//! The CA key stays in memory as a [`DevIssuer`] so the relay can issue more leaf certificates
+//! later (the HTTPS listener's [`crate::certstore`] issues one per tunnel host on demand).
 
+use std::fmt;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -46,6 +51,58 @@ pub struct DevCa {
     pub created: bool,
     /// The relay's certificate chain (leaf, CA) and key.
     pub identity: ServerIdentity,
+    /// Issues further leaf certificates signed by this CA.
+    pub issuer: DevIssuer,
+}
+
+/// The development CA's key and certificate, for issuing leaf certificates.
+///
+/// Cheap to clone (the key is shared). Its `Debug` shows the CA fingerprint, never the key.
+#[derive(Clone)]
+pub struct DevIssuer {
+    key: Arc<KeyPair>,
+    ca_der: CertificateDer<'static>,
+}
+
+impl fmt::Debug for DevIssuer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DevIssuer")
+            .field("ca_fingerprint", &warren_transport::tls::fingerprint(&self.ca_der))
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevIssuer {
+    /// Issues a certificate for `names` (DNS names or IP addresses; the first is also the common
+    /// name) with a fresh key. Returns the chain `[leaf, CA]` and the leaf's key (PKCS#8).
+    pub fn issue(
+        &self,
+        names: &[String],
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CertError> {
+        let (leaf, leaf_key) = self.issue_leaf(names)?;
+        Ok((vec![leaf.der().clone(), self.ca_der.clone()], pkcs8(&leaf_key)))
+    }
+
+    /// The CA certificate (DER).
+    pub fn ca_der(&self) -> &CertificateDer<'static> {
+        &self.ca_der
+    }
+
+    /// [`Self::issue`], keeping rcgen's types (for writing PEM files).
+    fn issue_leaf(&self, names: &[String]) -> Result<(rcgen::Certificate, KeyPair), CertError> {
+        let leaf_key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names.first().map_or("warren relay", |n| n));
+        let issuer = Issuer::new(ca_params(), &*self.key);
+        let leaf = params.signed_by(&leaf_key, &issuer)?;
+        Ok((leaf, leaf_key))
+    }
+}
+
+fn pkcs8(key: &KeyPair) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()))
 }
 
 fn ca_params() -> CertificateParams {
@@ -82,27 +139,23 @@ pub fn load_or_create(data_dir: &Path, names: &[String]) -> Result<DevCa, CertEr
         .map_err(|e| CertError::Io { path: ca_path.clone(), source: io::Error::other(e) })?
         .remove(0);
 
-    let leaf_key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(names.to_vec())?;
-    params.distinguished_name.push(DnType::CommonName, names.first().map_or("warren relay", |n| n));
-    let issuer = Issuer::new(ca_params(), &ca_key);
-    let leaf = params.signed_by(&leaf_key, &issuer)?;
+    let issuer = DevIssuer { key: Arc::new(ca_key), ca_der: ca_der.clone() };
+    let (leaf, leaf_key) = issuer.issue_leaf(names)?;
     // Kept for inspection (`openssl x509 -in DATA/relay.pem -text`); reissued at every start.
     let relay_pem = data_dir.join("relay.pem");
     fs::write(&relay_pem, leaf.pem()).map_err(io_err(&relay_pem))?;
     let relay_key = data_dir.join("relay-key.pem");
     let _ = fs::remove_file(&relay_key);
     write_private(&relay_key, leaf_key.serialize_pem().as_bytes()).map_err(io_err(&relay_key))?;
-    let identity = ServerIdentity {
-        chain: vec![leaf.der().clone(), ca_der.clone()],
-        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der())),
-    };
+    let identity =
+        ServerIdentity { chain: vec![leaf.der().clone(), ca_der.clone()], key: pkcs8(&leaf_key) };
     Ok(DevCa {
         fingerprint: warren_transport::tls::fingerprint(&ca_der),
         ca_path,
         ca_der,
         created,
         identity,
+        issuer,
     })
 }
 

@@ -28,6 +28,14 @@ pub struct RelayConfig {
     pub lease_grace: Duration,
     /// Extra names for the relay's development certificate.
     pub tls_names: Vec<String>,
+    /// Public HTTPS listener (SNI routing, TLS tunnels), if any.
+    pub https: Option<SocketAddr>,
+    /// Certificates for the HTTPS listener, by host name (reloaded when they change).
+    pub cert_dir: Option<PathBuf>,
+    /// Announce HTTP tunnels with their https:// URL.
+    pub prefer_https: bool,
+    /// Limits and timeouts of the public listeners.
+    pub edge: crate::edge::EdgeConfig,
 }
 
 impl RelayConfig {
@@ -44,6 +52,10 @@ impl RelayConfig {
             tokens: vec![Token::new(token)],
             lease_grace: Duration::from_secs(300),
             tls_names: Vec::new(),
+            https: Some(any),
+            cert_dir: None,
+            prefer_https: false,
+            edge: crate::edge::EdgeConfig::default(),
         }
     }
 }

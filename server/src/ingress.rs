@@ -1,20 +1,28 @@
-//! Public listeners: HTTP routed by `Host`, and one TCP listener per TCP tunnel.
+//! Public listeners: HTTP routed by `Host`, HTTPS routed by SNI (terminated here, or passed
+//! through to the agent for TLS tunnels), and one TCP listener per TCP tunnel.
+//!
+//! Visitors speak HTTP/1.1 or HTTP/2 (over TLS by ALPN, or h2c with prior knowledge on the HTTP
+//! listener). Each visitor connection keeps its own upstream connections to the agent: HTTP/1.1
+//! over one data stream each, or, for tunnels whose target speaks h2c, one HTTP/2 connection that
+//! carries all of that visitor's requests. A tunnel's policy (allow/deny, rate limit, basic auth,
+//! header edits, body limit, HTTPS only) is enforced here, before anything crosses the tunnel.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HOST, HeaderValue};
-use http::{Request, Response, StatusCode};
-use http_body_util::{Either, Full};
+use http::header::{self, HOST, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::AsyncWriteExt;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -22,24 +30,73 @@ use tracing::{debug, info};
 use warren_proto::{Protocol, StreamHeader};
 use warren_transport::Stream;
 
+use crate::edge::{ConnGuard, Edge, IdleTimeout, Prefixed, read_proxy_header};
+use crate::policy::Admit;
 use crate::router::{Live, Route, Router};
 
-/// How long a visitor may take to send a request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 type Body = Either<Incoming, Full<Bytes>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type UpBody = BoxBody<Bytes, BoxError>;
 
-/// Opens a data stream to the agent for one visitor connection and writes its header.
+/// Opens a data stream to the agent for one visitor connection and writes its header. The
+/// permit counts the stream against the agent's limit; hold it as long as the stream.
 pub async fn open_data_stream(
     live: &Live,
     visitor: SocketAddr,
     protocol: Protocol,
-) -> std::io::Result<Stream> {
+) -> std::io::Result<(Stream, OwnedSemaphorePermit)> {
+    let permit = live.streams.clone().try_acquire_owned().map_err(|_| {
+        std::io::Error::other(
+            "the agent has as many open streams as the relay allows (--max-streams-per-agent)",
+        )
+    })?;
     let mut stream = live.session.open().await?;
     let mut header = Vec::with_capacity(32);
     StreamHeader { tunnel: live.tunnel, visitor, protocol }.encode(&mut header);
     stream.write_all(&header).await?;
-    Ok(stream)
+    Ok((stream, permit))
+}
+
+/// Accepts the next visitor, counting it against its address's limit; visitors over the limit
+/// are closed at once.
+async fn accept(
+    listener: &TcpListener,
+    edge: &Arc<Edge>,
+) -> Option<(TcpStream, SocketAddr, ConnGuard)> {
+    let (tcp, peer) = match listener.accept().await {
+        Ok(a) => a,
+        Err(e) => {
+            // Out of descriptors and similar: back off instead of spinning.
+            debug!(error = %e, "accept failed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return None;
+        }
+    };
+    let Some(guard) = edge.conns.enter(peer.ip()) else {
+        debug!(%peer, "too many connections from this address; closed");
+        return None;
+    };
+    let _ = tcp.set_nodelay(true);
+    Some((tcp, peer, guard))
+}
+
+/// The visitor's address and the bytes already read: from a trusted proxy's PROXY header, or
+/// the peer itself.
+async fn visitor_of(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    edge: &Edge,
+) -> Option<(SocketAddr, Bytes)> {
+    if !edge.config.trusted(peer.ip()) {
+        return Some((peer, Bytes::new()));
+    }
+    match read_proxy_header(tcp, peer, edge.config.header_timeout).await {
+        Ok(v) => Some(v),
+        Err(e) => {
+            debug!(%peer, error = %e, "no usable start of connection from a trusted proxy");
+            None
+        }
+    }
 }
 
 /// Serves one TCP tunnel's public listener: every visitor connection becomes a data stream to
@@ -48,112 +105,209 @@ pub async fn open_data_stream(
 pub fn spawn_tcp_tunnel(
     listener: TcpListener,
     live: watch::Receiver<Option<Live>>,
+    edge: Arc<Edge>,
 ) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::spawn(async move {
         let mut conns = JoinSet::new();
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and similar: back off instead of spinning.
-                    debug!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let Some((tcp, peer, guard)) = accept(&listener, &edge).await else { continue };
             while conns.try_join_next().is_some() {}
             let Some(live) = live.borrow().clone() else {
                 drop(tcp);
                 continue;
             };
-            conns.spawn(forward_tcp(tcp, peer, live));
+            conns.spawn(forward_tcp(tcp, peer, live, edge.clone(), guard));
         }
     }))
 }
 
-async fn forward_tcp(mut tcp: TcpStream, peer: SocketAddr, live: Live) {
-    let _ = tcp.set_nodelay(true);
-    let mut stream = match open_data_stream(&live, peer, Protocol::Tcp).await {
+async fn forward_tcp(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    live: Live,
+    edge: Arc<Edge>,
+    _guard: ConnGuard,
+) {
+    let Some((visitor, early)) = visitor_of(&mut tcp, peer, &edge).await else { return };
+    match live.policy.admit(visitor.ip()) {
+        Admit::Yes => {}
+        refused => {
+            debug!(tunnel = %live.name, %visitor, outcome = ?refused, "visitor refused");
+            return;
+        }
+    }
+    pipe(tcp, early, visitor, &live, Protocol::Tcp).await;
+}
+
+/// Splices a visitor connection (after `early`, bytes already read from it) to a new data stream.
+async fn pipe(
+    mut tcp: TcpStream,
+    early: Bytes,
+    visitor: SocketAddr,
+    live: &Live,
+    protocol: Protocol,
+) {
+    let (mut stream, _permit) = match open_data_stream(live, visitor, protocol).await {
         Ok(s) => s,
         Err(e) => {
             debug!(tunnel = %live.name, error = %e, "cannot open data stream");
             return;
         }
     };
+    if !early.is_empty() && stream.write_all(&early).await.is_err() {
+        return;
+    }
     if let Err(e) = warren_transport::splice(&mut tcp, &mut stream).await {
-        debug!(tunnel = %live.name, %peer, error = %e, "tcp connection ended with an error");
+        debug!(tunnel = %live.name, %visitor, error = %e, "connection ended with an error");
     }
 }
 
-/// The public HTTP listener.
+/// The public HTTP and HTTPS listeners.
 #[derive(Debug)]
 pub struct HttpIngress {
     router: Arc<Router>,
     domain: String,
+    edge: Arc<Edge>,
 }
 
-/// Which session and tunnel an upstream connection belongs to.
-type UpstreamKey = (u64, warren_proto::TunnelId);
+/// Which session, tunnel and visitor an upstream connection belongs to.
+type UpstreamKey = (u64, warren_proto::TunnelId, SocketAddr);
+
+/// A connection to the agent carrying a visitor's requests.
+enum Upstream {
+    H1(http1::SendRequest<UpBody>),
+    H2(http2::SendRequest<UpBody>),
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::H1(s) => s.is_closed(),
+            Self::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Idle upstream connections kept per visitor connection.
+const UPSTREAM_POOL: usize = 8;
 
 struct ConnState {
     ingress: Arc<HttpIngress>,
+    /// The TCP peer.
     peer: SocketAddr,
+    /// The visitor as the connection tells it (a trusted proxy's PROXY header, or the peer).
+    conn_addr: SocketAddr,
+    https: bool,
     tasks: TaskTracker,
-    /// The upstream connection of the last tunnel this visitor connection used.
-    upstream: Mutex<Option<(UpstreamKey, SendRequest<Incoming>)>>,
+    upstreams: Mutex<Vec<(UpstreamKey, Upstream)>>,
 }
 
 impl HttpIngress {
     /// Routes `NAME.domain` to the tunnels in `router`.
-    pub fn new(router: Arc<Router>, domain: &str) -> Arc<Self> {
-        Arc::new(Self { router, domain: domain.trim_end_matches('.').to_ascii_lowercase() })
+    pub fn new(router: Arc<Router>, domain: &str, edge: Arc<Edge>) -> Arc<Self> {
+        Arc::new(Self { router, domain: domain.trim_end_matches('.').to_ascii_lowercase(), edge })
     }
 
-    /// Accepts visitors until `shutdown`; then waits up to `drain` for open requests.
+    /// Accepts plain-HTTP visitors until `shutdown`; then waits a few seconds for open requests.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        self.serve_with(listener, shutdown, None).await;
+    }
+
+    /// Accepts HTTPS visitors until `shutdown`: TLS tunnels' names are passed through by SNI,
+    /// everything else is terminated with `tls` and served as HTTP.
+    pub async fn serve_tls(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) {
+        self.serve_with(listener, shutdown, Some(tokio_rustls::TlsAcceptor::from(tls))).await;
+    }
+
+    async fn serve_with(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) {
         let tasks = TaskTracker::new();
         loop {
-            let (tcp, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(e) => {
-                        debug!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+            let accepted = tokio::select! {
+                a = accept(&listener, &self.edge) => a,
                 () = shutdown.cancelled() => break,
             };
-            let _ = tcp.set_nodelay(true);
-            let state = Arc::new(ConnState {
-                ingress: self.clone(),
-                peer,
-                tasks: tasks.clone(),
-                upstream: Mutex::new(None),
-            });
+            let Some((tcp, peer, guard)) = accepted else { continue };
+            let this = self.clone();
             let cancel = shutdown.clone();
+            let tls = tls.clone();
+            let t = tasks.clone();
             tasks.spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(state.handle(req).await) }
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "visitor connection error") },
-                    () = cancel.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                    }
-                }
+                let _guard = guard;
+                this.visitor(tcp, peer, tls, t, cancel).await;
             });
         }
         tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
+    }
+
+    async fn visitor(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        tasks: TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        let Some((conn_addr, early)) = visitor_of(&mut tcp, peer, &self.edge).await else { return };
+        let state = |https| ConnState {
+            ingress: self.clone(),
+            peer,
+            conn_addr,
+            https,
+            tasks: tasks.clone(),
+            upstreams: Mutex::new(Vec::new()),
+        };
+        let Some(acceptor) = tls else {
+            return state(false).serve(Prefixed::new(early, tcp), cancel).await;
+        };
+        let timeout = self.edge.config.header_timeout;
+        let (hello, sni) =
+            match tokio::time::timeout(timeout, read_client_hello(&mut tcp, early)).await {
+                Ok(Ok(h)) => h,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "not a TLS ClientHello");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "no TLS ClientHello in time");
+                    return;
+                }
+            };
+        if let Some(sni) = &sni
+            && let Some(label) = self.label(sni)
+            && let Some((Protocol::Tls, route)) =
+                self.router.named_route(&label.to_ascii_lowercase())
+        {
+            let Route::Live(live) = route else {
+                debug!(%sni, "tls tunnel offline; connection closed");
+                return;
+            };
+            let visitor = conn_addr;
+            match live.policy.admit(visitor.ip()) {
+                Admit::Yes => pipe(tcp, hello, visitor, &live, Protocol::Tls).await,
+                refused => {
+                    debug!(tunnel = %live.name, %visitor, outcome = ?refused, "visitor refused")
+                }
+            }
+            return;
+        }
+        let handshake =
+            tokio::time::timeout(timeout, acceptor.accept(Prefixed::new(hello, tcp))).await;
+        match handshake {
+            Ok(Ok(stream)) => state(true).serve(stream, cancel).await,
+            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => debug!(%peer, "TLS handshake timed out"),
+        }
     }
 
     /// The subdomain label of a `Host` value, if it names a tunnel under our domain.
@@ -176,11 +330,89 @@ impl HttpIngress {
     }
 }
 
+/// Largest TLS ClientHello read before deciding where a connection goes.
+const MAX_CLIENT_HELLO: usize = 32 * 1024;
+
+/// Reads until a whole ClientHello is in, returning every byte read (to replay) and the SNI.
+async fn read_client_hello(
+    tcp: &mut TcpStream,
+    early: Bytes,
+) -> Result<(Bytes, Option<String>), Box<dyn std::error::Error + Send + Sync>> {
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut buf = early.to_vec();
+    let mut fed = 0;
+    loop {
+        while fed < buf.len() {
+            fed += acceptor.read_tls(&mut &buf[fed..])?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let sni = accepted.client_hello().server_name().map(str::to_ascii_lowercase);
+                return Ok((Bytes::from(buf), sni));
+            }
+            Ok(None) => {}
+            Err((e, _)) => return Err(e.into()),
+        }
+        if buf.len() >= MAX_CLIENT_HELLO {
+            return Err("ClientHello too large".into());
+        }
+        if tcp.read_buf(&mut buf).await? == 0 {
+            return Err("connection closed before the ClientHello".into());
+        }
+    }
+}
+
+fn has_body_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 impl ConnState {
+    async fn serve<I>(self, io: I, cancel: CancellationToken)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let cfg = &self.ingress.edge.config;
+        let peer = self.peer;
+        let io = IdleTimeout::new(io, cfg.idle_timeout);
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_timeout)
+            .max_buf_size(cfg.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(cfg.max_header_bytes as u32)
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(Duration::from_secs(30)));
+        let state = Arc::new(self);
+        let svc = hyper::service::service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(state.handle(req).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "visitor connection error") },
+            () = cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+            }
+        }
+    }
+
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let wants_json = req
+        let json = req
             .headers()
-            .get(http::header::ACCEPT)
+            .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
         let host = req
@@ -190,22 +422,22 @@ impl ConnState {
             .map(str::to_owned)
             .or_else(|| req.uri().authority().map(|a| a.to_string()))
             .unwrap_or_default();
-        let Some(label) = self.ingress.label(&host) else {
+        let ingress = &self.ingress;
+        let Some(label) = ingress.label(&host) else {
             return error_page(
                 StatusCode::NOT_FOUND,
                 "No such tunnel",
                 &format!("No tunnel is served at host {host:?} on this relay."),
-                wants_json,
+                json,
             );
         };
-        let label = label.to_ascii_lowercase();
-        let live = match self.ingress.router.http_route(&label) {
+        let live = match ingress.router.http_route(&label.to_ascii_lowercase()) {
             None => {
                 return error_page(
                     StatusCode::NOT_FOUND,
                     "No such tunnel",
                     &format!("No tunnel is served at {host}."),
-                    wants_json,
+                    json,
                 );
             }
             Some(Route::Offline(name)) => {
@@ -215,70 +447,172 @@ impl ConnState {
                     &format!(
                         "The agent serving tunnel {name} is disconnected; it may be reconnecting. Try again shortly."
                     ),
-                    wants_json,
+                    json,
                 );
             }
             Some(Route::Live(live)) => live,
         };
 
-        let headers = req.headers_mut();
-        let ip = self.peer.ip().to_string();
-        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip,
+        // Who the visitor is: a trusted proxy's word is taken, nobody else's.
+        let edge = &ingress.edge.config;
+        let trusted = edge.trusted(self.peer.ip());
+        let prior_xff = if trusted {
+            req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned)
+        } else {
+            None
         };
+        let xff = match prior_xff {
+            Some(prev) => format!("{prev}, {}", self.conn_addr.ip()),
+            None => self.conn_addr.ip().to_string(),
+        };
+        let real = edge.client_ip(self.peer.ip(), Some(&xff));
+        let visitor =
+            if real == self.conn_addr.ip() { self.conn_addr } else { SocketAddr::new(real, 0) };
+
+        let policy = live.policy.clone();
+        match policy.admit(real) {
+            Admit::Yes => {}
+            Admit::Forbidden => {
+                debug!(tunnel = %live.name, %visitor, "visitor refused by allow/deny");
+                return error_page(
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("Visitors from {real} may not use this tunnel."),
+                    json,
+                );
+            }
+            Admit::RateLimited(after) => {
+                debug!(tunnel = %live.name, %visitor, "visitor rate limited");
+                let mut resp = error_page(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "Too many requests",
+                    &format!(
+                        "This tunnel allows {} requests per second from one address; try again in {after} s.",
+                        policy.options.rate_limit.unwrap_or(0)
+                    ),
+                    json,
+                );
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(after));
+                return resp;
+            }
+        }
+        if policy.options.https_only
+            && !self.https
+            && let Some(resp) = self.redirect_to_https(&req, &host)
+        {
+            return resp;
+        }
+        if !policy.authorized(req.headers().get(header::AUTHORIZATION)) {
+            let mut resp = error_page(
+                StatusCode::UNAUTHORIZED,
+                "Authentication required",
+                "This tunnel needs a user name and password.",
+                json,
+            );
+            let realm = format!("Basic realm=\"{}\", charset=\"UTF-8\"", host.replace('"', ""));
+            if let Ok(v) = HeaderValue::from_str(&realm) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            return resp;
+        }
+        let too_large = |max: u64| {
+            error_page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Request body too large",
+                &format!("This tunnel accepts request bodies of at most {max} bytes."),
+                json,
+            )
+        };
+        if let Some(max) = policy.options.max_body {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return too_large(max);
+            }
+        }
+
+        let headers = req.headers_mut();
+        if policy.needs_auth() {
+            // The credentials are for the relay, not the service.
+            headers.remove(header::AUTHORIZATION);
+        }
         if let Ok(v) = HeaderValue::from_str(&xff) {
             headers.insert("x-forwarded-for", v);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        if let Ok(v) = HeaderValue::from_str(&host) {
+        if let Ok(v) = HeaderValue::from_str(&real.to_string()) {
+            headers.insert("x-real-ip", v);
+        }
+        if !(trusted && headers.contains_key("x-forwarded-proto")) {
+            let proto = if self.https { "https" } else { "http" };
+            headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        }
+        if !(trusted && headers.contains_key("x-forwarded-host"))
+            && let Ok(v) = HeaderValue::from_str(&host)
+        {
             headers.insert("x-forwarded-host", v);
         }
+        policy.edit_request(headers);
 
         let upgrade =
-            req.headers().contains_key(http::header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
-        let key = (live.session_id, live.tunnel);
-        let cached = self.upstream.lock().await.take().filter(|(k, s)| *k == key && !s.is_closed());
-        let ready = match cached {
-            Some((_, mut s)) => s.ready().await.is_ok().then_some(s),
-            None => None,
-        };
-        let mut sender = match ready {
-            Some(s) => s,
-            None => match self.connect(&live).await {
-                Ok(s) => s,
-                Err(e) => {
-                    debug!(tunnel = %live.name, error = %e, "cannot reach agent");
-                    return error_page(
-                        StatusCode::BAD_GATEWAY,
-                        "Agent unreachable",
-                        &format!(
-                            "The relay could not open a stream to the agent serving tunnel {}.",
-                            live.name
-                        ),
-                        wants_json,
-                    );
-                }
-            },
-        };
-        let mut resp = match sender.send_request(req).await {
+            req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
+        let h2 = policy.options.upstream_http2;
+        let req = match prepare_upstream(req, h2, &host, policy.options.max_body) {
             Ok(r) => r,
+            Err(e) => {
+                return error_page(StatusCode::BAD_REQUEST, "Bad request", &e, json);
+            }
+        };
+        let key = (live.session_id, live.tunnel, visitor);
+        let upstream = match self.upstream(&live, key, h2).await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(tunnel = %live.name, error = %e, "cannot reach agent");
+                return error_page(
+                    StatusCode::BAD_GATEWAY,
+                    "Agent unreachable",
+                    &format!(
+                        "The relay could not open a stream to the agent serving tunnel {}: {e}",
+                        live.name
+                    ),
+                    json,
+                );
+            }
+        };
+        let (upstream, sent) = match upstream {
+            Upstream::H1(mut s) => {
+                let r = s.send_request(req).await;
+                (Upstream::H1(s), r)
+            }
+            Upstream::H2(mut s) => {
+                let r = s.send_request(req).await;
+                (Upstream::H2(s), r)
+            }
+        };
+        let mut resp = match sent {
+            Ok(r) => r,
+            Err(e) if has_body_limit_error(&e) => {
+                return too_large(policy.options.max_body.unwrap_or(0));
+            }
             Err(e) => {
                 debug!(tunnel = %live.name, error = %e, "upstream request failed");
                 return error_page(
                     StatusCode::BAD_GATEWAY,
                     "Bad gateway",
                     &format!("The request through tunnel {} failed: {e}", live.name),
-                    wants_json,
+                    json,
                 );
             }
         };
+        policy.edit_response(resp.headers_mut());
         match upgrade {
-            Some(visitor) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-                let agent = hyper::upgrade::on(&mut resp);
+            Some(visitor_side) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+                let agent_side = hyper::upgrade::on(&mut resp);
                 let name = live.name.clone();
                 self.tasks.spawn(async move {
-                    let (Ok(v), Ok(a)) = tokio::join!(visitor, agent) else {
+                    let (Ok(v), Ok(a)) = tokio::join!(visitor_side, agent_side) else {
                         debug!(tunnel = %name, "upgrade failed");
                         return;
                     };
@@ -287,25 +621,138 @@ impl ConnState {
                             .await;
                 });
             }
-            _ => *self.upstream.lock().await = Some((key, sender)),
+            // An HTTP/2 upstream stays in the pool while in use; an HTTP/1.1 one goes back.
+            _ if matches!(upstream, Upstream::H1(_)) => self.put_back(key, upstream),
+            _ => {}
         }
         resp.map(Either::Left)
     }
 
-    async fn connect(
+    /// An idle upstream connection to the tunnel's agent, or a new one.
+    async fn upstream(
         &self,
         live: &Live,
-    ) -> Result<SendRequest<Incoming>, Box<dyn std::error::Error + Send + Sync>> {
-        let stream = open_data_stream(live, self.peer, Protocol::Http).await?;
-        let (sender, conn) =
-            hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)).await?;
-        self.tasks.spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                debug!(error = %e, "upstream connection ended");
+        key: UpstreamKey,
+        h2: bool,
+    ) -> Result<Upstream, BoxError> {
+        {
+            let mut pool = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+            pool.retain(|(_, u)| !u.is_closed());
+            let found = pool.iter().position(|(k, u)| {
+                *k == key
+                    && match u {
+                        Upstream::H1(s) => s.is_ready(),
+                        Upstream::H2(_) => true,
+                    }
+            });
+            if let Some(i) = found {
+                return Ok(match &pool[i].1 {
+                    Upstream::H2(s) => Upstream::H2(s.clone()),
+                    Upstream::H1(_) => pool.swap_remove(i).1,
+                });
             }
-        });
-        Ok(sender)
+        }
+        let (stream, permit) = open_data_stream(live, key.2, Protocol::Http).await?;
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await?;
+            self.tasks.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = conn.await {
+                    debug!(error = %e, "upstream connection ended");
+                }
+            });
+            self.put_back(key, Upstream::H2(sender.clone()));
+            Ok(Upstream::H2(sender))
+        } else {
+            let (sender, conn) = http1::Builder::new().handshake(io).await?;
+            self.tasks.spawn(async move {
+                let _permit = permit;
+                if let Err(e) = conn.with_upgrades().await {
+                    debug!(error = %e, "upstream connection ended");
+                }
+            });
+            Ok(Upstream::H1(sender))
+        }
     }
+
+    fn put_back(&self, key: UpstreamKey, upstream: Upstream) {
+        let mut pool = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < UPSTREAM_POOL {
+            pool.push((key, upstream));
+        }
+    }
+
+    /// A redirect of a plain-HTTP request to the same URL over HTTPS.
+    fn redirect_to_https(&self, req: &Request<Incoming>, host: &str) -> Option<Response<Body>> {
+        let port = self.ingress.router.https_port()?;
+        let name = host
+            .rsplit_once(':')
+            .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+            .map_or(host, |(h, _)| h);
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = if port == 443 {
+            format!("https://{name}{path}")
+        } else {
+            format!("https://{name}:{port}{path}")
+        };
+        let location_value = HeaderValue::from_str(&location).ok()?;
+        let mut resp = error_page(
+            StatusCode::PERMANENT_REDIRECT,
+            "Moved to HTTPS",
+            &format!("This tunnel is served over HTTPS only: {location}"),
+            false,
+        );
+        resp.headers_mut().insert(header::LOCATION, location_value);
+        Some(resp)
+    }
+}
+
+/// Hop-by-hop headers, which HTTP/2 forbids.
+const HOP_BY_HOP: [&str; 5] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
+
+/// Turns a visitor's request into one for the upstream connection: HTTP/1.1 (origin-form URI,
+/// a `Host` header) or HTTP/2 (absolute URI, no connection headers), with the body limited.
+fn prepare_upstream(
+    req: Request<Incoming>,
+    h2: bool,
+    host: &str,
+    max_body: Option<u64>,
+) -> Result<Request<UpBody>, String> {
+    let (mut parts, body) = req.into_parts();
+    let body: UpBody = match max_body {
+        Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).boxed(),
+        None => body.map_err(|e| Box::new(e) as BoxError).boxed(),
+    };
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+    if h2 {
+        parts.version = Version::HTTP_2;
+        parts.uri = Uri::builder()
+            .scheme("http")
+            .authority(host)
+            .path_and_query(path)
+            .build()
+            .map_err(|e| format!("the host or path cannot be forwarded: {e}"))?;
+        parts.headers.remove(HOST);
+        for h in HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
+        if parts.headers.get(header::TE).is_some_and(|v| v != "trailers") {
+            parts.headers.remove(header::TE);
+        }
+    } else if parts.version == Version::HTTP_2 {
+        parts.version = Version::HTTP_11;
+        parts.uri = path.parse().map_err(|e| format!("the path cannot be forwarded: {e}"))?;
+        if !parts.headers.contains_key(HOST) {
+            let v = HeaderValue::from_str(host).map_err(|_| "bad host".to_owned())?;
+            parts.headers.insert(HOST, v);
+        }
+    }
+    Ok(Request::from_parts(parts, body))
 }
 
 fn escape(s: &str) -> String {
@@ -357,7 +804,11 @@ mod tests {
             Duration::from_secs(1),
             Box::new(|_, _| unreachable!()),
         );
-        HttpIngress { router: Arc::new(router), domain: domain.into() }
+        HttpIngress {
+            router: Arc::new(router),
+            domain: domain.into(),
+            edge: Edge::new(crate::edge::EdgeConfig::default()),
+        }
     }
 
     #[test]

@@ -21,12 +21,16 @@
 
 pub mod auth;
 pub mod certs;
+pub mod certstore;
 pub mod config;
+pub mod edge;
 pub mod ingress;
+pub mod policy;
 pub mod pool;
 pub mod relay;
 pub mod router;
 pub mod session;
+pub mod udp;
 pub mod util;
 
 pub use config::RelayConfig;

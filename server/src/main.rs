@@ -6,15 +6,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use warren_proto::Cidr;
 use warren_proto::message::Token;
 use warren_server::config::{PortRange, RelayConfig, parse_duration};
+use warren_server::edge::EdgeConfig;
 use warren_server::{Relay, util};
 
 /// warren relay: puts services that sit behind NAT on this host's public address.
 ///
 /// Agents (`warren http 8080 --relay THIS_HOST:7443 --token TOKEN`) connect to the control port
 /// over QUIC (UDP) or TLS (TCP), both on the same port number. HTTP tunnels are served as
-/// NAME.DOMAIN on the HTTP listener; TCP tunnels get a port from the pool.
+/// NAME.DOMAIN on the HTTP and HTTPS listeners; TLS tunnels by SNI on the HTTPS listener,
+/// passed through undecrypted; TCP and UDP tunnels get a port from the pool.
 ///
 /// On first start the relay creates a development CA in the data directory and prints its path
 /// and fingerprint: give agents `--relay-ca DATA/ca.pem` or `--relay-fingerprint HEX`.
@@ -38,7 +41,8 @@ struct Args {
     /// Public HTTP listener.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:80")]
     http: SocketAddr,
-    /// Public TCP port pool: one address, a range of ports, each leased to one tunnel.
+    /// Public port pool for TCP and UDP tunnels: one address, a range of ports, each leased to
+    /// one tunnel per protocol.
     #[arg(long, value_name = "[IP:]LOW-HIGH", default_value = "0.0.0.0:20000-29999")]
     ports: PortRange,
     /// Data directory: development CA, generated token.
@@ -63,6 +67,43 @@ struct Args {
     /// Extra host name or IP address for the relay's certificate (repeatable).
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
+    /// Public HTTPS listener: HTTP tunnels over TLS (HTTP/1.1 and HTTP/2) and TLS tunnels
+    /// passed through by SNI.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:443", conflicts_with = "no_https")]
+    https: SocketAddr,
+    /// Serve no HTTPS listener (and so no TLS tunnels).
+    #[arg(long)]
+    no_https: bool,
+    /// Certificates for the HTTPS listener: HOST.pem + HOST-key.pem (or HOST.crt + HOST.key) per
+    /// host, _wildcard.DOMAIN.pem for a wildcard; re-read when files change. Names no file
+    /// covers get a certificate from the development CA.
+    #[arg(long, value_name = "DIR")]
+    cert_dir: Option<PathBuf>,
+    /// Announce HTTP tunnels with their https:// URL (they answer on both listeners).
+    #[arg(long)]
+    prefer_https: bool,
+    /// Believe PROXY headers and X-Forwarded-For from load balancers in this network
+    /// (repeatable, e.g. 10.0.0.0/8): visitors are then known by their real address.
+    #[arg(long = "trust-proxy", value_name = "CIDR")]
+    trust_proxy: Vec<Cidr>,
+    /// Longest a visitor may take to send a request head, TLS hello or PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Largest request head accepted from a visitor, in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    max_header_size: usize,
+    /// Close HTTP(S) visitor connections (and WebSockets) after this long without traffic.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    idle_timeout: std::time::Duration,
+    /// Most concurrent connections from one visitor address, over all listeners (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    max_conns_per_ip: usize,
+    /// Most concurrent visitor streams to one agent session (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 8192)]
+    max_streams_per_agent: usize,
+    /// Forget a UDP tunnel's visitor flow after this long without packets.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    udp_idle_timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -130,6 +171,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokens,
         lease_grace: args.lease_grace,
         tls_names: args.tls_names,
+        https: (!args.no_https).then_some(args.https),
+        cert_dir: args.cert_dir,
+        prefer_https: args.prefer_https,
+        edge: EdgeConfig {
+            trust_proxy: args.trust_proxy,
+            header_timeout: args.header_timeout,
+            max_header_bytes: args.max_header_size,
+            idle_timeout: args.idle_timeout,
+            max_conns_per_ip: args.max_conns_per_ip,
+            max_streams_per_agent: args.max_streams_per_agent,
+            udp_idle_timeout: args.udp_idle_timeout,
+        },
     };
     let ports = config.ports;
     let relay = Relay::bind(config).await?;

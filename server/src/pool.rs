@@ -1,11 +1,12 @@
-//! The TCP port pool: one address, a range of public ports, each bound to at most one tunnel.
+//! The port pool: one address, a range of public ports, each bound to at most one TCP tunnel and
+//! at most one UDP tunnel (TCP and UDP ports are separate spaces).
 
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 
 use rand::Rng;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UdpSocket};
 
 use crate::config::PortRange;
 
@@ -36,6 +37,15 @@ pub enum PoolError {
     },
 }
 
+/// A bound public socket of the pool.
+#[derive(Debug)]
+pub enum PoolSocket {
+    /// A TCP tunnel's listener.
+    Tcp(TcpListener),
+    /// A UDP tunnel's socket.
+    Udp(UdpSocket),
+}
+
 /// Hands out listeners on the pool's ports.
 #[derive(Debug, Clone, Copy)]
 pub struct PortPool {
@@ -53,26 +63,37 @@ impl PortPool {
         self.range
     }
 
-    /// Binds exactly `port`.
-    pub fn bind(&self, port: u16) -> Result<TcpListener, PoolError> {
+    /// Binds exactly `port`, for TCP or (`udp`) UDP.
+    pub fn bind(&self, port: u16, udp: bool) -> Result<PoolSocket, PoolError> {
         if !self.range.contains(port) {
             return Err(PoolError::OutOfRange { port, range: self.range });
         }
         let addr = SocketAddr::new(self.range.ip, port);
-        let std = std::net::TcpListener::bind(addr).map_err(|source| {
+        let err = |source: io::Error| {
             if source.kind() == io::ErrorKind::AddrInUse {
                 PoolError::InUse(port)
             } else {
                 PoolError::Bind { port, source }
             }
-        })?;
-        std.set_nonblocking(true).map_err(|source| PoolError::Bind { port, source })?;
-        TcpListener::from_std(std).map_err(|source| PoolError::Bind { port, source })
+        };
+        if udp {
+            let std = std::net::UdpSocket::bind(addr).map_err(err)?;
+            std.set_nonblocking(true).map_err(err)?;
+            UdpSocket::from_std(std).map(PoolSocket::Udp).map_err(err)
+        } else {
+            let std = std::net::TcpListener::bind(addr).map_err(err)?;
+            std.set_nonblocking(true).map_err(err)?;
+            TcpListener::from_std(std).map(PoolSocket::Tcp).map_err(err)
+        }
     }
 
     /// Binds some free port not in `leased`, starting from a random point of the range so that
     /// ports are not reused at once after they are released.
-    pub fn bind_any(&self, leased: &HashSet<u16>) -> Result<(u16, TcpListener), PoolError> {
+    pub fn bind_any(
+        &self,
+        leased: &HashSet<u16>,
+        udp: bool,
+    ) -> Result<(u16, PoolSocket), PoolError> {
         let len = self.range.len();
         let start = rand::rng().random_range(0..len);
         for i in 0..len {
@@ -80,7 +101,7 @@ impl PortPool {
             if leased.contains(&port) {
                 continue;
             }
-            match self.bind(port) {
+            match self.bind(port, udp) {
                 Ok(l) => return Ok((port, l)),
                 Err(PoolError::InUse(_)) => continue,
                 Err(e) => return Err(e),

@@ -14,9 +14,11 @@ use warren_transport::listen::ListenError;
 
 use crate::auth::Tokens;
 use crate::certs::{self, CertError};
+use crate::certstore::{CertStore, CertStoreError};
 use crate::config::RelayConfig;
+use crate::edge::Edge;
 use crate::ingress::{self, HttpIngress};
-use crate::pool::PortPool;
+use crate::pool::{PoolSocket, PortPool};
 use crate::router::Router;
 use crate::session::{self, Shared};
 
@@ -38,6 +40,17 @@ pub enum RelayError {
         /// The system error.
         source: std::io::Error,
     },
+    /// The HTTPS listener.
+    #[error("cannot listen for HTTPS on {addr}: {source}")]
+    Https {
+        /// The address.
+        addr: SocketAddr,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// The certificate directory.
+    #[error(transparent)]
+    CertDir(#[from] CertStoreError),
     /// Nothing to check tokens against.
     #[error("no agent token configured")]
     NoTokens,
@@ -54,6 +67,8 @@ pub struct BoundRelay {
     pub control_addr: SocketAddr,
     /// The public HTTP listener.
     pub http_addr: SocketAddr,
+    /// The public HTTPS listener, if any.
+    pub https_addr: Option<SocketAddr>,
     /// Where the development CA certificate is.
     pub ca_path: PathBuf,
     /// The CA certificate, for in-process agents (the demo, tests).
@@ -64,6 +79,8 @@ pub struct BoundRelay {
     pub ca_created: bool,
     control: ControlListener,
     http: TcpListener,
+    https: Option<(TcpListener, Arc<CertStore>)>,
+    edge: Arc<Edge>,
     shared: Arc<Shared>,
 }
 
@@ -86,29 +103,65 @@ impl Relay {
             .map_err(|source| RelayError::Http { addr: config.http, source })?;
         let http_addr =
             http.local_addr().map_err(|source| RelayError::Http { addr: config.http, source })?;
-        let router = Arc::new(Router::new(
+        let https = match config.https {
+            Some(addr) => {
+                let listener = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Https { addr, source })?;
+                let store = CertStore::new(
+                    &config.domain,
+                    ca.issuer.clone(),
+                    ca.identity.clone(),
+                    config.cert_dir.clone(),
+                )?;
+                Some((listener, store))
+            }
+            None => None,
+        };
+        let https_addr = match &https {
+            Some((l, _)) => Some(l.local_addr().map_err(|source| RelayError::Https {
+                addr: config.https.unwrap_or(http_addr),
+                source,
+            })?),
+            None => None,
+        };
+        let edge = Edge::new(config.edge.clone());
+        let spawn_edge = edge.clone();
+        let mut router = Router::new(
             config.domain.clone(),
             http_addr.port(),
             PortPool::new(config.ports),
             config.lease_grace,
-            Box::new(ingress::spawn_tcp_tunnel),
-        ));
+            Box::new(move |socket, live| match socket {
+                PoolSocket::Tcp(l) => ingress::spawn_tcp_tunnel(l, live, spawn_edge.clone()),
+                PoolSocket::Udp(u) => {
+                    crate::udp::spawn_udp_tunnel(u, live, Arc::new(spawn_edge.config.clone()))
+                }
+            }),
+        );
+        if let Some(addr) = https_addr {
+            router = router.with_https(addr.port(), config.prefer_https);
+        }
         let shared = Arc::new(Shared {
             tokens: Tokens::new(&config.tokens),
-            router,
+            router: Arc::new(router),
             domain: config.domain.clone(),
             lease_grace: config.lease_grace,
             shutdown: CancellationToken::new(),
+            edge: Arc::new(config.edge.clone()),
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),
             http_addr,
+            https_addr,
             ca_path: ca.ca_path,
             ca_der: ca.ca_der,
             ca_fingerprint: ca.fingerprint,
             ca_created: ca.created,
             control,
             http,
+            https,
+            edge,
             shared,
         })
     }
@@ -122,10 +175,19 @@ impl BoundRelay {
             self.control.transports().iter().map(ToString::to_string).collect();
         info!(name = %"control", addr = %self.control_addr, transports = %transports.join(","), "listening");
         ingress::log_listening("http", self.http_addr);
+        if let Some(addr) = self.https_addr {
+            ingress::log_listening("https", addr);
+        }
 
         let tasks = TaskTracker::new();
-        let ingress = HttpIngress::new(self.shared.router.clone(), &self.shared.domain);
-        tasks.spawn(ingress.serve(self.http, self.shared.shutdown.clone()));
+        let ingress =
+            HttpIngress::new(self.shared.router.clone(), &self.shared.domain, self.edge.clone());
+        tasks.spawn(ingress.clone().serve(self.http, self.shared.shutdown.clone()));
+        if let Some((listener, store)) = self.https {
+            store.watch(Duration::from_secs(2), self.shared.shutdown.clone());
+            let tls = store.server_config(&[b"h2", b"http/1.1"]);
+            tasks.spawn(ingress.serve_tls(listener, tls, self.shared.shutdown.clone()));
+        }
 
         let router = self.shared.router.clone();
         let stop = self.shared.shutdown.clone();

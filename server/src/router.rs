@@ -6,11 +6,10 @@
 //! session is told. The router is all in memory behind one lock; nothing in it awaits.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
 use warren_proto::{
     AgentId, Bind, Bound, ErrorCode, Message, Protocol, Subdomain, TunnelId, TunnelName,
@@ -18,7 +17,9 @@ use warren_proto::{
 use warren_transport::Session;
 
 use crate::auth::TokenId;
-use crate::pool::{PoolError, PortPool};
+use crate::policy::Policy;
+use crate::pool::{PoolError, PoolSocket, PortPool};
+use crate::udp::DatagramRoutes;
 
 /// Who owns a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,6 +46,29 @@ pub struct Live {
     pub name: TunnelName,
     /// The session's control outbox.
     pub notify: mpsc::Sender<Message>,
+    /// The tunnel's protocol.
+    pub protocol: Protocol,
+    /// What the tunnel lets in.
+    pub policy: Arc<Policy>,
+    /// Data streams the session may still open (the per-agent cap), shared by its tunnels.
+    pub streams: Arc<Semaphore>,
+    /// Where the session's datagram reader delivers UDP replies, by tunnel.
+    pub datagrams: DatagramRoutes,
+}
+
+/// What a session brings to every bind: its identity, connection and shared limits.
+#[derive(Debug, Clone)]
+pub struct SessionCtx {
+    /// The relay's number for the session.
+    pub session_id: u64,
+    /// The session.
+    pub session: Session,
+    /// Its control outbox.
+    pub notify: mpsc::Sender<Message>,
+    /// Data streams it may still open.
+    pub streams: Arc<Semaphore>,
+    /// Its UDP reply routes.
+    pub datagrams: DatagramRoutes,
 }
 
 /// What a public listener finds for a visitor.
@@ -71,9 +95,12 @@ impl BindError {
     }
 }
 
-/// Starts serving a TCP tunnel's listener; the returned handle stops it when dropped.
+/// Starts serving a TCP or UDP tunnel's public socket; the returned handle stops it when dropped.
 pub type ListenerSpawner =
-    Box<dyn Fn(TcpListener, watch::Receiver<Option<Live>>) -> AbortOnDropHandle<()> + Send + Sync>;
+    Box<dyn Fn(PoolSocket, watch::Receiver<Option<Live>>) -> AbortOnDropHandle<()> + Send + Sync>;
+
+/// A port of the pool, TCP and UDP being separate spaces.
+pub type PortKey = (bool, u16);
 
 struct Entry {
     protocol: Protocol,
@@ -88,7 +115,7 @@ struct Entry {
 struct State {
     entries: HashMap<LeaseKey, Entry>,
     by_sub: HashMap<Subdomain, LeaseKey>,
-    by_port: HashMap<u16, LeaseKey>,
+    by_port: HashMap<PortKey, LeaseKey>,
     next_id: u32,
 }
 
@@ -106,6 +133,8 @@ pub struct Router {
     state: Mutex<State>,
     domain: String,
     http_port: u16,
+    https_port: Option<u16>,
+    prefer_https: bool,
     pool: PortPool,
     grace: Duration,
     spawn_listener: ListenerSpawner,
@@ -142,7 +171,29 @@ impl Router {
         grace: Duration,
         spawn_listener: ListenerSpawner,
     ) -> Self {
-        Self { state: Mutex::default(), domain, http_port, pool, grace, spawn_listener }
+        Self {
+            state: Mutex::default(),
+            domain,
+            http_port,
+            https_port: None,
+            prefer_https: false,
+            pool,
+            grace,
+            spawn_listener,
+        }
+    }
+
+    /// Tells the router the HTTPS listener's port, for tunnel URLs. With `prefer` set, HTTP
+    /// tunnels are announced with their https:// URL.
+    pub fn with_https(mut self, port: u16, prefer: bool) -> Self {
+        self.https_port = Some(port);
+        self.prefer_https = prefer;
+        self
+    }
+
+    /// The public HTTPS port, if there is an HTTPS listener.
+    pub fn https_port(&self) -> Option<u16> {
+        self.https_port
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -152,52 +203,71 @@ impl Router {
     }
 
     fn url(&self, protocol: Protocol, sub: Option<&Subdomain>, port: Option<u16>) -> String {
-        match (protocol, sub, port) {
-            (Protocol::Http, Some(s), _) if self.http_port == 80 => {
-                format!("http://{s}.{}", self.domain)
-            }
-            (Protocol::Http, Some(s), _) => {
-                format!("http://{s}.{}:{}", self.domain, self.http_port)
-            }
-            (_, _, Some(p)) => format!("tcp://{}:{p}", self.domain),
+        let host = |scheme: &str, default: u16, port: Option<u16>| match (sub, port) {
+            (Some(s), Some(p)) if p != default => format!("{scheme}://{s}.{}:{p}", self.domain),
+            (Some(s), _) => format!("{scheme}://{s}.{}", self.domain),
+            (None, _) => String::new(),
+        };
+        match (protocol, port) {
+            (Protocol::Http, _) => match self.https_port {
+                Some(p) if self.prefer_https => host("https", 443, Some(p)),
+                _ => host("http", 80, Some(self.http_port)),
+            },
+            (Protocol::Tls, _) => host("tls", 443, self.https_port),
+            (Protocol::Udp, Some(p)) => format!("udp://{}:{p}", self.domain),
+            (_, Some(p)) => format!("tcp://{}:{p}", self.domain),
             _ => String::new(),
         }
     }
 
     /// Binds (or takes over) a tunnel for `owner` on the session described by `live`.
-    pub fn bind(
-        &self,
-        owner: &Owner,
-        req: &Bind,
-        session_id: u64,
-        session: &Session,
-        notify: &mpsc::Sender<Message>,
-    ) -> Result<Bound, BindError> {
+    pub fn bind(&self, owner: &Owner, req: &Bind, ctx: &SessionCtx) -> Result<Bound, BindError> {
+        let named = matches!(req.protocol, Protocol::Http | Protocol::Tls);
         match req.protocol {
-            Protocol::Http if req.remote_port.is_some() => {
+            p if named && req.remote_port.is_some() => {
                 return Err(BindError::new(
                     ErrorCode::InvalidRequest,
-                    "an http tunnel takes a subdomain, not a remote port",
+                    format!("a {p} tunnel takes a subdomain, not a remote port"),
                 ));
             }
-            Protocol::Tcp if req.subdomain.is_some() => {
+            p if !named && req.subdomain.is_some() => {
                 return Err(BindError::new(
                     ErrorCode::InvalidRequest,
-                    "a tcp tunnel takes a remote port, not a subdomain",
+                    format!("a {p} tunnel takes a remote port, not a subdomain"),
+                ));
+            }
+            Protocol::Tls if self.https_port.is_none() => {
+                return Err(BindError::new(
+                    ErrorCode::InvalidRequest,
+                    "this relay has no HTTPS listener, so it cannot route tls tunnels (start it with --https)",
                 ));
             }
             _ => {}
         }
+        let policy = Policy::new(req.protocol, req.options.clone())
+            .map_err(|e| BindError::new(ErrorCode::InvalidRequest, e.0))?;
+        if policy.options.https_only && self.https_port.is_none() {
+            return Err(BindError::new(
+                ErrorCode::InvalidRequest,
+                "--https-only needs a relay with an HTTPS listener (--https)",
+            ));
+        }
+        let policy = Arc::new(policy);
         let key: LeaseKey = (owner.clone(), req.name.clone());
         let mut st = self.lock();
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = TunnelId(st.next_id);
+        let session_id = ctx.session_id;
         let live = Live {
             session_id,
-            session: session.clone(),
+            session: ctx.session.clone(),
             tunnel: id,
             name: req.name.clone(),
-            notify: notify.clone(),
+            notify: ctx.notify.clone(),
+            protocol: req.protocol,
+            policy: policy.clone(),
+            streams: ctx.streams.clone(),
+            datagrams: ctx.datagrams.clone(),
         };
 
         let mut notice = String::new();
@@ -234,7 +304,7 @@ impl Router {
         }
 
         let (subdomain, port, listener) = match req.protocol {
-            Protocol::Http => {
+            Protocol::Http | Protocol::Tls => {
                 let derived = derived_subdomain(owner, &req.name);
                 let wanted = req.subdomain.clone().unwrap_or_else(|| derived.clone());
                 let free = |s: &Subdomain| st.by_sub.get(s).is_none_or(|k| *k == key);
@@ -253,21 +323,23 @@ impl Router {
                 };
                 (Some(sub), None, None)
             }
-            Protocol::Tcp => {
-                let leased: HashSet<u16> = st.by_port.keys().copied().collect();
+            Protocol::Tcp | Protocol::Udp => {
+                let udp = req.protocol == Protocol::Udp;
+                let leased: HashSet<u16> =
+                    st.by_port.keys().filter(|(u, _)| *u == udp).map(|(_, p)| *p).collect();
                 let fixed = match req.remote_port {
                     Some(p) if leased.contains(&p) => Err(BindError::new(
                         ErrorCode::PortTaken,
-                        format!("port {p} is leased to another tunnel"),
+                        format!("{} port {p} is leased to another tunnel", req.protocol),
                     )),
-                    Some(p) => self.pool.bind(p).map(|l| (p, l)).map_err(pool_error),
+                    Some(p) => self.pool.bind(p, udp).map(|l| (p, l)).map_err(pool_error),
                     None => Err(BindError::new(ErrorCode::Internal, "")),
                 };
                 let (p, l) = match fixed {
                     Ok(ok) => ok,
                     Err(e) if req.remote_port.is_some() && !req.sticky => return Err(e),
                     Err(e) => {
-                        let got = self.pool.bind_any(&leased).map_err(pool_error)?;
+                        let got = self.pool.bind_any(&leased, udp).map_err(pool_error)?;
                         if req.remote_port.is_some() {
                             notice = format!("{}; got port {} instead", e.message, got.0);
                         }
@@ -285,7 +357,7 @@ impl Router {
             st.by_sub.insert(s.clone(), key.clone());
         }
         if let Some(p) = port {
-            st.by_port.insert(p, key.clone());
+            st.by_port.insert((req.protocol == Protocol::Udp, p), key.clone());
         }
         st.entries.insert(
             key,
@@ -355,17 +427,28 @@ impl Router {
         expired.len()
     }
 
-    /// The route for an HTTP host's subdomain.
-    pub fn http_route(&self, sub: &str) -> Option<Route> {
+    /// The route for a subdomain: an HTTP or a TLS tunnel.
+    pub fn named_route(&self, sub: &str) -> Option<(Protocol, Route)> {
         let sub = Subdomain::parse(sub).ok()?;
         let st = self.lock();
         let key = st.by_sub.get(&sub)?;
         let entry = st.entries.get(key)?;
         let live = entry.live.borrow().clone();
-        Some(match live {
-            Some(l) => Route::Live(l),
-            None => Route::Offline(key.1.clone()),
-        })
+        Some((
+            entry.protocol,
+            match live {
+                Some(l) => Route::Live(l),
+                None => Route::Offline(key.1.clone()),
+            },
+        ))
+    }
+
+    /// The route for an HTTP host's subdomain (TLS tunnels are not served over HTTP).
+    pub fn http_route(&self, sub: &str) -> Option<Route> {
+        match self.named_route(sub)? {
+            (Protocol::Http, route) => Some(route),
+            _ => None,
+        }
     }
 
     /// Live and offline tunnel counts.
@@ -382,7 +465,7 @@ fn remove(st: &mut State, key: &LeaseKey) {
             st.by_sub.remove(&s);
         }
         if let Some(p) = e.port {
-            st.by_port.remove(&p);
+            st.by_port.remove(&(e.protocol == Protocol::Udp, p));
         }
     }
 }

@@ -14,7 +14,8 @@ use warren_transport::control::read_preface;
 use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
 
 use crate::auth::Tokens;
-use crate::router::{Owner, Router};
+use crate::edge::EdgeConfig;
+use crate::router::{Owner, Router, SessionCtx};
 
 /// Deadline for everything before `Welcome`: transport handshake, control stream, preface,
 /// hello.
@@ -37,6 +38,8 @@ pub struct Shared {
     pub lease_grace: Duration,
     /// Cancelled when the relay shuts down.
     pub shutdown: CancellationToken,
+    /// Limits of the public side (streams per agent).
+    pub edge: Arc<EdgeConfig>,
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -170,6 +173,24 @@ async fn run_session(
     });
     let _writer_guard = tokio_util::task::AbortOnDropHandle::new(writer_task);
 
+    let max_streams = match shared.edge.max_streams_per_agent {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => n,
+    };
+    let ctx = SessionCtx {
+        session_id: id,
+        session: session.clone(),
+        notify: out_tx.clone(),
+        streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
+        datagrams: Arc::default(),
+    };
+    let _datagram_reader = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::read_datagrams(
+            session.clone(),
+            ctx.datagrams.clone(),
+        )))
+    });
+
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -212,7 +233,7 @@ async fn run_session(
         };
         last_seen = Instant::now();
         let reply = match msg {
-            Message::Bind(req) => match shared.router.bind(&owner, &req, id, session, &out_tx) {
+            Message::Bind(req) => match shared.router.bind(&owner, &req, &ctx) {
                 Ok(bound) => {
                     info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
                     if !bound.notice.is_empty() {

@@ -74,7 +74,19 @@ impl Agent {
         HttpUrl::parse(&url).unwrap_or_else(|e| panic!("agent {}: {e}", self.proc.label))
     }
 
-    /// The first URL as a TCP tunnel URL.
+    /// The first URL as a TLS tunnel URL.
+    pub async fn tls_url(&mut self) -> TlsUrl {
+        let url = self.url().await;
+        TlsUrl::parse(&url).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Awaits the first URL and parses it as a UDP tunnel URL.
+    pub async fn udp_url(&mut self) -> UdpUrl {
+        let url = self.url().await;
+        UdpUrl::parse(&url).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Awaits the first URL and parses it as a TCP tunnel URL.
     pub async fn tcp_url(&mut self) -> TcpUrl {
         let url = self.url().await;
         TcpUrl::parse(&url).unwrap_or_else(|e| panic!("agent {}: {e}", self.proc.label))
@@ -266,6 +278,63 @@ impl HttpUrl {
 impl fmt::Display for HttpUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.url)
+    }
+}
+
+/// A parsed `tls://NAME.localhost:PORT` tunnel URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsUrl {
+    /// The URL as printed.
+    pub url: String,
+    /// The host name visitors put in their SNI.
+    pub hostname: String,
+    /// The HTTPS port.
+    pub port: u16,
+}
+
+impl TlsUrl {
+    /// Parses a URL printed by the agent.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("{url:?} is not a tls tunnel URL: {why}");
+        let rest = url.strip_prefix("tls://").ok_or_else(|| bad("no tls:// scheme"))?;
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("bad port"))?),
+            None => (rest, 443),
+        };
+        if !host.ends_with(".localhost") {
+            return Err(bad("host not under localhost"));
+        }
+        Ok(Self { url: url.to_owned(), hostname: host.to_owned(), port })
+    }
+
+    /// Where a visitor connects: 127.0.0.1:PORT.
+    pub fn addr(&self) -> SocketAddr {
+        localhost(self.port)
+    }
+}
+
+/// A parsed `udp://localhost:PORT` tunnel URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpUrl {
+    /// The URL as printed.
+    pub url: String,
+    /// The public port.
+    pub port: u16,
+}
+
+impl UdpUrl {
+    /// Parses a URL printed by the agent.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let port = url
+            .strip_prefix("udp://localhost:")
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| format!("{url:?} is not a udp tunnel URL (udp://localhost:PORT)"))?;
+        Ok(Self { url: url.to_owned(), port })
+    }
+
+    /// Where a visitor sends: 127.0.0.1:PORT.
+    pub fn addr(&self) -> SocketAddr {
+        localhost(self.port)
     }
 }
 

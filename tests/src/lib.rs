@@ -5,6 +5,9 @@
 //!   a random free range (the TCP pool). Can be killed and restarted on the same ports.
 //! - [`Agent`]: `warren`; [`Agent::url`] awaits the URL it prints, [`Agent::wait_exit`] its exit.
 //! - [`HttpBackend`], [`EchoBackend`]: what tunnels point at.
+//! - [`grpc`]: a gRPC bidirectional-streaming echo over h2c, HTTP/2 visitors, TLS connectors.
+//! - [`udp`]: a UDP echo and a minimal DNS responder, and UDP visitors.
+//! - [`ProxyBackend`]: a TCP backend that checks the PROXY protocol header it is sent.
 //! - [`client`]: visitors (HTTP with an explicit `Host`, TCP echo, WebSocket).
 //! - [`raw`]: hostile or broken peers for the control port (TLS, yamux, QUIC).
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
@@ -19,15 +22,24 @@
 pub mod agent;
 pub mod backend;
 pub mod client;
+pub mod grpc;
 pub mod process;
+pub mod proxy_backend;
 pub mod raw;
 pub mod relay;
+pub mod udp;
 pub mod util;
 
-pub use agent::{Agent, HttpUrl, Outcome, TcpUrl};
+pub use agent::{Agent, HttpUrl, Outcome, TcpUrl, TlsUrl, UdpUrl};
 pub use backend::{EchoBackend, HttpBackend, parse_headers};
 pub use client::{HttpConn, HttpResponse, expect_get, http_get, http_post, tcp_echo};
+pub use grpc::{
+    GrpcEchoBackend, GrpcOutcome, grpc_ping_pong, h2_get, peer_leaf, tls_connect,
+    tls_connect_any_cert,
+};
+pub use proxy_backend::{ProxyBackend, ProxySeen};
 pub use relay::{Relay, RelayOpts};
+pub use udp::{DnsBackend, UdpEchoBackend, udp_flood, udp_roundtrip};
 pub use util::{
     BULK_TIMEOUT, IO_TIMEOUT, PortRange, READY_TIMEOUT, TempDir, closed_port, eventually,
     localhost, random_bytes, sha256, try_eventually, unique, within,

@@ -58,6 +58,12 @@ impl RelayOpts {
         self
     }
 
+    /// Appends extra relay arguments.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
     /// Uses these tokens.
     pub fn tokens(mut self, tokens: &[&str]) -> Self {
         self.tokens = tokens.iter().map(|t| (*t).to_owned()).collect();
@@ -74,6 +80,8 @@ pub struct Relay {
     pub control_addr: SocketAddr,
     /// Public HTTP listener.
     pub http_addr: SocketAddr,
+    /// Public HTTPS listener.
+    pub https_addr: SocketAddr,
     /// `--data` directory.
     pub data_dir: PathBuf,
     /// The development CA the relay writes into its data dir.
@@ -92,8 +100,8 @@ impl Relay {
         let ca_path = data_dir.join("ca.pem");
         let stderr = Lines::default();
         let stdout = Lines::default();
-        let args = relay_args(&opts, &data_dir, "127.0.0.1:0", "127.0.0.1:0");
-        let (proc, control_addr, http_addr) =
+        let args = relay_args(&opts, &data_dir, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0");
+        let (proc, control_addr, http_addr, https_addr) =
             match launch(&args, &stdout, &stderr, Instant::now() + READY_TIMEOUT).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -105,6 +113,7 @@ impl Relay {
             opts,
             control_addr,
             http_addr,
+            https_addr,
             data_dir,
             ca_path,
             stderr,
@@ -178,17 +187,18 @@ impl Relay {
         self.kill().await;
         let control = self.control_addr.to_string();
         let http = self.http_addr.to_string();
-        let args = relay_args(&self.opts, &self.data_dir, &control, &http);
+        let https = self.https_addr.to_string();
+        let args = relay_args(&self.opts, &self.data_dir, &control, &http, &https);
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut tries = 0;
         loop {
             tries += 1;
             self.stderr.push(format!("----- test harness: relay (re)start, try {tries} -----"));
             match launch(&args, &self.stdout, &self.stderr, deadline).await {
-                Ok((proc, c, h)) => {
+                Ok((proc, c, h, s)) => {
                     assert_eq!(
-                        (c.port(), h.port()),
-                        (self.control_addr.port(), self.http_addr.port()),
+                        (c.port(), h.port(), s.port()),
+                        (self.control_addr.port(), self.http_addr.port(), self.https_addr.port()),
                         "restarted relay listens on other ports"
                     );
                     self.proc = Some(proc);
@@ -250,6 +260,7 @@ fn relay_args(
     data_dir: &std::path::Path,
     control: &str,
     http: &str,
+    https: &str,
 ) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--domain".into(),
@@ -258,6 +269,8 @@ fn relay_args(
         control.into(),
         "--http".into(),
         http.into(),
+        "--https".into(),
+        https.into(),
         "--ports".into(),
         opts.ports.arg(),
         "--data".into(),
@@ -291,30 +304,32 @@ pub fn parse_listening(line: &str) -> Option<(String, SocketAddr)> {
     Some((name, addr))
 }
 
-/// Starts one relay process and waits for its `control` and `http` listening lines.
+/// Starts one relay process and waits for its `control`, `http` and `https` listening lines.
 async fn launch(
     args: &[String],
     stdout: &Lines,
     stderr: &Lines,
     deadline: Instant,
-) -> Result<(Proc, SocketAddr, SocketAddr), String> {
+) -> Result<(Proc, SocketAddr, SocketAddr, SocketAddr), String> {
     let first_line = stderr.len();
     let mut proc = Proc::spawn("relay", &binary("warren-server"), args, &[], stdout, stderr);
     loop {
         let lines = stderr.snapshot();
         let mut control = None;
         let mut http = None;
+        let mut https = None;
         for l in &lines[first_line.min(lines.len())..] {
             if let Some((name, addr)) = parse_listening(l) {
                 match name.as_str() {
                     "control" => control = Some(addr),
                     "http" => http = Some(addr),
+                    "https" => https = Some(addr),
                     _ => {}
                 }
             }
         }
-        if let (Some(c), Some(h)) = (control, http) {
-            return Ok((proc, c, h));
+        if let (Some(c), Some(h), Some(s)) = (control, http, https) {
+            return Ok((proc, c, h, s));
         }
         if let Some(status) = proc.try_status() {
             proc.drain_output().await;
@@ -323,8 +338,8 @@ async fn launch(
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "no `listening name=control` and `listening name=http` lines within the deadline \
-                 (got control={control:?} http={http:?}); args: {args:?}"
+                "no `listening name=control`, `name=http` and `name=https` lines within the \
+                 deadline (got control={control:?} http={http:?} https={https:?}); args: {args:?}"
             ));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

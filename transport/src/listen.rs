@@ -69,7 +69,10 @@ pub(crate) fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
         .stream_receive_window(tuning::QUIC_STREAM_WINDOW.into())
         .receive_window(tuning::QUIC_CONN_WINDOW.into())
         .send_window(tuning::QUIC_CONN_WINDOW.into())
-        .keep_alive_interval(Some(tuning::KEEP_ALIVE));
+        .keep_alive_interval(Some(tuning::KEEP_ALIVE))
+        // UDP tunnels ride datagrams: room for bursts, after which the oldest are dropped.
+        .datagram_receive_buffer_size(Some(4 << 20))
+        .datagram_send_buffer_size(4 << 20);
     // Let path MTU discovery go past Ethernet sizes: on loopback and jumbo-frame links fewer,
     // larger packets mean less per-packet crypto and fewer syscalls; elsewhere discovery stops at
     // what the path carries.

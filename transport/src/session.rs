@@ -95,6 +95,38 @@ impl Session {
         }
     }
 
+    /// The largest datagram the session can send now, or `None` when the transport has no
+    /// datagrams (TLS + yamux) or the peer does not accept them.
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        match &self.inner {
+            Inner::Quic { conn, .. } => conn.max_datagram_size(),
+            Inner::Mux(_) => None,
+        }
+    }
+
+    /// Sends an unreliable datagram (QUIC only). Fails when it is larger than
+    /// [`Session::max_datagram_size`] or the transport has none.
+    pub fn send_datagram(&self, data: bytes::Bytes) -> io::Result<()> {
+        match &self.inner {
+            Inner::Quic { conn, .. } => conn.send_datagram(data).map_err(io::Error::other),
+            Inner::Mux(_) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "no datagrams over TLS + yamux"))
+            }
+        }
+    }
+
+    /// Waits for the peer's next datagram. Over TLS + yamux this never resolves until the
+    /// session ends, then fails.
+    pub async fn read_datagram(&self) -> io::Result<bytes::Bytes> {
+        match &self.inner {
+            Inner::Quic { conn, .. } => conn.read_datagram().await.map_err(io::Error::other),
+            Inner::Mux(m) => {
+                m.closed().await;
+                Err(io::Error::new(io::ErrorKind::NotConnected, "session closed"))
+            }
+        }
+    }
+
     /// Closes the session at once; open streams fail.
     pub fn close(&self, reason: &str) {
         match &self.inner {
