@@ -40,6 +40,10 @@ pub struct DemoUrls {
     pub tcp: String,
     /// The sample service behind both.
     pub sample: SocketAddr,
+    /// The HTTP tunnel over the relay's HTTPS listener.
+    pub https: Option<String>,
+    /// The development CA that signs the HTTPS certificates.
+    pub ca_path: std::path::PathBuf,
 }
 
 /// Runs the demo until `shutdown`; `ready` gets the URLs once both tunnels are bound.
@@ -66,6 +70,8 @@ async fn run_in(
     let relay = Relay::bind(config).await?;
     let control = relay.control_addr;
     let ca = relay.ca_der.clone();
+    let https_port = relay.https_addr.map(|a| a.port());
+    let ca_path = relay.ca_path.clone();
 
     let sample = TcpListener::bind(("127.0.0.1", 0)).await?;
     let sample_addr = sample.local_addr()?;
@@ -104,7 +110,14 @@ async fn run_in(
         if let (Some(http), Some(tcp)) = (&urls.0, &urls.1)
             && let Some(tx) = ready.take()
         {
-            let _ = tx.send(DemoUrls { http: http.clone(), tcp: tcp.clone(), sample: sample_addr });
+            let https = https_port.map(|p| format!("https://demo.localhost:{p}"));
+            let _ = tx.send(DemoUrls {
+                http: http.clone(),
+                tcp: tcp.clone(),
+                sample: sample_addr,
+                https,
+                ca_path: ca_path.clone(),
+            });
         }
     }
     let outcome = agent.await?;

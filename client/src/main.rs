@@ -459,11 +459,19 @@ async fn run_demo(opts: DemoOptions) -> anyhow::Result<()> {
     let demo = tokio::spawn(demo::run(opts, tx, shutdown.clone()));
     if let Ok(urls) = rx.await {
         let tcp_port = urls.tcp.rsplit(':').next().unwrap_or_default().to_owned();
+        let https = match &urls.https {
+            Some(u) => format!(
+                "  HTTPS        {u}\n               try: curl --cacert {ca} {u}/   (HTTP/2; the demo's own CA)\n",
+                ca = urls.ca_path.display()
+            ),
+            None => String::new(),
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
             "warren demo: a relay, an agent and a sample web page, all in this process.\n\n  \
-             HTTP tunnel  {http}\n               try: curl {http}/   (or open it in a browser)\n  \
+             HTTP tunnel  {http}\n               try: curl {http}/   (or open it in a browser)\n\
+             {https}  \
              TCP tunnel   {tcp}\n               try: curl http://127.0.0.1:{tcp_port}/\n  \
              Sample page  http://{sample}  (the service behind both tunnels)\n\n\
              Press Ctrl-C to stop.",

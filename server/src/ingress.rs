@@ -391,8 +391,7 @@ impl ConnState {
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(cfg.max_header_bytes as u32)
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Some(Duration::from_secs(30)));
+            .max_concurrent_streams(256);
         let state = Arc::new(self);
         let svc = hyper::service::service_fn(move |req| {
             let state = state.clone();

@@ -2,19 +2,24 @@
 //!
 //! The relay accepts agent sessions on its control port (QUIC and TLS+yamux), checks their
 //! tokens, leases them subdomains and ports, and forwards visitors: HTTP by `Host` on its HTTP
-//! listener, raw TCP on ports of its pool (one address, many ports). Each visitor connection
-//! becomes one stream to the agent that holds the tunnel.
+//! and HTTPS listeners, TLS by SNI (passed through), raw TCP and UDP on ports of its pool (one
+//! address, many ports). Each visitor connection (or UDP flow) becomes one stream, or datagrams,
+//! to the agent that holds the tunnel, after the tunnel's access rules have let it in.
 //!
-//! Not here yet: HTTPS, UDP, the REST API and persistence (each has its own issue).
+//! Not here yet: the REST API and persistence (their own issue).
 //!
 //! # Layout
 //! - [`config`]: the validated runtime configuration and its small parsers.
 //! - [`certs`]: the development CA and the relay's certificate.
+//! - [`certstore`]: certificates for the HTTPS listener, by SNI.
+//! - [`edge`]: limits, timeouts and real client addresses on the public listeners.
+//! - [`policy`]: a tunnel's access rules and HTTP options.
 //! - [`auth`]: token checks.
 //! - [`router`]: tunnels, leases and routes — who serves which subdomain and port.
-//! - [`pool`]: the TCP port pool.
+//! - [`pool`]: the TCP and UDP port pool.
 //! - [`session`]: one agent session: handshake, control loop, heartbeats.
-//! - [`ingress`]: the public HTTP listener and the TCP tunnel listeners.
+//! - [`ingress`]: the public HTTP and HTTPS listeners and the TCP tunnel listeners.
+//! - [`udp`]: UDP tunnels.
 //! - [`relay`]: wiring it all together: bind, run, shut down.
 //! - [`util`]: small helpers the relay and the agent binary share (random names, private files,
 //!   logging).

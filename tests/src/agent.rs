@@ -129,7 +129,8 @@ impl Agent {
             if lines.len() >= n {
                 let urls: Vec<String> = lines.into_iter().take(n).collect();
                 for u in &urls {
-                    if !(u.starts_with("http://") || u.starts_with("tcp://")) {
+                    let schemes = ["http://", "https://", "tcp://", "tls://", "udp://"];
+                    if !schemes.iter().any(|s| u.starts_with(s)) {
                         return Err(format!(
                             "stdout line {u:?} is not a tunnel URL (stdout must carry only URLs); \
                              stderr:\n{}",

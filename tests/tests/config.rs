@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use warren_tests::{
-    Agent, EchoBackend, HttpBackend, HttpUrl, READY_TIMEOUT, Relay, RelayOpts, TcpUrl, TempDir,
-    expect_get, tcp_echo, unique,
+    Agent, EchoBackend, HttpBackend, HttpUrl, IO_TIMEOUT, READY_TIMEOUT, Relay, RelayOpts, TcpUrl,
+    TempDir, UdpUrl, expect_get, http_get, tcp_echo, unique, within,
 };
 
 fn path_str(p: &Path) -> String {
@@ -193,7 +193,8 @@ async fn config_file_missing_names_the_path() {
 }
 
 /// The example shipped in client/examples/warren.toml is a valid config: with the relay, token
-/// and CA given as flags it binds its tunnels (`web` on subdomain `shop`, then `db`).
+/// and CA given as flags it binds its tunnels (`web` on subdomain `shop`, `db`, `secure` and
+/// `dns`), options included.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_config_binds_its_tunnels() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/examples/warren.toml");
@@ -201,8 +202,20 @@ async fn example_config_binds_its_tunnels() {
     let tmp = TempDir::new("config-example");
     let relay = Relay::start_default().await;
     let mut agent = start_with_relay_flags(&relay, "example", &example, &tmp);
-    let urls = agent.urls(2).await;
+    let urls = agent.urls(4).await;
     assert_eq!(urls[0], format!("http://shop.localhost:{}", relay.http_addr.port()));
     let tcp = TcpUrl::parse(&urls[1]).expect("second URL is the db tunnel");
     assert!(relay.ports().contains(tcp.port), "{tcp} outside the pool");
+    assert_eq!(urls[2], format!("tls://secure.localhost:{}", relay.https_addr.port()));
+    let udp = UdpUrl::parse(&urls[3]).expect("fourth URL is the dns tunnel");
+    assert!(relay.ports().contains(udp.port), "{udp:?} outside the pool");
+    // The web tunnel's options hold at the relay: no credentials, no entry.
+    let resp = within(
+        IO_TIMEOUT,
+        "GET without credentials",
+        http_get(relay.http_addr, &format!("shop.localhost:{}", relay.http_addr.port()), "/"),
+    )
+    .await
+    .expect("GET");
+    assert_eq!(resp.status, http::StatusCode::UNAUTHORIZED, "{}", resp.text());
 }
