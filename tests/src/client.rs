@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite;
@@ -235,12 +235,19 @@ pub async fn expect_eof(addr: SocketAddr) -> anyhow::Result<()> {
 /// Opens a WebSocket to `ws://HOST/path` over a TCP connection to `addr` and checks that a text
 /// and a binary message come back unchanged.
 pub async fn websocket_echo(addr: SocketAddr, host: &str, path: &str) -> anyhow::Result<()> {
-    use tungstenite::Message;
     let stream = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
-    let uri = format!("ws://{host}{path}");
-    let (mut ws, resp) = tokio_tungstenite::client_async(uri.as_str(), stream)
-        .await
-        .context("websocket handshake")?;
+    websocket_echo_on(stream, &format!("ws://{host}{path}")).await
+}
+
+/// Like [`websocket_echo`] over an already-connected stream (e.g. TLS that negotiated
+/// `http/1.1`); `uri` (`ws://HOST/path` or `wss://HOST/path`) gives the `Host` and the path.
+pub async fn websocket_echo_on<S>(stream: S, uri: &str) -> anyhow::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    use tungstenite::Message;
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(uri, stream).await.context("websocket handshake")?;
     ensure!(resp.status() == StatusCode::SWITCHING_PROTOCOLS, "upgrade answered {}", resp.status());
     let text = "hello through the warren";
     ws.send(Message::text(text)).await.context("send text")?;
