@@ -97,6 +97,8 @@ pub struct CertStore {
     /// Serializes reloads.
     reloading: Mutex<()>,
     on_demand: Mutex<OnDemand>,
+    /// Certificates obtained from an ACME CA, by exact name.
+    acme: RwLock<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 /// A certificate loaded from the directory.
@@ -158,6 +160,7 @@ impl CertStore {
                 order: VecDeque::new(),
                 cap: ON_DEMAND_CAP,
             }),
+            acme: RwLock::new(HashMap::new()),
         });
         let report = store.try_reload()?;
         log_report(&report);
@@ -245,6 +248,9 @@ impl CertStore {
                 return found.key.clone();
             }
         }
+        if let Some(key) = read_lock(&self.acme).get(&name) {
+            return key.clone();
+        }
         if self.is_relay_name(&name)
             && is_dns_name(&name)
             && let Some(key) = self.on_demand(&name)
@@ -252,6 +258,41 @@ impl CertStore {
             return key;
         }
         self.default.clone()
+    }
+
+    /// Whether a certificate from the cert dir (exact or wildcard) or from ACME covers `name`,
+    /// so that nothing needs to be obtained for it.
+    pub fn covered(&self, name: &str) -> bool {
+        let name = normalize(name);
+        if read_lock(&self.acme).contains_key(&name) {
+            return true;
+        }
+        let files = read_lock(&self.files);
+        files.contains_key(&name)
+            || name
+                .split_once('.')
+                .is_some_and(|(_, rest)| files.contains_key(&format!("*.{rest}")))
+    }
+
+    /// Serves `chain` and `key` (PEM) for exactly `name` from now on: a certificate obtained
+    /// from an ACME CA. Refused when they do not parse or do not match.
+    pub fn set_acme(&self, name: &str, chain_pem: &[u8], key_pem: &[u8]) -> Result<(), String> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
+        if chain.is_empty() {
+            return Err("no certificate in the chain".to_owned());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| format!("not a PEM private key: {e}"))?;
+        let signing = any_supported_type(&key).map_err(|e| format!("unusable key: {e}"))?;
+        let certified = CertifiedKey::new(chain, signing);
+        match certified.keys_match() {
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => return Err(format!("the key does not match the certificate ({e})")),
+        }
+        write_lock(&self.acme).insert(normalize(name), Arc::new(certified));
+        Ok(())
     }
 
     /// The domain itself or one label under it.

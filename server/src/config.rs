@@ -36,6 +36,8 @@ pub struct RelayConfig {
     pub prefer_https: bool,
     /// Limits and timeouts of the public listeners.
     pub edge: crate::edge::EdgeConfig,
+    /// Certificates from an ACME CA for HTTP tunnels' names.
+    pub acme: Option<crate::acme::AcmeSettings>,
 }
 
 impl RelayConfig {
@@ -56,6 +58,7 @@ impl RelayConfig {
             cert_dir: None,
             prefer_https: false,
             edge: crate::edge::EdgeConfig::default(),
+            acme: None,
         }
     }
 }

@@ -168,6 +168,7 @@ pub struct HttpIngress {
     router: Arc<Router>,
     domain: String,
     edge: Arc<Edge>,
+    challenges: crate::acme::Challenges,
 }
 
 /// Which session, tunnel and visitor an upstream connection belongs to.
@@ -204,8 +205,18 @@ struct ConnState {
 
 impl HttpIngress {
     /// Routes `NAME.domain` to the tunnels in `router`.
-    pub fn new(router: Arc<Router>, domain: &str, edge: Arc<Edge>) -> Arc<Self> {
-        Arc::new(Self { router, domain: domain.trim_end_matches('.').to_ascii_lowercase(), edge })
+    pub fn new(
+        router: Arc<Router>,
+        domain: &str,
+        edge: Arc<Edge>,
+        challenges: crate::acme::Challenges,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            router,
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            edge,
+            challenges,
+        })
     }
 
     /// Accepts plain-HTTP visitors until `shutdown`; then waits a few seconds for open requests.
@@ -422,6 +433,16 @@ impl ConnState {
             .or_else(|| req.uri().authority().map(|a| a.to_string()))
             .unwrap_or_default();
         let ingress = &self.ingress;
+        if !self.https
+            && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
+            && let Some(answer) = ingress.challenges.get(token)
+        {
+            // An ACME CA checking that this relay serves the name it asked a certificate for.
+            let mut resp = Response::new(Either::Right(Full::new(Bytes::from(answer))));
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            return resp;
+        }
         let Some(label) = ingress.label(&host) else {
             return error_page(
                 StatusCode::NOT_FOUND,
@@ -807,6 +828,7 @@ mod tests {
             router: Arc::new(router),
             domain: domain.into(),
             edge: Edge::new(crate::edge::EdgeConfig::default()),
+            challenges: crate::acme::Challenges::default(),
         }
     }
 

@@ -12,6 +12,7 @@
 //! - [`config`]: the validated runtime configuration and its small parsers.
 //! - [`certs`]: the development CA and the relay's certificate.
 //! - [`certstore`]: certificates for the HTTPS listener, by SNI.
+//! - [`acme`]: certificates from an ACME CA, with HTTP-01 challenges.
 //! - [`edge`]: limits, timeouts and real client addresses on the public listeners.
 //! - [`policy`]: a tunnel's access rules and HTTP options.
 //! - [`auth`]: token checks.
@@ -24,6 +25,7 @@
 //! - [`util`]: small helpers the relay and the agent binary share (random names, private files,
 //!   logging).
 
+pub mod acme;
 pub mod auth;
 pub mod certs;
 pub mod certstore;

@@ -101,6 +101,18 @@ struct Args {
     /// Most concurrent visitor streams to one agent session (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 8192)]
     max_streams_per_agent: usize,
+    /// Obtain certificates for HTTP tunnels' names from an ACME CA (Let's Encrypt by default),
+    /// registering with this contact address. Challenges are HTTP-01: the CA must reach this
+    /// relay's HTTP listener on port 80 under each name.
+    #[arg(long, value_name = "EMAIL")]
+    acme_email: Option<String>,
+    /// The ACME CA's directory URL.
+    #[arg(long, value_name = "URL", default_value = warren_server::acme::LETS_ENCRYPT, requires = "acme_email")]
+    acme_directory: String,
+    /// Trust this root certificate (PEM) for the ACME directory's HTTPS instead of the system's
+    /// roots: for private CAs (step-ca) and test CAs (pebble).
+    #[arg(long, value_name = "FILE", requires = "acme_email")]
+    acme_ca: Option<PathBuf>,
     /// Forget a UDP tunnel's visitor flow after this long without packets.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     udp_idle_timeout: std::time::Duration,
@@ -183,6 +195,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_streams_per_agent: args.max_streams_per_agent,
             udp_idle_timeout: args.udp_idle_timeout,
         },
+        acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
+            email,
+            directory: args.acme_directory,
+            directory_ca: args.acme_ca,
+        }),
     };
     let ports = config.ports;
     let relay = Relay::bind(config).await?;

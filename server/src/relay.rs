@@ -81,6 +81,7 @@ pub struct BoundRelay {
     http: TcpListener,
     https: Option<(TcpListener, Arc<CertStore>)>,
     edge: Arc<Edge>,
+    challenges: crate::acme::Challenges,
     shared: Arc<Shared>,
 }
 
@@ -118,6 +119,16 @@ impl Relay {
             }
             None => None,
         };
+        let challenges = crate::acme::Challenges::default();
+        let acme = match (&config.acme, &https) {
+            (Some(settings), Some((_, store))) => Some(crate::acme::Acme::new(
+                settings.clone(),
+                &config.data_dir,
+                store.clone(),
+                challenges.clone(),
+            )),
+            _ => None,
+        };
         let https_addr = match &https {
             Some((l, _)) => Some(l.local_addr().map_err(|source| RelayError::Https {
                 addr: config.https.unwrap_or(http_addr),
@@ -149,6 +160,7 @@ impl Relay {
             lease_grace: config.lease_grace,
             shutdown: CancellationToken::new(),
             edge: Arc::new(config.edge.clone()),
+            acme,
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),
@@ -162,6 +174,7 @@ impl Relay {
             http,
             https,
             edge,
+            challenges,
             shared,
         })
     }
@@ -180,8 +193,15 @@ impl BoundRelay {
         }
 
         let tasks = TaskTracker::new();
-        let ingress =
-            HttpIngress::new(self.shared.router.clone(), &self.shared.domain, self.edge.clone());
+        let ingress = HttpIngress::new(
+            self.shared.router.clone(),
+            &self.shared.domain,
+            self.edge.clone(),
+            self.challenges.clone(),
+        );
+        if let Some(acme) = &self.shared.acme {
+            acme.watch_renewals(Duration::from_secs(3600), self.shared.shutdown.clone());
+        }
         tasks.spawn(ingress.clone().serve(self.http, self.shared.shutdown.clone()));
         if let Some((listener, store)) = self.https {
             store.watch(Duration::from_secs(2), self.shared.shutdown.clone());

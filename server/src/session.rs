@@ -40,6 +40,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Limits of the public side (streams per agent).
     pub edge: Arc<EdgeConfig>,
+    /// Obtains certificates for HTTP tunnels' names, when configured.
+    pub acme: Option<Arc<crate::acme::Acme>>,
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -236,6 +238,11 @@ async fn run_session(
             Message::Bind(req) => match shared.router.bind(&owner, &req, &ctx) {
                 Ok(bound) => {
                     info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
+                    if let (Some(acme), Some(sub), warren_proto::Protocol::Http) =
+                        (&shared.acme, &bound.subdomain, req.protocol)
+                    {
+                        acme.ensure(&format!("{sub}.{}", shared.domain));
+                    }
                     if !bound.notice.is_empty() {
                         warn!(tunnel = %req.name, notice = %bound.notice, "bind adjusted");
                     }

@@ -34,6 +34,21 @@ pub fn init_logging(default: &str) {
         .init();
 }
 
+/// An error and all its sources, `outer: inner: innermost`, for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let text = inner.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = inner.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

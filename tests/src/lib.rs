@@ -23,6 +23,7 @@ pub mod agent;
 pub mod backend;
 pub mod client;
 pub mod grpc;
+pub mod pki;
 pub mod process;
 pub mod proxy_backend;
 pub mod raw;
@@ -37,6 +38,8 @@ pub use grpc::{
     GrpcEchoBackend, GrpcOutcome, grpc_ping_pong, h2_get, peer_leaf, tls_connect,
     tls_connect_any_cert,
 };
+pub use pki::Pki;
+pub use process::{Daemon, which};
 pub use proxy_backend::{ProxyBackend, ProxySeen};
 pub use relay::{Relay, RelayOpts};
 pub use udp::{DnsBackend, UdpEchoBackend, udp_flood, udp_roundtrip};

@@ -236,3 +236,49 @@ pub(crate) fn dump(title: &str, lines: &Lines) {
     }
     eprintln!("----- end of {title} -----");
 }
+
+/// Another program a test needs (an ACME test CA, a DNS server...), found on `PATH`, with its
+/// output captured. Killed on drop; its output is printed when the test is failing.
+#[derive(Debug)]
+pub struct Daemon {
+    proc: Proc,
+    out: Lines,
+}
+
+impl Daemon {
+    /// Starts `program` with `args` and `envs`; panics with an install hint when it is missing.
+    pub fn spawn(label: &str, program: &str, args: &[String], envs: &[(&str, &str)]) -> Self {
+        let path = which(program).unwrap_or_else(|| {
+            panic!("`{program}` is not installed (scripts/test-all installs it with apt-get)")
+        });
+        let out = Lines::default();
+        let envs: Vec<(String, String)> =
+            envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let proc = Proc::spawn(label, &path, args, &envs, &out, &out);
+        Self { proc, out }
+    }
+
+    /// Everything it printed so far, stdout and stderr interleaved.
+    pub fn output(&self) -> String {
+        self.out.text()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.try_status().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            dump(&format!("{} output", self.proc.label), &self.out);
+        }
+    }
+}
+
+/// The full path of `program` on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(program)).find(|p| p.is_file())
+}

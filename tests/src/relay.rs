@@ -134,6 +134,11 @@ impl Relay {
         Self::start(RelayOpts::default()).await
     }
 
+    /// Replaces the extra arguments used from the next [`Relay::restart`] on.
+    pub fn set_extra_args(&mut self, args: &[&str]) {
+        self.opts.extra_args = args.iter().map(|a| (*a).to_owned()).collect();
+    }
+
     /// The first token the relay accepts.
     pub fn token(&self) -> &str {
         &self.opts.tokens[0]

@@ -6,7 +6,7 @@
 //! Certificates other than the relay's own are made with the `openssl` command-line tool; the
 //! tests that need them skip (saying so) when it is missing. `curl` is required.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use tokio_util::task::AbortOnDropHandle;
 use warren_tests::client::websocket_echo_on;
 use warren_tests::grpc::alpn_protocol;
 use warren_tests::{
-    Agent, GrpcEchoBackend, HttpBackend, HttpSetup, IO_TIMEOUT, Relay, RelayOpts, TempDir,
+    Agent, GrpcEchoBackend, HttpBackend, HttpSetup, IO_TIMEOUT, Pki, Relay, RelayOpts, TempDir,
     Transport, eventually, grpc_ping_pong, h2_get, http_get, parse_headers, peer_leaf,
     random_bytes, tls_connect, tls_connect_any_cert, within,
 };
@@ -141,145 +141,6 @@ fn leaf_der(pem: &Path) -> Vec<u8> {
         .unwrap_or_else(|| panic!("no certificate in {}", pem.display()))
         .unwrap_or_else(|e| panic!("parse {}: {e}", pem.display()))
         .to_vec()
-}
-
-/// Certificates made with the `openssl` CLI in one directory (EC P-256 keys, 2 days).
-#[derive(Debug)]
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    /// `None` (after saying so) when the `openssl` CLI is not available.
-    fn new(label: &str) -> Option<Self> {
-        let works = std::process::Command::new("openssl")
-            .arg("version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !works {
-            eprintln!("note: SKIPPING this test: the `openssl` command-line tool is not available");
-            return None;
-        }
-        Some(Self { dir: TempDir::new(label) })
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    /// A self-signed CA: `NAME.pem`, `NAME.key`.
-    fn ca(&self, name: &str) -> PathBuf {
-        let (key, pem, subj) =
-            (format!("{name}.key"), format!("{name}.pem"), format!("/CN={name}"));
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subj,
-        ]);
-        self.path(&pem)
-    }
-
-    /// A leaf for DNS name `dns` signed by CA `ca` (made by [`Pki::ca`]): `NAME.pem`,
-    /// `NAME.key`. Returns (certificate, key).
-    fn leaf(&self, name: &str, ca: &str, dns: &str) -> (PathBuf, PathBuf) {
-        let (key, csr, pem, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-            format!("{name}.ext"),
-        );
-        self.dir.write(
-            &ext,
-            &format!("subjectAltName=DNS:{dns}\nbasicConstraints=critical,CA:FALSE\n"),
-        );
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={dns}"),
-        ]);
-        self.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            &ext,
-        ]);
-        (self.path(&pem), self.path(&key))
-    }
-
-    /// A self-signed leaf for `dns` (not a CA): `NAME.pem`, `NAME.key`.
-    fn self_signed(&self, name: &str, dns: &str) -> (PathBuf, PathBuf) {
-        let (key, pem) = (format!("{name}.key"), format!("{name}.pem"));
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &format!("/CN={dns}"),
-            "-addext",
-            &format!("subjectAltName=DNS:{dns}"),
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ]);
-        (self.path(&pem), self.path(&key))
-    }
 }
 
 /// Puts `src` at `dst` atomically (copy to a hidden file in the same directory, then rename),
@@ -423,7 +284,7 @@ async fn https_with_dev_ca(t: Transport) {
 /// seconds without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_given_certificate() {
-    let Some(pki) = Pki::new("https-given-pki") else { return };
+    let pki = Pki::new("https-given-pki");
     pki.ca("ca1");
     pki.ca("ca2");
     let (cert1, key1) = pki.leaf("given1", "ca1", "given.localhost");
@@ -613,7 +474,7 @@ async fn websocket_over_https(t: Transport) {
 /// so the visitor sees the backend's own certificate and the backend sees the visitor's SNI;
 /// an unknown name gets the relay's own (dev-CA) certificate.
 async fn tls_passthrough_by_sni(t: Transport) {
-    let Some(pki) = Pki::new("https-sni-pki") else { return };
+    let pki = Pki::new("https-sni-pki");
     let (cert, key) = pki.self_signed("secure", "secure.localhost");
     let backend_leaf = leaf_der(&cert);
     let backend = TlsLineBackend::start(&cert, &key).await;
