@@ -373,6 +373,27 @@ async fn read_client_hello(
     }
 }
 
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads a connection's first bytes: until they cannot be the HTTP/2 preface, or are all of it.
+async fn sniff_protocol<I: AsyncRead + Unpin>(io: &mut I) -> std::io::Result<Bytes> {
+    let mut first = Vec::with_capacity(H2_PREFACE.len());
+    loop {
+        if !first.is_empty() && (first.len() >= H2_PREFACE.len() || !H2_PREFACE.starts_with(&first))
+        {
+            return Ok(Bytes::from(first));
+        }
+        let mut chunk = [0u8; 24];
+        let want = H2_PREFACE.len().saturating_sub(first.len()).max(1);
+        let n = io.read(&mut chunk[..want]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        first.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn has_body_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -385,18 +406,32 @@ fn has_body_limit_error(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 impl ConnState {
-    async fn serve<I>(self, io: I, cancel: CancellationToken)
+    async fn serve<I>(self, mut io: I, cancel: CancellationToken)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let cfg = &self.ingress.edge.config;
         let peer = self.peer;
-        let io = IdleTimeout::new(io, cfg.idle_timeout);
+        // hyper's header timeout starts once it knows the protocol; the bytes that decide it
+        // (up to the HTTP/2 preface) are bounded by the same timeout here.
+        let first = match tokio::time::timeout(cfg.header_timeout, sniff_protocol(&mut io)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "visitor connection ended before a request");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "no request head in time; connection closed");
+                return;
+            }
+        };
+        let io = IdleTimeout::new(Prefixed::new(first, io), cfg.idle_timeout);
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(cfg.header_timeout)
+            // hyper refuses buffers under 8 KiB; the flag's parser does too.
             .max_buf_size(cfg.max_header_bytes.max(8192));
         builder
             .http2()

@@ -89,8 +89,8 @@ struct Args {
     /// Longest a visitor may take to send a request head, TLS hello or PROXY header.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     header_timeout: std::time::Duration,
-    /// Largest request head accepted from a visitor, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    /// Largest request head accepted from a visitor, in bytes (at least 8192).
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024, value_parser = parse_header_size)]
     max_header_size: usize,
     /// Close HTTP(S) visitor connections (and WebSockets) after this long without traffic.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
@@ -116,6 +116,16 @@ struct Args {
     /// Forget a UDP tunnel's visitor flow after this long without packets.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     udp_idle_timeout: std::time::Duration,
+}
+
+fn parse_header_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if n >= 8192 => Ok(n),
+        Ok(_) => {
+            Err("must be at least 8192 bytes (HTTP/1.1 servers read heads in 8 KiB buffers)".into())
+        }
+        Err(_) => Err(format!("{s:?} is not a number of bytes")),
+    }
 }
 
 fn main() -> ExitCode {

@@ -283,22 +283,22 @@ async fn get_with_big_header(addr: SocketAddr, host: &str, len: usize) -> Option
     text.split(' ').nth(1).and_then(|s| s.parse().ok())
 }
 
-/// `--max-header-size 4096`: a request head well under it passes; one of 6 KB or 32 KB is
+/// `--max-header-size 16384`: a request head well under it passes; one of 20 KB or 64 KB is
 /// refused (431/400 or closed) without reaching the backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_header_size() {
     let s = HttpSetup::start_with(
-        RelayOpts::default().args(&["--max-header-size", "4096"]),
+        RelayOpts::default().args(&["--max-header-size", "16384"]),
         Transport::Quic,
     )
     .await;
     let host = s.host();
-    assert_eq!(get_with_big_header(s.addr(), &host, 2000).await, Some(200), "a 2 KB head");
-    for len in [6 * 1024, 32 * 1024] {
+    assert_eq!(get_with_big_header(s.addr(), &host, 12 * 1024).await, Some(200), "a 12 KB head");
+    for len in [20 * 1024, 64 * 1024] {
         let status = get_with_big_header(s.addr(), &host, len).await;
         assert!(
             matches!(status, None | Some(400 | 431)),
-            "a head with a {len}-byte header and --max-header-size 4096 got {status:?}"
+            "a head with a {len}-byte header and --max-header-size 16384 got {status:?}"
         );
     }
     expect_get(s.addr(), &host, &s.backend.greeting()).await.expect("served afterwards");
@@ -759,5 +759,24 @@ fn json_reader() {
     );
     for bad in ["", "{", "<html>", r#"{"a":1,}"#, r#"{"a" 1}"#, "[1 2]", "\"x", "{} x"] {
         assert!(parse_json(bad).is_err(), "{bad:?} accepted");
+    }
+}
+
+/// Limits that cannot work are refused when the relay starts, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impossible_limits_are_refused_at_start() {
+    for (flag, value, says) in [
+        ("--max-header-size", "4096", "at least 8192"),
+        ("--header-timeout", "soon", "invalid duration"),
+        ("--trust-proxy", "10.0.0.0/33", "invalid network"),
+    ] {
+        let out = tokio::process::Command::new(warren_tests::process::binary("warren-server"))
+            .args([flag, value, "--data", "/nonexistent/never-created"])
+            .output()
+            .await
+            .expect("run warren-server");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
     }
 }
