@@ -127,8 +127,8 @@ pub struct TunnelOptions {
     pub https_only: bool,
     /// The target speaks HTTP/2 without TLS (h2c); the relay forwards requests as HTTP/2.
     pub upstream_http2: bool,
-    /// Option keys this version does not know, as received.
-    pub unknown: Vec<u16>,
+    /// Options this version does not know, as received (key and raw value); sent on unchanged.
+    pub unknown: Vec<(u16, Vec<u8>)>,
 }
 
 /// Option keys on the wire.
@@ -243,6 +243,7 @@ impl TunnelOptions {
         if self.upstream_http2 {
             add(key::UPSTREAM_HTTP2, &|_| {});
         }
+        entries.extend(self.unknown.iter().cloned());
         entries
     }
 
@@ -274,6 +275,7 @@ impl TunnelOptions {
         if p.is_empty() {
             return Ok(out);
         }
+        let start = p.len();
         let count = p.u16_("option count")? as usize;
         if count > MAX_OPTIONS {
             return Err(DecodeError::Malformed("option count"));
@@ -311,7 +313,10 @@ impl TunnelOptions {
                 key::MAX_BODY => out.max_body = Some(v.u64_("max body")?),
                 key::HTTPS_ONLY => out.https_only = true,
                 key::UPSTREAM_HTTP2 => out.upstream_http2 = true,
-                other => out.unknown.push(other),
+                other => out.unknown.push((other, v.to_vec())),
+            }
+            if start - p.len() > MAX_OPTIONS_LEN {
+                return Err(DecodeError::Malformed("options longer than 32 KiB"));
             }
         }
         Ok(out)
@@ -359,7 +364,11 @@ mod tests {
         buf.put_u16(key::HTTPS_ONLY);
         buf.put_u16(0);
         let o = TunnelOptions::decode(&mut &buf[..]).unwrap();
-        assert_eq!(o.unknown, vec![999]);
+        assert_eq!(o.unknown, vec![(999, b"abc".to_vec())]);
+        // Re-encoded as received.
+        let mut again = Vec::new();
+        o.encode(&mut again);
+        assert_eq!(TunnelOptions::decode(&mut &again[..]).unwrap(), o);
         assert!(o.https_only);
     }
 

@@ -58,9 +58,10 @@ impl Policy {
     /// Compiles a bind's options for a tunnel of `protocol`.
     pub fn new(protocol: Protocol, options: TunnelOptions) -> Result<Self, PolicyError> {
         if !options.unknown.is_empty() {
+            let keys: Vec<u16> = options.unknown.iter().map(|(k, _)| *k).collect();
             return Err(PolicyError(format!(
                 "this relay does not know tunnel option(s) {:?}; upgrade the relay or drop the option",
-                options.unknown
+                keys
             )));
         }
         let http_only = [
@@ -268,7 +269,7 @@ mod tests {
         let o = TunnelOptions { https_only: true, ..TunnelOptions::default() };
         assert!(Policy::new(Protocol::Tcp, o.clone()).is_err());
         assert!(Policy::new(Protocol::Http, o).is_ok());
-        let o = TunnelOptions { unknown: vec![77], ..TunnelOptions::default() };
+        let o = TunnelOptions { unknown: vec![(77, Vec::new())], ..TunnelOptions::default() };
         assert!(Policy::new(Protocol::Http, o).unwrap_err().0.contains("77"));
         let o = TunnelOptions {
             request_header_add: vec![("bad name".into(), "v".into())],
