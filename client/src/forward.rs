@@ -55,9 +55,10 @@ pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
         return;
     }
     if header.protocol == Protocol::Udp {
-        if let Err(e) =
-            crate::udp::serve_stream(stream, &tunnel.target, crate::udp::FLOW_IDLE).await
-        {
+        // Boxed: UDP flows are rare next to TCP streams, whose futures stay small.
+        let flow =
+            Box::pin(crate::udp::serve_stream(stream, &tunnel.target, crate::udp::FLOW_IDLE));
+        if let Err(e) = flow.await {
             debug!(tunnel = %tunnel.name, visitor = %header.visitor, error = %e, "udp flow ended with an error");
         }
         return;

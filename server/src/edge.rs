@@ -36,6 +36,8 @@ pub struct EdgeConfig {
     pub max_streams_per_agent: usize,
     /// A UDP flow with no packet either way for this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// Log every HTTP request and every TCP or TLS connection, with the visitor's address.
+    pub access_log: bool,
 }
 
 impl Default for EdgeConfig {
@@ -48,6 +50,7 @@ impl Default for EdgeConfig {
             max_conns_per_ip: 1024,
             max_streams_per_agent: 8192,
             udp_idle_timeout: Duration::from_secs(60),
+            access_log: false,
         }
     }
 }

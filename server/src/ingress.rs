@@ -136,7 +136,7 @@ async fn forward_tcp(
             return;
         }
     }
-    pipe(tcp, early, visitor, &live, Protocol::Tcp).await;
+    pipe(tcp, early, visitor, &live, Protocol::Tcp, edge.config.access_log).await;
 }
 
 /// Splices a visitor connection (after `early`, bytes already read from it) to a new data stream.
@@ -146,6 +146,7 @@ async fn pipe(
     visitor: SocketAddr,
     live: &Live,
     protocol: Protocol,
+    access_log: bool,
 ) {
     let (mut stream, _permit) = match open_data_stream(live, visitor, protocol).await {
         Ok(s) => s,
@@ -154,11 +155,28 @@ async fn pipe(
             return;
         }
     };
+    let early_len = early.len() as u64;
     if !early.is_empty() && stream.write_all(&early).await.is_err() {
         return;
     }
-    if let Err(e) = warren_transport::splice(&mut tcp, &mut stream).await {
+    let started = std::time::Instant::now();
+    let result = warren_transport::splice(&mut tcp, &mut stream).await;
+    if let Err(e) = &result {
         debug!(tunnel = %live.name, %visitor, error = %e, "connection ended with an error");
+    }
+    if access_log {
+        let (up, down) = result.unwrap_or_default();
+        let up = up + early_len;
+        info!(
+            target: "warren_server::access",
+            %visitor,
+            proto = %protocol,
+            tunnel = %live.name,
+            bytes_in = up,
+            bytes_out = down,
+            ms = started.elapsed().as_millis() as u64,
+            "connection"
+        );
     }
 }
 
@@ -305,7 +323,10 @@ impl HttpIngress {
             };
             let visitor = conn_addr;
             match live.policy.admit(visitor.ip()) {
-                Admit::Yes => pipe(tcp, hello, visitor, &live, Protocol::Tls).await,
+                Admit::Yes => {
+                    let log = self.edge.config.access_log;
+                    pipe(tcp, hello, visitor, &live, Protocol::Tls, log).await
+                }
                 refused => {
                     debug!(tunnel = %live.name, %visitor, outcome = ?refused, "visitor refused")
                 }
@@ -441,7 +462,7 @@ impl ConnState {
         let state = Arc::new(self);
         let svc = hyper::service::service_fn(move |req| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(state.handle(req).await) }
+            async move { Ok::<_, Infallible>(state.handle_logged(req).await) }
         });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
         tokio::pin!(conn);
@@ -452,6 +473,44 @@ impl ConnState {
                 let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
             }
         }
+    }
+
+    /// [`ConnState::handle`], with one access-log line per request when `--access-log` is on.
+    async fn handle_logged(&self, req: Request<Incoming>) -> Response<Body> {
+        if !self.ingress.edge.config.access_log {
+            return self.handle(req).await;
+        }
+        let started = std::time::Instant::now();
+        let method = req.method().clone();
+        let version = req.version();
+        let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let host = req
+            .headers()
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let visitor = if self.conn_addr.ip() != self.peer.ip() {
+            self.conn_addr.ip()
+        } else {
+            self.ingress.edge.config.client_ip(self.peer.ip(), xff)
+        };
+        let resp = self.handle(req).await;
+        info!(
+            target: "warren_server::access",
+            visitor = %visitor,
+            scheme = if self.https { "https" } else { "http" },
+            version = ?version,
+            %host,
+            %method,
+            %path,
+            status = resp.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp
     }
 
     async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {

@@ -113,6 +113,10 @@ struct Args {
     /// roots: for private CAs (step-ca) and test CAs (pebble).
     #[arg(long, value_name = "FILE", requires = "acme_email")]
     acme_ca: Option<PathBuf>,
+    /// Log one line per HTTP request (visitor, host, method, path, status, time) and per TCP or
+    /// TLS connection (visitor, tunnel, bytes, time), with visitors' real addresses.
+    #[arg(long)]
+    access_log: bool,
     /// Forget a UDP tunnel's visitor flow after this long without packets.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     udp_idle_timeout: std::time::Duration,
@@ -204,6 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_conns_per_ip: args.max_conns_per_ip,
             max_streams_per_agent: args.max_streams_per_agent,
             udp_idle_timeout: args.udp_idle_timeout,
+            access_log: args.access_log,
         },
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
             email,

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
-use tracing::debug;
+use tracing::{debug, info};
 use warren_proto::datagram::{DatagramHeader, decode_record, encode_record};
 use warren_proto::{Protocol, TunnelId};
 use warren_transport::{Session, TransportKind};
@@ -116,7 +116,11 @@ async fn serve(socket: UdpSocket, mut live: watch::Receiver<Option<Live>>, edge:
                         while by_id.contains_key(&next_id) {
                             next_id = next_id.wrapping_add(1);
                         }
-                        debug!(tunnel = %l.name, %visitor, flow = next_id, "udp flow opened");
+                        if edge.access_log {
+                            info!(target: "warren_server::access", %visitor, proto = "udp", tunnel = %l.name, flow = next_id, "flow");
+                        } else {
+                            debug!(tunnel = %l.name, %visitor, flow = next_id, "udp flow opened");
+                        }
                         by_id.insert(next_id, visitor);
                         flows.entry(visitor).or_insert(Flow { id: next_id, last: Instant::now(), stream: None })
                     }

@@ -699,6 +699,52 @@ async fn trusted_proxy_header_tcp_reaches_target() {
     agent.assert_running();
 }
 
+/// `--access-log`: one line per HTTP request and per TCP connection, naming the real visitor
+/// (here one a trusted load balancer vouches for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_names_the_real_visitor() {
+    let tmp = TempDir::new("access-log");
+    let relay =
+        Relay::start(RelayOpts::default().args(&["--access-log", "--trust-proxy", "127.0.0.1/32"]))
+            .await;
+    let backend = HttpBackend::start().await;
+    let mut web = spawn(&relay, &tmp, "http", "logged", backend.port(), &[]);
+    let host = web.http_url().await.host();
+    let resp =
+        get_with(relay.http_addr, &host, "/headers?q=1", &[("x-forwarded-for", "203.0.113.9")])
+            .await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let resp = get_with(relay.http_addr, "nobody.localhost", "/x", &[]).await;
+    assert_eq!(resp.status, StatusCode::NOT_FOUND);
+    let echo = EchoBackend::start().await;
+    let mut tcp = spawn(&relay, &tmp, "tcp", "logged-tcp", echo.port(), &[]);
+    let url = tcp.tcp_url().await;
+    within(IO_TIMEOUT, "tcp echo", tcp_echo(url.addr(), 1000)).await.expect("echo");
+
+    let lines = || relay.stderr().into_iter().filter(|l| l.contains("warren_server::access"));
+    let found = warren_tests::eventually(IO_TIMEOUT, || {
+        let all: Vec<String> = lines().collect();
+        async move {
+            let request = all.iter().find(|l| l.contains("path=/headers?q=1")).cloned();
+            let missing = all.iter().find(|l| l.contains("status=404")).cloned();
+            let conn = all.iter().find(|l| l.contains("proto=tcp")).cloned();
+            match (request, missing, conn) {
+                (Some(r), Some(m), Some(c)) => Ok((r, m, c)),
+                _ => anyhow::bail!("access lines so far: {all:#?}"),
+            }
+        }
+    })
+    .await;
+    let (request, missing, conn) = found;
+    assert!(request.contains("visitor=203.0.113.9"), "{request}");
+    assert!(request.contains("status=200") && request.contains("method=GET"), "{request}");
+    assert!(missing.contains("visitor=127.0.0.1") && missing.contains("host=nobody.localhost"));
+    assert!(conn.contains("visitor=127.0.0.1:") && conn.contains("tunnel=logged-tcp"), "{conn}");
+    assert!(conn.contains("bytes_in=1000") && conn.contains("bytes_out=1000"), "{conn}");
+    web.assert_running();
+    tcp.assert_running();
+}
+
 #[test]
 fn base64_matches_rfc4648() {
     for (i, o) in [
