@@ -27,7 +27,7 @@ use warren_transport::{Mode, RelayAddr, Trust};
 #[command(
     name = "warren",
     version,
-    after_help = "Examples:\n  warren demo                                   everything on loopback, to try it out\n  warren http 8080 --relay example.com:7443 --token s3cret --subdomain shop\n  warren tcp 5432 --relay example.com:7443 --token s3cret\n  warren start --config warren.toml\n\nThe public URL is printed alone on stdout; logs go to stderr (WARREN_LOG=debug for more)."
+    after_help = "Examples:\n  warren demo                                   everything on loopback, to try it out\n  warren http 8080 --relay example.com:7443 --token s3cret --subdomain shop\n  warren tcp 5432 --relay example.com:7443 --token s3cret\n  warren tls 8443 --hostname secure --relay example.com:7443 --token s3cret\n  warren udp 53 --relay example.com:7443 --token s3cret\n  warren http 3000 --basic-auth ann:s3cret --allow 203.0.113.0/24 ...\n  warren start --config warren.toml\n\nThe public URL is printed alone on stdout; logs go to stderr (WARREN_LOG=debug for more)."
 )]
 struct Cli {
     #[command(subcommand)]

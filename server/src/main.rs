@@ -25,7 +25,7 @@ use warren_server::{Relay, util};
 #[command(
     name = "warren-server",
     version,
-    after_help = "Examples:\n  warren-server --domain example.com --token s3cret\n  warren-server --domain localhost --control 127.0.0.1:7443 --http 127.0.0.1:8080 --ports 127.0.0.1:20000-20099"
+    after_help = "Examples:\n  warren-server --domain example.com --token s3cret\n  warren-server --domain example.com --token s3cret --cert-dir /etc/warren/certs\n  warren-server --domain example.com --token s3cret --acme-email ops@example.com\n  warren-server --domain example.com --token s3cret --trust-proxy 10.0.0.0/8 --access-log\n  warren-server --domain localhost --control 127.0.0.1:7443 --http 127.0.0.1:8080 --https 127.0.0.1:8443 --ports 127.0.0.1:20000-20099"
 )]
 struct Args {
     /// Domain under which HTTP tunnels are named (NAME.DOMAIN); point a wildcard DNS record at
