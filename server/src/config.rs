@@ -38,6 +38,10 @@ pub struct RelayConfig {
     pub edge: crate::edge::EdgeConfig,
     /// Certificates from an ACME CA for HTTP tunnels' names.
     pub acme: Option<crate::acme::AcmeSettings>,
+    /// The REST API and metrics listener, if any.
+    pub api: Option<SocketAddr>,
+    /// The API's admin token.
+    pub admin_token: Token,
 }
 
 impl RelayConfig {
@@ -59,6 +63,8 @@ impl RelayConfig {
             prefer_https: false,
             edge: crate::edge::EdgeConfig::default(),
             acme: None,
+            api: Some(any),
+            admin_token: Token::new(format!("{token}-admin")),
         }
     }
 }

@@ -9,7 +9,10 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,7 +23,7 @@ use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio::task::JoinSet;
@@ -32,29 +35,103 @@ use warren_transport::Stream;
 
 use crate::edge::{ConnGuard, Edge, IdleTimeout, Prefixed, read_proxy_header};
 use crate::policy::Admit;
-use crate::router::{Live, Route, Router};
+use crate::router::{Live, Route, Router, TunnelStats};
 
 type Body = Either<Incoming, Full<Bytes>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type UpBody = BoxBody<Bytes, BoxError>;
 
 /// Opens a data stream to the agent for one visitor connection and writes its header. The
-/// permit counts the stream against the agent's limit; hold it as long as the stream.
+/// stream counts against the agent's and the token's stream limits and into the tunnel's
+/// traffic counters for as long as it lives.
 pub async fn open_data_stream(
     live: &Live,
     visitor: SocketAddr,
     protocol: Protocol,
-) -> std::io::Result<(Stream, OwnedSemaphorePermit)> {
+) -> std::io::Result<DataStream> {
     let permit = live.streams.clone().try_acquire_owned().map_err(|_| {
         std::io::Error::other(
             "the agent has as many open streams as the relay allows (--max-streams-per-agent)",
         )
     })?;
+    let token_permit = match &live.token_streams {
+        Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| {
+            std::io::Error::other("the tunnel's token has as many open connections as it may")
+        })?),
+        None => None,
+    };
     let mut stream = live.session.open().await?;
     let mut header = Vec::with_capacity(32);
     StreamHeader { tunnel: live.tunnel, visitor, protocol }.encode(&mut header);
     stream.write_all(&header).await?;
-    Ok((stream, permit))
+    live.stats.open.fetch_add(1, Ordering::Relaxed);
+    live.stats.total.fetch_add(1, Ordering::Relaxed);
+    Ok(DataStream { inner: stream, stats: live.stats.clone(), _permits: (permit, token_permit) })
+}
+
+/// A data stream to an agent that counts the bytes it carries into its tunnel's counters and
+/// holds the stream-limit permits it was opened with.
+#[derive(Debug)]
+pub struct DataStream {
+    inner: Stream,
+    stats: Arc<TunnelStats>,
+    _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+}
+
+impl Drop for DataStream {
+    fn drop(&mut self) {
+        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for DataStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for DataStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, b);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.stats.bytes_in.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.stats.bytes_in.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Accepts the next visitor, counting it against its address's limit; visitors over the limit
@@ -148,7 +225,7 @@ async fn pipe(
     protocol: Protocol,
     access_log: bool,
 ) {
-    let (mut stream, _permit) = match open_data_stream(live, visitor, protocol).await {
+    let mut stream = match open_data_stream(live, visitor, protocol).await {
         Ok(s) => s,
         Err(e) => {
             debug!(tunnel = %live.name, error = %e, "cannot open data stream");
@@ -766,7 +843,7 @@ impl ConnState {
                 });
             }
         }
-        let (stream, permit) = open_data_stream(live, key.2, Protocol::Http).await?;
+        let stream = open_data_stream(live, key.2, Protocol::Http).await?;
         let io = TokioIo::new(stream);
         if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -774,7 +851,6 @@ impl ConnState {
                 .handshake(io)
                 .await?;
             self.tasks.spawn(async move {
-                let _permit = permit;
                 if let Err(e) = conn.await {
                     debug!(error = %e, "upstream connection ended");
                 }
@@ -784,7 +860,6 @@ impl ConnState {
         } else {
             let (sender, conn) = http1::Builder::new().handshake(io).await?;
             self.tasks.spawn(async move {
-                let _permit = permit;
                 if let Err(e) = conn.with_upgrades().await {
                     debug!(error = %e, "upstream connection ended");
                 }

@@ -26,6 +26,7 @@
 //!   logging).
 
 pub mod acme;
+pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod certstore;
@@ -34,9 +35,11 @@ pub mod edge;
 pub mod ingress;
 pub mod policy;
 pub mod pool;
+pub mod registry;
 pub mod relay;
 pub mod router;
 pub mod session;
+pub mod store;
 pub mod udp;
 pub mod util;
 

@@ -113,6 +113,15 @@ struct Args {
     /// roots: for private CAs (step-ca) and test CAs (pebble).
     #[arg(long, value_name = "FILE", requires = "acme_email")]
     acme_ca: Option<PathBuf>,
+    /// REST API (/api/v1, see /api/v1/openapi.json) and Prometheus metrics (/metrics).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400", conflicts_with = "no_api")]
+    api: SocketAddr,
+    /// Serve no API and no metrics.
+    #[arg(long)]
+    no_api: bool,
+    /// The API's admin token (default: generated once into DATA/admin-token).
+    #[arg(long, value_name = "TOKEN", env = "WARREN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// Log one line per HTTP request (visitor, host, method, path, status, time) and per TCP or
     /// TLS connection (visitor, tunnel, bytes, time), with visitors' real addresses.
     #[arg(long)]
@@ -158,27 +167,37 @@ fn main() -> ExitCode {
 }
 
 fn load_or_generate_token(data: &Path) -> anyhow::Result<String> {
-    use anyhow::Context;
+    let (token, created) = load_or_generate(data, "agent-token")?;
     let path = data.join("agent-token");
+    if created {
+        tracing::warn!(
+            path = %path.display(),
+            token = %token,
+            "no --token given; generated an agent token, kept in the data directory (agents: --token TOKEN)"
+        );
+    } else {
+        tracing::info!(path = %path.display(), "no --token given; using the token stored in the data directory");
+    }
+    Ok(token)
+}
+
+/// The secret kept in `DATA/file`, created (mode 0600) when absent or empty; true if created.
+fn load_or_generate(data: &Path, file: &str) -> anyhow::Result<(String, bool)> {
+    use anyhow::Context;
+    let path = data.join(file);
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_owned();
         if !t.is_empty() {
-            tracing::info!(path = %path.display(), "no --token given; using the token stored in the data directory");
-            return Ok(t);
+            return Ok((t, false));
         }
     }
     std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
     let token = util::random_alnum(32);
-    // An empty token file is replaced; any other existing file was returned above.
+    // An empty file is replaced; any other existing file was returned above.
     let _ = std::fs::remove_file(&path);
     util::write_private(&path, format!("{token}\n").as_bytes())
         .with_context(|| format!("writing {}", path.display()))?;
-    tracing::warn!(
-        path = %path.display(),
-        token = %token,
-        "no --token given; generated an agent token, kept in the data directory (agents: --token TOKEN)"
-    );
-    Ok(token)
+    Ok((token, true))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -187,6 +206,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if tokens.is_empty() {
         tokens.push(Token::new(load_or_generate_token(&args.data)?));
     }
+    let admin_token = match args.admin_token.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+        Some(t) => t.to_owned(),
+        None if args.no_api => String::new(),
+        None => {
+            let (t, created) = load_or_generate(&args.data, "admin-token")?;
+            tracing::info!(
+                path = %args.data.join("admin-token").display(),
+                created,
+                "API admin token (use it as `Authorization: Bearer TOKEN`)"
+            );
+            t
+        }
+    };
     let config = RelayConfig {
         domain: args.domain.trim_end_matches('.').to_ascii_lowercase(),
         control: args.control,
@@ -210,6 +242,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             udp_idle_timeout: args.udp_idle_timeout,
             access_log: args.access_log,
         },
+        api: (!args.no_api).then_some(args.api),
+        admin_token: Token::new(admin_token),
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
             email,
             directory: args.acme_directory,

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use warren_transport::ControlListener;
 use warren_transport::listen::ListenError;
 
-use crate::auth::Tokens;
+use crate::auth::{AdminToken, Auth, Tokens};
 use crate::certs::{self, CertError};
 use crate::certstore::{CertStore, CertStoreError};
 use crate::config::RelayConfig;
@@ -21,6 +21,7 @@ use crate::ingress::{self, HttpIngress};
 use crate::pool::{PoolSocket, PortPool};
 use crate::router::Router;
 use crate::session::{self, Shared};
+use crate::store::{Store, StoreError};
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,22 @@ pub enum RelayError {
     /// The certificate directory.
     #[error(transparent)]
     CertDir(#[from] CertStoreError),
+    /// The API listener.
+    #[error("cannot listen for the API on {addr}: {source}")]
+    Api {
+        /// The address.
+        addr: SocketAddr,
+        /// The system error.
+        source: std::io::Error,
+    },
+    /// The state database.
+    #[error("the relay's database {path}: {source}")]
+    Store {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: StoreError,
+    },
     /// Nothing to check tokens against.
     #[error("no agent token configured")]
     NoTokens,
@@ -69,6 +86,8 @@ pub struct BoundRelay {
     pub http_addr: SocketAddr,
     /// The public HTTPS listener, if any.
     pub https_addr: Option<SocketAddr>,
+    /// The REST API and metrics listener, if any.
+    pub api_addr: Option<SocketAddr>,
     /// Where the development CA certificate is.
     pub ca_path: PathBuf,
     /// The CA certificate, for in-process agents (the demo, tests).
@@ -82,6 +101,7 @@ pub struct BoundRelay {
     https: Option<(TcpListener, Arc<CertStore>)>,
     edge: Arc<Edge>,
     challenges: crate::acme::Challenges,
+    api: Option<(TcpListener, crate::api::ApiState)>,
     shared: Arc<Shared>,
 }
 
@@ -136,6 +156,24 @@ impl Relay {
             })?),
             None => None,
         };
+        let db_path = config.data_dir.join("warren.db");
+        let store = Arc::new(
+            Store::open(&db_path)
+                .map_err(|source| RelayError::Store { path: db_path.clone(), source })?,
+        );
+        let api_listener = match config.api {
+            Some(addr) => Some(
+                TcpListener::bind(addr).await.map_err(|source| RelayError::Api { addr, source })?,
+            ),
+            None => None,
+        };
+        let api_addr = match &api_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| RelayError::Api {
+                addr: config.api.unwrap_or(http_addr),
+                source,
+            })?),
+            None => None,
+        };
         let edge = Edge::new(config.edge.clone());
         let spawn_edge = edge.clone();
         let mut router = Router::new(
@@ -154,7 +192,8 @@ impl Relay {
             router = router.with_https(addr.port(), config.prefer_https);
         }
         let shared = Arc::new(Shared {
-            tokens: Tokens::new(&config.tokens),
+            auth: Auth::new(Tokens::new(&config.tokens), Some(store.clone())),
+            registry: Default::default(),
             router: Arc::new(router),
             domain: config.domain.clone(),
             lease_grace: config.lease_grace,
@@ -175,6 +214,15 @@ impl Relay {
             https,
             edge,
             challenges,
+            api: api_listener.map(|l| {
+                let state = crate::api::ApiState {
+                    shared: shared.clone(),
+                    store,
+                    admin: AdminToken::new(config.admin_token.expose()),
+                };
+                (l, state)
+            }),
+            api_addr,
             shared,
         })
     }
@@ -199,6 +247,10 @@ impl BoundRelay {
             self.edge.clone(),
             self.challenges.clone(),
         );
+        if let Some((listener, state)) = self.api {
+            crate::api::log_listening(self.api_addr.unwrap_or(self.http_addr));
+            tasks.spawn(crate::api::serve(listener, state, self.shared.shutdown.clone()));
+        }
         if let Some(acme) = &self.shared.acme {
             acme.watch_renewals(Duration::from_secs(3600), self.shared.shutdown.clone());
         }

@@ -54,6 +54,40 @@ pub struct Live {
     pub streams: Arc<Semaphore>,
     /// Where the session's datagram reader delivers UDP replies, by tunnel.
     pub datagrams: DatagramRoutes,
+    /// Visitor streams the token may still open (its `max_connections`), if limited.
+    pub token_streams: Option<Arc<Semaphore>>,
+    /// The tunnel's traffic counters, kept across sessions for as long as its lease.
+    pub stats: Arc<TunnelStats>,
+}
+
+/// Traffic through one tunnel since its lease began.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Bytes from visitors to the agent.
+    pub bytes_in: std::sync::atomic::AtomicU64,
+    /// Bytes from the agent to visitors.
+    pub bytes_out: std::sync::atomic::AtomicU64,
+    /// Visitor streams (connections, HTTP upstream connections, UDP flows) open now.
+    pub open: std::sync::atomic::AtomicU64,
+    /// Visitor streams opened in all.
+    pub total: std::sync::atomic::AtomicU64,
+}
+
+/// One tunnel as the API shows it.
+#[derive(Debug, Clone)]
+pub struct TunnelView {
+    /// Who holds the lease.
+    pub owner: Owner,
+    /// The tunnel's name.
+    pub name: TunnelName,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its public URL.
+    pub url: String,
+    /// The serving session, or `None` while the agent is away.
+    pub session_id: Option<u64>,
+    /// Its counters.
+    pub stats: Arc<TunnelStats>,
 }
 
 /// What a session brings to every bind: its identity, connection and shared limits.
@@ -69,6 +103,10 @@ pub struct SessionCtx {
     pub streams: Arc<Semaphore>,
     /// Its UDP reply routes.
     pub datagrams: DatagramRoutes,
+    /// The token's stream limit, if it has one.
+    pub token_streams: Option<Arc<Semaphore>>,
+    /// The token's tunnel limit, if it has one.
+    pub max_tunnels: Option<u32>,
 }
 
 /// What a public listener finds for a visitor.
@@ -104,6 +142,7 @@ pub type PortKey = (bool, u16);
 
 struct Entry {
     protocol: Protocol,
+    stats: Arc<TunnelStats>,
     subdomain: Option<Subdomain>,
     port: Option<u16>,
     live: watch::Sender<Option<Live>>,
@@ -255,6 +294,22 @@ impl Router {
         let policy = Arc::new(policy);
         let key: LeaseKey = (owner.clone(), req.name.clone());
         let mut st = self.lock();
+        if let Some(max) = ctx.max_tunnels {
+            let held = st
+                .entries
+                .keys()
+                .filter(|(o, n)| o.token == owner.token && !(*o == *owner && *n == req.name))
+                .count();
+            if held >= max as usize {
+                return Err(BindError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "this token may hold {max} tunnel(s) and holds {held}; close one or ask for a higher limit"
+                    ),
+                ));
+            }
+        }
+        let stats = st.entries.get(&key).map(|e| e.stats.clone()).unwrap_or_default();
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = TunnelId(st.next_id);
         let session_id = ctx.session_id;
@@ -268,6 +323,8 @@ impl Router {
             policy: policy.clone(),
             streams: ctx.streams.clone(),
             datagrams: ctx.datagrams.clone(),
+            token_streams: ctx.token_streams.clone(),
+            stats: stats.clone(),
         };
 
         let mut notice = String::new();
@@ -363,6 +420,7 @@ impl Router {
             key,
             Entry {
                 protocol: req.protocol,
+                stats,
                 subdomain: subdomain.clone(),
                 port,
                 live: live_tx,
@@ -449,6 +507,22 @@ impl Router {
             (Protocol::Http, route) => Some(route),
             _ => None,
         }
+    }
+
+    /// Every tunnel, for the API.
+    pub fn tunnels(&self) -> Vec<TunnelView> {
+        let st = self.lock();
+        st.entries
+            .iter()
+            .map(|((owner, name), e)| TunnelView {
+                owner: owner.clone(),
+                name: name.clone(),
+                protocol: e.protocol,
+                url: self.url(e.protocol, e.subdomain.as_ref(), e.port),
+                session_id: e.live.borrow().as_ref().map(|l| l.session_id),
+                stats: e.stats.clone(),
+            })
+            .collect()
     }
 
     /// Live and offline tunnel counts.

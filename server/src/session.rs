@@ -13,8 +13,9 @@ use warren_proto::{ErrorCode, Message, Welcome};
 use warren_transport::control::read_preface;
 use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
 
-use crate::auth::Tokens;
+use crate::auth::Auth;
 use crate::edge::EdgeConfig;
+use crate::registry::{Registry, SessionInfo};
 use crate::router::{Owner, Router, SessionCtx};
 
 /// Deadline for everything before `Welcome`: transport handshake, control stream, preface,
@@ -29,7 +30,9 @@ pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 #[derive(Debug)]
 pub struct Shared {
     /// Accepted tokens.
-    pub tokens: Tokens,
+    pub auth: Auth,
+    /// Live sessions.
+    pub registry: Registry,
     /// The registry of tunnels.
     pub router: Arc<Router>,
     /// The relay's domain.
@@ -76,6 +79,8 @@ enum SessionError {
     Dead(Duration),
     #[error("relay shutting down")]
     Shutdown,
+    #[error("ended by the relay: {0}")]
+    Ended(String),
 }
 
 async fn run(accepted: Accepted, id: u64, shared: &Shared) -> Result<(), SessionError> {
@@ -84,7 +89,10 @@ async fn run(accepted: Accepted, id: u64, shared: &Shared) -> Result<(), Session
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
     let result = run_session(&session, id, shared, deadline).await;
-    if matches!(result, Err(SessionError::Refused(_) | SessionError::Shutdown)) {
+    if matches!(
+        result,
+        Err(SessionError::Refused(_) | SessionError::Shutdown | SessionError::Ended(_))
+    ) {
         // The agent closes the session once it has read why; do not cut the answer off.
         let _ = timeout(Duration::from_secs(2), session.closed()).await;
     }
@@ -135,12 +143,12 @@ async fn run_session(
         refuse(&mut writer, ErrorCode::Malformed, "expected Hello after the preface".into()).await;
         return Err(SessionError::Refused("no Hello".into()));
     };
-    let Some(token) = shared.tokens.check(&hello.token) else {
+    let Some(accepted) = shared.auth.check(&hello.token) else {
         refuse(&mut writer, ErrorCode::Unauthorized, "the relay does not accept this token".into())
             .await;
         return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
     };
-    let owner = Owner { token, agent: hello.agent_id.clone() };
+    let owner = Owner { token: accepted.id, agent: hello.agent_id.clone() };
     writer
         .send(&Message::Welcome(Welcome {
             version,
@@ -159,6 +167,28 @@ async fn run_session(
         protocol = version,
         "agent connected"
     );
+
+    let ended = CancellationToken::new();
+    let reason = Arc::default();
+    shared.registry.insert(SessionInfo {
+        id,
+        agent: owner.agent.clone(),
+        token: owner.token,
+        api_token: accepted.api_id.clone(),
+        addr: session.remote_addr(),
+        transport: session.kind(),
+        version: hello.agent_version.clone(),
+        since: crate::util::unix_now(),
+        cancel: ended.clone(),
+        reason: Arc::clone(&reason),
+    });
+    struct Unregister<'a>(&'a Registry, u64);
+    impl Drop for Unregister<'_> {
+        fn drop(&mut self) {
+            self.0.remove(self.1);
+        }
+    }
+    let _unregister = Unregister(&shared.registry, id);
 
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
     let writer_task = tokio::spawn(async move {
@@ -185,6 +215,11 @@ async fn run_session(
         notify: out_tx.clone(),
         streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         datagrams: Arc::default(),
+        token_streams: accepted
+            .limits
+            .max_connections
+            .map(|max| shared.registry.token_streams(owner.token, max)),
+        max_tunnels: accepted.limits.max_tunnels,
     };
     let _datagram_reader = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::read_datagrams(
@@ -216,6 +251,16 @@ async fn run_session(
                 return Err(SessionError::Shutdown);
             }
             () = session.closed() => return Ok(()),
+            () = ended.cancelled() => {
+                let (code, message) = reason
+                    .lock()
+                    .unwrap_or_else(|p: std::sync::PoisonError<_>| p.into_inner())
+                    .clone()
+                    .unwrap_or((ErrorCode::ShuttingDown, "session ended by the relay".into()));
+                let _ = out_tx.send(Message::GoAway { code, message: message.clone() }).await;
+                let _ = timeout(Duration::from_millis(500), out_tx.closed()).await;
+                return Err(SessionError::Ended(message));
+            }
         };
         let msg = match msg {
             Ok(m) => m,

@@ -79,6 +79,7 @@ async fn serve(socket: UdpSocket, mut live: watch::Receiver<Option<Live>>, edge:
     let mut by_id: HashMap<u32, SocketAddr> = HashMap::new();
     let mut next_id: u32 = 0;
     let mut current: Option<(u64, TunnelId)> = None;
+    let mut stats: Option<Arc<crate::router::TunnelStats>> = None;
     let mut buf = vec![0u8; 65_536];
     let idle = edge.udp_idle_timeout;
     let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(250)));
@@ -100,6 +101,7 @@ async fn serve(socket: UdpSocket, mut live: watch::Receiver<Option<Live>>, edge:
                     by_id.clear();
                     l.datagrams.lock().unwrap_or_else(|p| p.into_inner()).insert(l.tunnel, reply_tx.clone());
                     current = Some((l.session_id, l.tunnel));
+                    stats = Some(l.stats.clone());
                 }
                 if l.policy.admit(visitor.ip()) != Admit::Yes {
                     continue;
@@ -131,8 +133,11 @@ async fn serve(socket: UdpSocket, mut live: watch::Receiver<Option<Live>>, edge:
                         let mut d = BytesMut::with_capacity(8 + n);
                         DatagramHeader { tunnel: l.tunnel, flow: flow.id }.encode(&mut d);
                         d.extend_from_slice(&packet);
-                        if let Err(e) = l.session.send_datagram(d.freeze()) {
-                            debug!(tunnel = %l.name, size = n, error = %e, "udp packet not sent to the agent");
+                        match l.session.send_datagram(d.freeze()) {
+                            Ok(()) => {
+                                l.stats.bytes_in.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(e) => debug!(tunnel = %l.name, size = n, error = %e, "udp packet not sent to the agent"),
                         }
                     }
                     TransportKind::Tcp => {
@@ -150,8 +155,15 @@ async fn serve(socket: UdpSocket, mut live: watch::Receiver<Option<Live>>, edge:
                 if let Some(f) = flows.get_mut(&visitor) {
                     f.last = Instant::now();
                 }
-                if let Err(e) = socket.send_to(&payload, visitor).await {
-                    debug!(%visitor, error = %e, "udp reply not delivered");
+                match socket.send_to(&payload, visitor).await {
+                    // Over the TCP transport the flow's data stream counted it already.
+                    Ok(n) if stats.is_some() && live.borrow().as_ref().is_some_and(|l| l.session.kind() == TransportKind::Quic) => {
+                        if let Some(s) = &stats {
+                            s.bytes_out.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(%visitor, error = %e, "udp reply not delivered"),
                 }
             }
             _ = tick.tick() => {
@@ -187,7 +199,7 @@ async fn stream_flow(
     mut packets: mpsc::Receiver<Bytes>,
     replies: mpsc::Sender<(u32, Bytes)>,
 ) {
-    let (stream, _permit) = match open_data_stream(&live, visitor, Protocol::Udp).await {
+    let stream = match open_data_stream(&live, visitor, Protocol::Udp).await {
         Ok(s) => s,
         Err(e) => {
             debug!(tunnel = %live.name, error = %e, "cannot open a udp flow stream");

@@ -41,7 +41,7 @@ pub use grpc::{
 pub use pki::Pki;
 pub use process::{Daemon, which};
 pub use proxy_backend::{ProxyBackend, ProxySeen};
-pub use relay::{Relay, RelayOpts};
+pub use relay::{ADMIN_TOKEN, Relay, RelayOpts};
 pub use udp::{DnsBackend, UdpEchoBackend, udp_flood, udp_roundtrip};
 pub use util::{
     BULK_TIMEOUT, IO_TIMEOUT, PortRange, READY_TIMEOUT, TempDir, closed_port, eventually,

@@ -11,6 +11,9 @@ use crate::agent::Agent;
 use crate::process::{Lines, Proc, binary, dump};
 use crate::util::{PortRange, READY_TIMEOUT, TempDir};
 
+/// The admin token every test relay is started with (`--admin-token`).
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// How to start a relay.
 #[derive(Debug, Clone)]
 pub struct RelayOpts {
@@ -82,6 +85,8 @@ pub struct Relay {
     pub http_addr: SocketAddr,
     /// Public HTTPS listener.
     pub https_addr: SocketAddr,
+    /// REST API and metrics.
+    pub api_addr: SocketAddr,
     /// `--data` directory.
     pub data_dir: PathBuf,
     /// The development CA the relay writes into its data dir.
@@ -100,8 +105,9 @@ impl Relay {
         let ca_path = data_dir.join("ca.pem");
         let stderr = Lines::default();
         let stdout = Lines::default();
-        let args = relay_args(&opts, &data_dir, "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0");
-        let (proc, control_addr, http_addr, https_addr) =
+        let any = "127.0.0.1:0";
+        let args = relay_args(&opts, &data_dir, [any, any, any, any]);
+        let (proc, [control_addr, http_addr, https_addr, api_addr]) =
             match launch(&args, &stdout, &stderr, Instant::now() + READY_TIMEOUT).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -114,6 +120,7 @@ impl Relay {
             control_addr,
             http_addr,
             https_addr,
+            api_addr,
             data_dir,
             ca_path,
             stderr,
@@ -193,17 +200,23 @@ impl Relay {
         let control = self.control_addr.to_string();
         let http = self.http_addr.to_string();
         let https = self.https_addr.to_string();
-        let args = relay_args(&self.opts, &self.data_dir, &control, &http, &https);
+        let api = self.api_addr.to_string();
+        let args = relay_args(&self.opts, &self.data_dir, [&control, &http, &https, &api]);
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut tries = 0;
         loop {
             tries += 1;
             self.stderr.push(format!("----- test harness: relay (re)start, try {tries} -----"));
             match launch(&args, &self.stdout, &self.stderr, deadline).await {
-                Ok((proc, c, h, s)) => {
+                Ok((proc, [c, h, s, a])) => {
                     assert_eq!(
-                        (c.port(), h.port(), s.port()),
-                        (self.control_addr.port(), self.http_addr.port(), self.https_addr.port()),
+                        [c.port(), h.port(), s.port(), a.port()],
+                        [
+                            self.control_addr.port(),
+                            self.http_addr.port(),
+                            self.https_addr.port(),
+                            self.api_addr.port()
+                        ],
                         "restarted relay listens on other ports"
                     );
                     self.proc = Some(proc);
@@ -263,9 +276,7 @@ impl Drop for Relay {
 fn relay_args(
     opts: &RelayOpts,
     data_dir: &std::path::Path,
-    control: &str,
-    http: &str,
-    https: &str,
+    [control, http, https, api]: [&str; 4],
 ) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "--domain".into(),
@@ -276,6 +287,10 @@ fn relay_args(
         http.into(),
         "--https".into(),
         https.into(),
+        "--api".into(),
+        api.into(),
+        "--admin-token".into(),
+        ADMIN_TOKEN.into(),
         "--ports".into(),
         opts.ports.arg(),
         "--data".into(),
@@ -315,7 +330,7 @@ async fn launch(
     stdout: &Lines,
     stderr: &Lines,
     deadline: Instant,
-) -> Result<(Proc, SocketAddr, SocketAddr, SocketAddr), String> {
+) -> Result<(Proc, [SocketAddr; 4]), String> {
     let first_line = stderr.len();
     let mut proc = Proc::spawn("relay", &binary("warren-server"), args, &[], stdout, stderr);
     loop {
@@ -323,18 +338,20 @@ async fn launch(
         let mut control = None;
         let mut http = None;
         let mut https = None;
+        let mut api = None;
         for l in &lines[first_line.min(lines.len())..] {
             if let Some((name, addr)) = parse_listening(l) {
                 match name.as_str() {
                     "control" => control = Some(addr),
                     "http" => http = Some(addr),
                     "https" => https = Some(addr),
+                    "api" => api = Some(addr),
                     _ => {}
                 }
             }
         }
-        if let (Some(c), Some(h), Some(s)) = (control, http, https) {
-            return Ok((proc, c, h, s));
+        if let (Some(c), Some(h), Some(s), Some(a)) = (control, http, https, api) {
+            return Ok((proc, [c, h, s, a]));
         }
         if let Some(status) = proc.try_status() {
             proc.drain_output().await;
@@ -344,7 +361,8 @@ async fn launch(
         if Instant::now() >= deadline {
             return Err(format!(
                 "no `listening name=control`, `name=http` and `name=https` lines within the \
-                 deadline (got control={control:?} http={http:?} https={https:?}); args: {args:?}"
+                 deadline (got control={control:?} http={http:?} https={https:?} api={api:?}); \
+                 args: {args:?}"
             ));
         }
         tokio::time::sleep(Duration::from_millis(25)).await;

@@ -1,0 +1,433 @@
+//! The relay's REST API (`/api/v1`, JSON) and its Prometheus metrics (`/metrics`).
+//!
+//! Callers authenticate with `Authorization: Bearer TOKEN`. The admin token manages everything;
+//! an agent token sees only its own agents and tunnels and may not manage tokens. Every error is
+//! `{"error": {"code": "...", "message": "..."}}` with a fitting status. The OpenAPI document
+//! at `/api/v1/openapi.json` describes exactly the routes below; a test checks both agree.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use warren_proto::ErrorCode;
+use warren_proto::message::Token;
+
+use crate::auth::{Accepted, AdminToken, TokenId, digest};
+use crate::registry::SessionInfo;
+use crate::router::TunnelView;
+use crate::session::Shared;
+use crate::store::{Store, StoreError, TokenLimits, TokenRecord};
+use crate::util::{random_alnum, rfc3339, unix_now};
+
+/// The OpenAPI 3 document of this API.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What the API handlers share.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    /// The relay's sessions, router and tokens.
+    pub shared: Arc<Shared>,
+    /// Tokens created through the API.
+    pub store: Arc<Store>,
+    /// The admin token.
+    pub admin: AdminToken,
+}
+
+/// An API error: status, a stable code for programs and a sentence for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", format!("no such {what}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(name) => Self::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("a token named {name:?} exists already"),
+            ),
+            other => {
+                tracing::warn!(error = %other, "store error in the API");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed")
+            }
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Who is calling.
+enum Caller {
+    Admin,
+    Agent(Accepted),
+}
+
+impl Caller {
+    /// Whether the caller may see things of `token`.
+    fn sees(&self, token: TokenId) -> bool {
+        match self {
+            Self::Admin => true,
+            Self::Agent(a) => a.id == token,
+        }
+    }
+}
+
+fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send `Authorization: Bearer TOKEN` (the admin token, or an agent token)",
+            )
+        })?;
+    if state.admin.matches(presented) {
+        return Ok(Caller::Admin);
+    }
+    match state.shared.auth.check(&Token::new(presented)) {
+        Some(a) => Ok(Caller::Agent(a)),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this token is not accepted by the relay",
+        )),
+    }
+}
+
+fn admin_only(state: &ApiState, headers: &HeaderMap) -> ApiResult<()> {
+    match caller(state, headers)? {
+        Caller::Admin => Ok(()),
+        Caller::Agent(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only the admin token may manage tokens",
+        )),
+    }
+}
+
+/// The API's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", get(get_token).delete(revoke_token))
+        .route("/api/v1/agents", get(list_agents))
+        .route("/api/v1/agents/{id}", get(get_agent).delete(disconnect_agent))
+        .route("/api/v1/tunnels", get(list_tunnels))
+        .route("/api/v1/tunnels/{id}", get(get_tunnel))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+            )
+        })
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
+    let app = router(state);
+    let result = axum::serve(listener, app.into_make_service())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "API server ended with an error");
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+fn token_json(t: &TokenRecord) -> Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "created_at": rfc3339(t.created_at),
+        "revoked_at": t.revoked_at.map(rfc3339),
+        "max_tunnels": t.limits.max_tunnels,
+        "max_connections": t.limits.max_connections,
+    })
+}
+
+async fn list_tokens(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    admin_only(&st, &headers)?;
+    let tokens: Vec<Value> = st.store.list_tokens()?.iter().map(token_json).collect();
+    Ok(Json(json!({ "tokens": tokens })))
+}
+
+async fn get_token(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    admin_only(&st, &headers)?;
+    let t = st.store.token(&id)?.ok_or_else(|| ApiError::not_found("token"))?;
+    Ok(Json(token_json(&t)))
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+    max_tunnels: Option<u32>,
+    max_connections: Option<u32>,
+}
+
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    match payload {
+        Ok(Json(v)) => Ok(v),
+        Err(JsonRejection::JsonDataError(e)) => {
+            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.body_text()))
+        }
+        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
+    }
+}
+
+async fn create_token(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    payload: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    admin_only(&st, &headers)?;
+    let req = body(payload)?;
+    let name = req.name.trim();
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._- ".contains(&b));
+    if !name_ok {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "name must be 1-64 characters: letters, digits, space, '.', '_' or '-'",
+        ));
+    }
+    if req.max_tunnels == Some(0) || req.max_connections == Some(0) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "limits must be at least 1 (leave them out for no limit)",
+        ));
+    }
+    let secret = format!("wt_{}", random_alnum(40));
+    let limits = TokenLimits { max_tunnels: req.max_tunnels, max_connections: req.max_connections };
+    let record = st.store.create_token(name, digest(&secret), limits, unix_now())?;
+    tracing::info!(id = %record.id, name = %record.name, "token created through the API");
+    let mut out = token_json(&record);
+    out["token"] = Value::String(secret);
+    Ok((StatusCode::CREATED, Json(out)))
+}
+
+async fn revoke_token(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    admin_only(&st, &headers)?;
+    let t = st.store.revoke_token(&id, unix_now())?.ok_or_else(|| ApiError::not_found("token"))?;
+    let ended = st.shared.registry.end_token(&t.id, "the token was revoked");
+    tracing::info!(id = %t.id, sessions_ended = ended, "token revoked through the API");
+    let mut out = token_json(&t);
+    out["sessions_ended"] = json!(ended);
+    Ok(Json(out))
+}
+
+fn agent_json(s: &SessionInfo, tunnels: usize) -> Value {
+    json!({
+        "id": s.id.to_string(),
+        "agent_id": s.agent.as_str(),
+        "token": s.token.to_string(),
+        "token_id": s.api_token,
+        "addr": s.addr.to_string(),
+        "transport": s.transport.to_string(),
+        "version": s.version,
+        "connected_since": rfc3339(s.since),
+        "tunnels": tunnels,
+    })
+}
+
+fn tunnels_of(views: &[TunnelView], session: u64) -> usize {
+    views.iter().filter(|t| t.session_id == Some(session)).count()
+}
+
+async fn list_agents(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let views = st.shared.router.tunnels();
+    let agents: Vec<Value> = st
+        .shared
+        .registry
+        .list()
+        .iter()
+        .filter(|s| who.sees(s.token))
+        .map(|s| agent_json(s, tunnels_of(&views, s.id)))
+        .collect();
+    Ok(Json(json!({ "agents": agents })))
+}
+
+fn session_for(st: &ApiState, who: &Caller, id: &str) -> ApiResult<SessionInfo> {
+    id.parse::<u64>()
+        .ok()
+        .and_then(|id| st.shared.registry.get(id))
+        .filter(|s| who.sees(s.token))
+        .ok_or_else(|| ApiError::not_found("agent session"))
+}
+
+async fn get_agent(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let s = session_for(&st, &who, &id)?;
+    Ok(Json(agent_json(&s, tunnels_of(&st.shared.router.tunnels(), s.id))))
+}
+
+async fn disconnect_agent(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let who = caller(&st, &headers)?;
+    let s = session_for(&st, &who, &id)?;
+    st.shared.registry.end(s.id, ErrorCode::ShuttingDown, "disconnected through the relay's API");
+    tracing::info!(session = s.id, agent = %s.agent, "agent disconnected through the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A tunnel's id in the API: token, agent and tunnel name (none of which holds `:`).
+fn tunnel_id(t: &TunnelView) -> String {
+    format!("{}:{}:{}", t.owner.token, t.owner.agent, t.name)
+}
+
+fn tunnel_json(t: &TunnelView) -> Value {
+    json!({
+        "id": tunnel_id(t),
+        "name": t.name.as_str(),
+        "agent_id": t.owner.agent.as_str(),
+        "token": t.owner.token.to_string(),
+        "protocol": t.protocol.as_str(),
+        "url": t.url,
+        "status": if t.session_id.is_some() { "online" } else { "offline" },
+        "session": t.session_id.map(|s| s.to_string()),
+        "bytes_in": t.stats.bytes_in.load(Ordering::Relaxed),
+        "bytes_out": t.stats.bytes_out.load(Ordering::Relaxed),
+        "connections_open": t.stats.open.load(Ordering::Relaxed),
+        "connections_total": t.stats.total.load(Ordering::Relaxed),
+    })
+}
+
+async fn list_tunnels(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let mut views: Vec<TunnelView> =
+        st.shared.router.tunnels().into_iter().filter(|t| who.sees(t.owner.token)).collect();
+    views.sort_by_key(tunnel_id);
+    let tunnels: Vec<Value> = views.iter().map(tunnel_json).collect();
+    Ok(Json(json!({ "tunnels": tunnels })))
+}
+
+async fn get_tunnel(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let t = st
+        .shared
+        .router
+        .tunnels()
+        .into_iter()
+        .find(|t| who.sees(t.owner.token) && tunnel_id(t) == id)
+        .ok_or_else(|| ApiError::not_found("tunnel"))?;
+    Ok(Json(tunnel_json(&t)))
+}
+
+/// A per-tunnel metric: name, type, help, and how to read it.
+type Series = (&'static str, &'static str, &'static str, fn(&TunnelView) -> u64);
+
+/// Prometheus text exposition of the relay's state.
+async fn metrics(State(st): State<ApiState>) -> Response {
+    use std::fmt::Write;
+    let views = st.shared.router.tunnels();
+    let online = views.iter().filter(|t| t.session_id.is_some()).count();
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP warren_sessions Agent sessions connected now.");
+    let _ = writeln!(out, "# TYPE warren_sessions gauge");
+    let _ = writeln!(out, "warren_sessions {}", st.shared.registry.list().len());
+    let _ =
+        writeln!(out, "# HELP warren_tunnels Tunnels leased, by whether their agent is online.");
+    let _ = writeln!(out, "# TYPE warren_tunnels gauge");
+    let _ = writeln!(out, "warren_tunnels{{state=\"online\"}} {online}");
+    let _ = writeln!(out, "warren_tunnels{{state=\"offline\"}} {}", views.len() - online);
+    let series: [Series; 4] = [
+        ("warren_tunnel_bytes_in_total", "counter", "Bytes from visitors to the agent.", |t| {
+            t.stats.bytes_in.load(Ordering::Relaxed)
+        }),
+        ("warren_tunnel_bytes_out_total", "counter", "Bytes from the agent to visitors.", |t| {
+            t.stats.bytes_out.load(Ordering::Relaxed)
+        }),
+        ("warren_tunnel_streams_open", "gauge", "Visitor streams open now.", |t| {
+            t.stats.open.load(Ordering::Relaxed)
+        }),
+        ("warren_tunnel_streams_total", "counter", "Visitor streams opened.", |t| {
+            t.stats.total.load(Ordering::Relaxed)
+        }),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for t in &views {
+            let _ = writeln!(
+                out,
+                "{name}{{tunnel=\"{}\",agent=\"{}\",protocol=\"{}\"}} {}",
+                t.name,
+                t.owner.agent,
+                t.protocol,
+                value(t)
+            );
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Logs the API's stable `listening` line.
+pub fn log_listening(addr: SocketAddr) {
+    tracing::info!(name = %"api", addr = %addr, "listening");
+}

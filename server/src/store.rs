@@ -1,0 +1,564 @@
+//! The relay's embedded SQLite store: state that must outlive a restart.
+//!
+//! For now that is the agent tokens managed through the API. The store keeps only a token's
+//! SHA-256 digest, never the secret itself, so a leaked database file does not leak usable
+//! tokens.
+//!
+//! The schema is versioned: [`MIGRATIONS`] lists SQL batches in order, and the database's
+//! `PRAGMA user_version` records how many of them have run. [`Store::open`] runs the missing
+//! ones, each in its own transaction, and refuses a database written by a newer build rather
+//! than guess at a schema it does not know.
+//!
+//! Not here: connection pooling (the relay's writes are rare and small, so one connection
+//! behind a mutex is enough) and async wrappers (callers on a runtime use `spawn_blocking`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+
+/// The schema, one SQL batch per version: after batch `i` has run, `user_version` is `i + 1`.
+///
+/// Append only: never edit or reorder a batch that has shipped, since databases in the field
+/// have already run it. Later migrations append here (reservations, forwards and traffic
+/// history come with later work).
+const MIGRATIONS: &[&str] = &[
+    // 1: API-managed agent tokens.
+    "CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        digest BLOB NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL,
+        revoked_at INTEGER,
+        max_tunnels INTEGER,
+        max_connections INTEGER
+    );",
+];
+
+/// How long a statement waits for another process's lock before failing with `SQLITE_BUSY`.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many random characters follow `tok_` in a token id.
+const TOKEN_ID_LEN: usize = 12;
+
+/// How many times `create_token` draws a new id after an id collision (astronomically rare).
+const ID_ATTEMPTS: usize = 4;
+
+/// The columns of `tokens`, in the order [`token_from_row`] reads them.
+const TOKEN_COLUMNS: &str =
+    "id, name, digest, created_at, revoked_at, max_tunnels, max_connections";
+
+/// Limits attached to a token; `None` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenLimits {
+    /// How many tunnels agents using this token may hold at once.
+    pub max_tunnels: Option<u32>,
+    /// How many visitor connections this token's tunnels may carry at once.
+    pub max_connections: Option<u32>,
+}
+
+/// A token as stored: never the secret itself, only its SHA-256 digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Stable public identifier: `tok_` followed by 12 characters from `a-z0-9`.
+    pub id: String,
+    /// Human-chosen name, unique among all tokens, revoked ones included.
+    pub name: String,
+    /// SHA-256 of the secret the agent presents.
+    pub digest: [u8; 32],
+    /// Creation time, in seconds since the Unix epoch.
+    pub created_at: i64,
+    /// Revocation time, in seconds since the Unix epoch; `None` while the token is valid.
+    pub revoked_at: Option<i64>,
+    /// What agents using this token may do.
+    pub limits: TokenLimits,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Another token already has this name (revoked tokens keep theirs).
+    #[error("a token named {0:?} already exists")]
+    NameTaken(String),
+    /// The database was migrated by a newer build; running on would risk misreading it.
+    #[error(
+        "database schema version {found} was created by a newer warren-server \
+         (this build knows up to {known}); upgrade"
+    )]
+    NewerSchema {
+        /// The database's `user_version`.
+        found: u32,
+        /// How many migrations this build has.
+        known: u32,
+    },
+    /// SQLite reported an error.
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database file could not be created.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The database file.
+        path: PathBuf,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+    /// The database holds a value this build cannot have written.
+    #[error("corrupt database: {0}")]
+    Corrupt(String),
+}
+
+/// The relay's database: one SQLite connection behind a mutex.
+///
+/// Every method takes the lock for its whole duration, so calls from one process are
+/// serialised; other processes on the same file are handled by SQLite's own locking and the
+/// busy timeout.
+pub struct Store {
+    conn: Mutex<Connection>,
+    /// `None` for an in-memory database.
+    path: Option<PathBuf>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path: &dyn fmt::Debug = match &self.path {
+            Some(p) => p,
+            None => &":memory:",
+        };
+        f.debug_struct("Store").field("path", path).finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating it with mode 0600 if absent) the database at `path` and brings its
+    /// schema up to date.
+    ///
+    /// Fails with [`StoreError::NewerSchema`] if the database has run more migrations than
+    /// this build knows. The parent directory must exist.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        create_private(path)?;
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Refuse a newer database before changing anything about it, the journal mode included.
+        check_version(&conn)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), journal_mode = %mode, "database is not in WAL mode");
+        }
+        Self::finish(conn, Some(path.to_owned()))
+    }
+
+    /// A fresh, empty database that lives in memory only and vanishes on drop: for tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::finish(Connection::open_in_memory()?, None)
+    }
+
+    /// Settings common to both kinds of database, then the migrations.
+    fn finish(mut conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
+        // A no-op inside a transaction, so set before migrating.
+        conn.pragma_update(None, "foreign_keys", true)?;
+        migrate(&mut conn)?;
+        Ok(Self { conn: Mutex::new(conn), path })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many migrations the database has run; after `open`, all that this build knows.
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        user_version(&self.conn())
+    }
+
+    /// New token record with a generated id `tok_` + 12 random `[a-z0-9]`;
+    /// [`StoreError::NameTaken`] if the name exists (revoked or not).
+    ///
+    /// Two tokens with the same digest are refused with a [`StoreError::Sqlite`] constraint
+    /// error: callers generate secrets randomly, so that only happens by mistake.
+    pub fn create_token(
+        &self,
+        name: &str,
+        digest: [u8; 32],
+        limits: TokenLimits,
+        now: i64,
+    ) -> Result<TokenRecord, StoreError> {
+        let conn = self.conn();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = format!("tok_{}", crate::util::random_alnum(TOKEN_ID_LEN));
+            let inserted = conn.execute(
+                "INSERT INTO tokens (id, name, digest, created_at, revoked_at, max_tunnels, \
+                 max_connections) VALUES (?1, ?2, ?3, ?4, NULL, ?5, ?6)",
+                params![id, name, &digest[..], now, limits.max_tunnels, limits.max_connections],
+            );
+            match inserted {
+                Ok(_) => {
+                    return Ok(TokenRecord {
+                        id,
+                        name: name.to_owned(),
+                        digest,
+                        created_at: now,
+                        revoked_at: None,
+                        limits,
+                    });
+                }
+                Err(e) => match unique_violation(&e) {
+                    Some("tokens.name") => return Err(StoreError::NameTaken(name.to_owned())),
+                    Some("tokens.id") if attempt < ID_ATTEMPTS => continue,
+                    _ => return Err(e.into()),
+                },
+            }
+        }
+    }
+
+    /// All tokens, revoked ones included, oldest first (ties broken by id).
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, id"))?;
+        let rows = stmt.query_map([], token_from_row)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
+    /// The token with this id, if any.
+    pub fn token(&self, id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        token_where(&self.conn(), "id = ?1", &id)
+    }
+
+    /// The token whose secret has this SHA-256 digest, if any, revoked or not: the caller
+    /// decides what a revoked token means.
+    pub fn token_by_digest(&self, digest: &[u8; 32]) -> Result<Option<TokenRecord>, StoreError> {
+        token_where(&self.conn(), "digest = ?1", &&digest[..])
+    }
+
+    /// Marks the token revoked at `now` (keeps the first revocation time if already revoked);
+    /// `None` if no such id.
+    pub fn revoke_token(&self, id: &str, now: i64) -> Result<Option<TokenRecord>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let changed = tx.execute(
+            "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            params![id, now],
+        )?;
+        if changed == 0 {
+            return Ok(None);
+        }
+        let record = token_where(&tx, "id = ?1", &id)?;
+        tx.commit()?;
+        Ok(record)
+    }
+}
+
+/// Creates `path` with mode 0600 if it does not exist, so SQLite (which would use 0644 less the
+/// umask) never creates it world-readable. SQLite gives the `-wal` and `-shm` files the same
+/// mode as the database.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match created {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(StoreError::Io { path: path.to_owned(), source }),
+    }
+}
+
+/// How many migrations this build has.
+fn known_version() -> u32 {
+    // A list of SQL literals in the source: never near u32::MAX.
+    u32::try_from(MIGRATIONS.len()).unwrap_or(u32::MAX)
+}
+
+/// The database's `user_version`, checked to be a count this store could have written.
+fn user_version(conn: &Connection) -> Result<u32, StoreError> {
+    let v: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative user_version {v}")))
+}
+
+/// Fails if the database has run more migrations than this build knows.
+fn check_version(conn: &Connection) -> Result<u32, StoreError> {
+    let found = user_version(conn)?;
+    let known = known_version();
+    if found > known {
+        return Err(StoreError::NewerSchema { found, known });
+    }
+    Ok(found)
+}
+
+/// Runs the migrations the database lacks, each in its own transaction together with the
+/// `user_version` bump that records it.
+///
+/// The version is re-read inside each write transaction, so two processes opening the same
+/// file at once do not both run a migration.
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = check_version(&tx)?;
+        let Some(sql) = MIGRATIONS.get(version as usize) else {
+            return Ok(());
+        };
+        tx.execute_batch(sql)?;
+        let next = version + 1;
+        tx.pragma_update(None, "user_version", next)?;
+        tx.commit()?;
+        tracing::info!(version = next, "applied database migration");
+    }
+}
+
+/// If `e` is a UNIQUE or PRIMARY KEY constraint failure, the `table.column` it names.
+fn unique_violation(e: &rusqlite::Error) -> Option<&str> {
+    match e {
+        rusqlite::Error::SqliteFailure(err, Some(msg))
+            if err.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            msg.strip_prefix("UNIQUE constraint failed: ")
+        }
+        _ => None,
+    }
+}
+
+/// The one token matching `condition` (on a unique column), with `arg` bound to `?1`.
+fn token_where(
+    conn: &Connection,
+    condition: &str,
+    arg: &dyn rusqlite::ToSql,
+) -> Result<Option<TokenRecord>, StoreError> {
+    let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE {condition}");
+    let row = conn.query_row(&sql, [arg], token_from_row).optional()?;
+    row.transpose()
+}
+
+/// Reads a row selected with [`TOKEN_COLUMNS`]. SQLite errors go in the outer result, values
+/// this store cannot have written in the inner one.
+fn token_from_row(row: &Row<'_>) -> rusqlite::Result<Result<TokenRecord, StoreError>> {
+    let id: String = row.get(0)?;
+    let name: String = row.get(1)?;
+    let digest: Vec<u8> = row.get(2)?;
+    let created_at: i64 = row.get(3)?;
+    let revoked_at: Option<i64> = row.get(4)?;
+    let max_tunnels: Option<i64> = row.get(5)?;
+    let max_connections: Option<i64> = row.get(6)?;
+    Ok((|| {
+        let digest = <[u8; 32]>::try_from(digest.as_slice()).map_err(|_| {
+            StoreError::Corrupt(format!("token {id}: digest is {} bytes, not 32", digest.len()))
+        })?;
+        let limit = |column: &str, v: Option<i64>| {
+            v.map(|n| {
+                u32::try_from(n).map_err(|_| {
+                    StoreError::Corrupt(format!("token {id}: {column} {n} is out of range"))
+                })
+            })
+            .transpose()
+        };
+        let limits = TokenLimits {
+            max_tunnels: limit("max_tunnels", max_tunnels)?,
+            max_connections: limit("max_connections", max_connections)?,
+        };
+        Ok(TokenRecord { id: id.clone(), name, digest, created_at, revoked_at, limits })
+    })())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A database path under the temp dir, unique to this test; removed (with its WAL files)
+    /// on drop.
+    struct TempDb(PathBuf);
+
+    impl TempDb {
+        fn new(tag: &str) -> Self {
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            let name = format!(
+                "warren-store-{tag}-{}-{}-{nanos}.db",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            );
+            Self(std::env::temp_dir().join(name))
+        }
+    }
+
+    impl Drop for TempDb {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm", "-journal"] {
+                let mut p = self.0.clone().into_os_string();
+                p.push(suffix);
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+
+    fn digest(b: u8) -> [u8; 32] {
+        [b; 32]
+    }
+
+    #[test]
+    fn migrations_run_once() {
+        let db = TempDb::new("migrate");
+        let store = Store::open(&db.0).unwrap();
+        assert_eq!(store.schema_version().unwrap() as usize, MIGRATIONS.len());
+        drop(store);
+        // Reopening runs nothing again (re-running migration 1 would fail: the table exists).
+        let store = Store::open(&db.0).unwrap();
+        assert_eq!(store.schema_version().unwrap() as usize, MIGRATIONS.len());
+        let mode: String =
+            store.conn().pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let fk: i64 = store.conn().pragma_query_value(None, "foreign_keys", |r| r.get(0)).unwrap();
+        assert_eq!(fk, 1);
+
+        let mem = Store::open_in_memory().unwrap();
+        assert_eq!(mem.schema_version().unwrap() as usize, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn reopening_keeps_data() {
+        let db = TempDb::new("reopen");
+        let store = Store::open(&db.0).unwrap();
+        let created = store.create_token("ci", digest(7), TokenLimits::default(), 100).unwrap();
+        drop(store);
+
+        let store = Store::open(&db.0).unwrap();
+        assert_eq!(store.token(&created.id).unwrap(), Some(created.clone()));
+        assert_eq!(store.token_by_digest(&digest(7)).unwrap(), Some(created));
+        assert_eq!(store.token_by_digest(&digest(8)).unwrap(), None);
+        assert_eq!(store.token("tok_nosuchtoken").unwrap(), None);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let db = TempDb::new("newer");
+        drop(Store::open(&db.0).unwrap());
+        let newer = known_version() + 1;
+        {
+            let conn = Connection::open(&db.0).unwrap();
+            conn.pragma_update(None, "user_version", newer).unwrap();
+        }
+        let err = Store::open(&db.0).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerSchema { found, known } if found == newer && known == known_version()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("created by a newer warren-server"), "{err}");
+        assert!(err.to_string().contains("upgrade"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_name_is_taken() {
+        let store = Store::open_in_memory().unwrap();
+        let first = store.create_token("laptop", digest(1), TokenLimits::default(), 1).unwrap();
+        let err = store.create_token("laptop", digest(2), TokenLimits::default(), 2).unwrap_err();
+        assert!(matches!(&err, StoreError::NameTaken(n) if n == "laptop"), "{err:?}");
+        // Revoked tokens keep their name.
+        store.revoke_token(&first.id, 3).unwrap();
+        let err = store.create_token("laptop", digest(3), TokenLimits::default(), 4).unwrap_err();
+        assert!(matches!(&err, StoreError::NameTaken(n) if n == "laptop"), "{err:?}");
+        // A duplicate digest is not a name clash.
+        let err = store.create_token("other", digest(1), TokenLimits::default(), 5).unwrap_err();
+        assert!(matches!(err, StoreError::Sqlite(_)), "{err:?}");
+        assert_eq!(store.list_tokens().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn token_ids_have_the_documented_shape() {
+        let store = Store::open_in_memory().unwrap();
+        let t = store.create_token("a", digest(1), TokenLimits::default(), 1).unwrap();
+        let suffix = t.id.strip_prefix("tok_").unwrap();
+        assert_eq!(suffix.len(), 12);
+        assert!(suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{}", t.id);
+    }
+
+    #[test]
+    fn revoke_sets_revoked_at_once() {
+        let store = Store::open_in_memory().unwrap();
+        let t = store.create_token("a", digest(1), TokenLimits::default(), 10).unwrap();
+        assert_eq!(t.revoked_at, None);
+        let revoked = store.revoke_token(&t.id, 20).unwrap().unwrap();
+        assert_eq!(revoked.revoked_at, Some(20));
+        assert_eq!(revoked, TokenRecord { revoked_at: Some(20), ..t.clone() });
+        let again = store.revoke_token(&t.id, 30).unwrap().unwrap();
+        assert_eq!(again.revoked_at, Some(20));
+        assert_eq!(store.token(&t.id).unwrap().unwrap().revoked_at, Some(20));
+        assert_eq!(store.revoke_token("tok_nosuchtoken", 40).unwrap(), None);
+    }
+
+    #[test]
+    fn file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let db = TempDb::new("mode");
+        let store = Store::open(&db.0).unwrap();
+        store.create_token("a", digest(1), TokenLimits::default(), 1).unwrap();
+        let mode = std::fs::metadata(&db.0).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert!(format!("{store:?}").contains(&db.0.display().to_string()), "{store:?}");
+    }
+
+    #[test]
+    fn list_is_ordered_by_creation_then_id() {
+        let store = Store::open_in_memory().unwrap();
+        let late = store.create_token("late", digest(1), TokenLimits::default(), 300).unwrap();
+        let early = store.create_token("early", digest(2), TokenLimits::default(), 100).unwrap();
+        let tie_a = store.create_token("tie-a", digest(3), TokenLimits::default(), 200).unwrap();
+        let tie_b = store.create_token("tie-b", digest(4), TokenLimits::default(), 200).unwrap();
+        let mut ties = [tie_a, tie_b];
+        ties.sort_by(|a, b| a.id.cmp(&b.id));
+        let [first_tie, second_tie] = ties;
+        assert_eq!(store.list_tokens().unwrap(), vec![early, first_tie, second_tie, late]);
+    }
+
+    #[test]
+    fn limits_round_trip() {
+        let store = Store::open_in_memory().unwrap();
+        let cases = [
+            TokenLimits::default(),
+            TokenLimits { max_tunnels: Some(3), max_connections: None },
+            TokenLimits { max_tunnels: None, max_connections: Some(250) },
+            TokenLimits { max_tunnels: Some(0), max_connections: Some(u32::MAX) },
+        ];
+        for (i, limits) in cases.into_iter().enumerate() {
+            let b = u8::try_from(i).unwrap();
+            let t = store.create_token(&format!("t{i}"), digest(b), limits, 1).unwrap();
+            assert_eq!(t.limits, limits);
+            assert_eq!(store.token(&t.id).unwrap().unwrap().limits, limits);
+        }
+    }
+
+    #[test]
+    fn bad_values_are_corrupt_not_panics() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO tokens (id, name, digest, created_at) VALUES ('tok_short', 's', ?1, 1)",
+                [&[1u8; 31][..]],
+            )
+            .unwrap();
+        store
+            .conn()
+            .execute(
+                "INSERT INTO tokens (id, name, digest, created_at, max_tunnels) \
+                 VALUES ('tok_negative', 'n', ?1, 1, -1)",
+                [&[2u8; 32][..]],
+            )
+            .unwrap();
+        let err = store.token("tok_short").unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let err = store.token("tok_negative").unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+        let err = store.list_tokens().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt(_)), "{err:?}");
+    }
+}
