@@ -24,9 +24,10 @@ use warren_proto::message::Token;
 
 use crate::auth::{Accepted, AdminToken, TokenId, digest};
 use crate::registry::SessionInfo;
+use crate::router::ReservedIndex;
 use crate::router::TunnelView;
 use crate::session::Shared;
-use crate::store::{Store, StoreError, TokenLimits, TokenRecord};
+use crate::store::{Reservation, Reserved, Store, StoreError, TokenLimits, TokenRecord};
 use crate::util::{random_alnum, rfc3339, unix_now};
 
 /// The OpenAPI 3 document of this API.
@@ -41,6 +42,8 @@ pub struct ApiState {
     pub store: Arc<Store>,
     /// The admin token.
     pub admin: AdminToken,
+    /// How often traffic is sampled into the history.
+    pub stats_interval: std::time::Duration,
 }
 
 /// An API error: status, a stable code for programs and a sentence for people.
@@ -75,6 +78,9 @@ impl From<StoreError> for ApiError {
                 "conflict",
                 format!("a token named {name:?} exists already"),
             ),
+            StoreError::Taken(what) => {
+                Self::new(StatusCode::CONFLICT, "conflict", format!("{what} is reserved already"))
+            }
             other => {
                 tracing::warn!(error = %other, "store error in the API");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed")
@@ -149,6 +155,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/agents/{id}", get(get_agent).delete(disconnect_agent))
         .route("/api/v1/tunnels", get(list_tunnels))
         .route("/api/v1/tunnels/{id}", get(get_tunnel))
+        .route("/api/v1/reservations", get(list_reservations).post(create_reservation))
+        .route("/api/v1/reservations/{id}", axum::routing::delete(delete_reservation))
+        .route("/api/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -381,6 +390,234 @@ async fn get_tunnel(
 
 /// A per-tunnel metric: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&TunnelView) -> u64);
+
+/// The router's view of the stored reservations.
+pub fn reserved_index(store: &Store) -> Result<ReservedIndex, StoreError> {
+    let mut index = ReservedIndex::default();
+    for r in store.list_reservations()? {
+        let Some(token) = TokenId::parse_hex(&r.token) else {
+            return Err(StoreError::Corrupt(format!(
+                "reservation {}: bad token {:?}",
+                r.id, r.token
+            )));
+        };
+        match r.what {
+            Reserved::Subdomain(s) => {
+                index.subdomains.insert(s, token);
+            }
+            Reserved::Port { port, udp } => {
+                index.ports.insert((udp, port), token);
+            }
+        }
+    }
+    Ok(index)
+}
+
+fn reservation_json(r: &Reservation) -> Value {
+    let mut v = json!({ "id": r.id, "token": r.token, "created_at": rfc3339(r.created_at) });
+    match &r.what {
+        Reserved::Subdomain(s) => v["subdomain"] = json!(s),
+        Reserved::Port { port, udp } => {
+            v["port"] = json!(port);
+            v["proto"] = json!(if *udp { "udp" } else { "tcp" });
+        }
+    }
+    v
+}
+
+/// `POST /api/v1/reservations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateReservation {
+    token: Option<String>,
+    subdomain: Option<String>,
+    port: Option<u16>,
+    proto: Option<String>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", message)
+}
+
+async fn list_reservations(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let all: Vec<Value> = st
+        .store
+        .list_reservations()?
+        .iter()
+        .filter(|r| TokenId::parse_hex(&r.token).is_some_and(|t| who.sees(t)))
+        .map(reservation_json)
+        .collect();
+    Ok(Json(json!({ "reservations": all })))
+}
+
+async fn create_reservation(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    payload: Result<Json<CreateReservation>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let who = caller(&st, &headers)?;
+    let req = body(payload)?;
+    let token = match (&who, req.token.as_deref()) {
+        (Caller::Agent(a), None) => a.id,
+        (Caller::Agent(a), Some(t)) => {
+            let named = resolve_token(&st, t)?;
+            if named != a.id {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "an agent token may reserve only for itself",
+                ));
+            }
+            named
+        }
+        (Caller::Admin, Some(t)) => resolve_token(&st, t)?,
+        (Caller::Admin, None) => {
+            return Err(invalid("name the token to reserve for: \"token\": \"tok_…\""));
+        }
+    };
+    let what = match (req.subdomain, req.port) {
+        (Some(s), None) => {
+            if req.proto.is_some() {
+                return Err(invalid("\"proto\" goes with \"port\", not \"subdomain\""));
+            }
+            let sub = warren_proto::Subdomain::parse(&s).map_err(|e| invalid(e.to_string()))?;
+            Reserved::Subdomain(sub.as_str().to_owned())
+        }
+        (None, Some(port)) => {
+            let udp = match req.proto.as_deref() {
+                None | Some("tcp") => false,
+                Some("udp") => true,
+                Some(other) => return Err(invalid(format!("proto {other:?}: tcp or udp"))),
+            };
+            let range = st.shared.router.pool_range();
+            if !range.contains(port) {
+                return Err(invalid(format!("port {port} is outside the relay's pool {range}")));
+            }
+            Reserved::Port { port, udp }
+        }
+        _ => return Err(invalid("give exactly one of \"subdomain\" and \"port\"")),
+    };
+    let holder = match &what {
+        Reserved::Subdomain(s) => st.shared.router.holder(Some(s), None),
+        Reserved::Port { port, udp } => st.shared.router.holder(None, Some((*udp, *port))),
+    };
+    if holder.is_some_and(|h| h != token) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "another token's tunnel holds it now; reserve it once that lease ends",
+        ));
+    }
+    let r = st.store.create_reservation(&token.to_string(), what, unix_now())?;
+    st.shared.router.set_reserved(reserved_index(&st.store)?);
+    Ok((StatusCode::CREATED, Json(reservation_json(&r))))
+}
+
+/// A token named by its API id (`tok_…`) or by its 16 hex digits.
+fn resolve_token(st: &ApiState, t: &str) -> ApiResult<TokenId> {
+    if t.starts_with("tok_") {
+        let rec = st.store.token(t)?.ok_or_else(|| invalid(format!("no token {t}")))?;
+        return Ok(TokenId::of(&rec.digest));
+    }
+    TokenId::parse_hex(t)
+        .ok_or_else(|| invalid("token: an API token id (tok_…) or a token's 16 hex digits"))
+}
+
+async fn delete_reservation(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let who = caller(&st, &headers)?;
+    let mine = st
+        .store
+        .list_reservations()?
+        .into_iter()
+        .any(|r| r.id == id && TokenId::parse_hex(&r.token).is_some_and(|t| who.sees(t)));
+    if !mine {
+        return Err(ApiError::not_found("reservation"));
+    }
+    st.store.delete_reservation(&id)?;
+    st.shared.router.set_reserved(reserved_index(&st.store)?);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /api/v1/stats?since=UNIX&tunnel=ID`.
+#[derive(Debug, Deserialize)]
+struct StatsQuery {
+    since: Option<i64>,
+    tunnel: Option<String>,
+}
+
+async fn stats(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    query: Result<axum::extract::Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let q = query.map_err(|e| invalid(e.body_text()))?.0;
+    let since = q.since.unwrap_or_else(|| unix_now() - 3600);
+    let mut series: Vec<(String, Vec<Value>)> = Vec::new();
+    for (tunnel, p) in st.store.traffic(since)? {
+        let token = tunnel.split(':').next().and_then(TokenId::parse_hex);
+        if !token.is_some_and(|t| who.sees(t)) || q.tunnel.as_ref().is_some_and(|w| *w != tunnel) {
+            continue;
+        }
+        let point =
+            json!({ "at": rfc3339(p.at), "bytes_in": p.bytes_in, "bytes_out": p.bytes_out });
+        match series.last_mut() {
+            Some((t, points)) if *t == tunnel => points.push(point),
+            _ => series.push((tunnel, vec![point])),
+        }
+    }
+    let tunnels: Vec<Value> =
+        series.into_iter().map(|(t, points)| json!({ "tunnel": t, "points": points })).collect();
+    Ok(Json(json!({
+        "interval_secs": st.stats_interval.as_secs(),
+        "since": rfc3339(since),
+        "tunnels": tunnels,
+    })))
+}
+
+/// Samples every tunnel's counters each `interval` into the store's traffic history (kept a
+/// week), until `shutdown`.
+pub async fn sample_traffic(state: ApiState, shutdown: CancellationToken) {
+    let interval = state.stats_interval.max(std::time::Duration::from_secs(1));
+    let mut last: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let now = unix_now();
+        let step = interval.as_secs() as i64;
+        let at = now - now.rem_euclid(step.max(1));
+        for t in st_tunnels(&state) {
+            let id = tunnel_id(&t);
+            let (bi, bo) = (
+                t.stats.bytes_in.load(Ordering::Relaxed),
+                t.stats.bytes_out.load(Ordering::Relaxed),
+            );
+            let (pi, po) = last.insert(id.clone(), (bi, bo)).unwrap_or((0, 0));
+            let (di, dout) = (bi.saturating_sub(pi), bo.saturating_sub(po));
+            if (di > 0 || dout > 0)
+                && let Err(e) = state.store.add_traffic(&id, at, di, dout)
+            {
+                tracing::warn!(error = %e, "cannot record traffic");
+            }
+        }
+        let _ = state.store.prune_traffic(now - 7 * 86_400);
+    }
+}
+
+fn st_tunnels(state: &ApiState) -> Vec<TunnelView> {
+    state.shared.router.tunnels()
+}
 
 /// Prometheus text exposition of the relay's state.
 async fn metrics(State(st): State<ApiState>) -> Response {

@@ -58,6 +58,18 @@ impl Tokens {
 }
 
 impl TokenId {
+    /// Parses the 16 hex digits [`TokenId`] displays as.
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        if s.len() != 16 {
+            return None;
+        }
+        let mut id = [0u8; 8];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Self(id))
+    }
+
     /// The id of a token with this digest.
     pub fn of(digest: &[u8; 32]) -> Self {
         let mut id = [0u8; 8];

@@ -42,6 +42,8 @@ pub struct RelayConfig {
     pub api: Option<SocketAddr>,
     /// The API's admin token.
     pub admin_token: Token,
+    /// How often tunnel traffic is sampled into the history the API serves.
+    pub stats_interval: Duration,
 }
 
 impl RelayConfig {
@@ -65,6 +67,7 @@ impl RelayConfig {
             acme: None,
             api: Some(any),
             admin_token: Token::new(format!("{token}-admin")),
+            stats_interval: Duration::from_secs(60),
         }
     }
 }

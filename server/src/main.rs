@@ -122,6 +122,9 @@ struct Args {
     /// The API's admin token (default: generated once into DATA/admin-token).
     #[arg(long, value_name = "TOKEN", env = "WARREN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// How often tunnel traffic is sampled into the history at /api/v1/stats.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    stats_interval: std::time::Duration,
     /// Log one line per HTTP request (visitor, host, method, path, status, time) and per TCP or
     /// TLS connection (visitor, tunnel, bytes, time), with visitors' real addresses.
     #[arg(long)]
@@ -244,6 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         api: (!args.no_api).then_some(args.api),
         admin_token: Token::new(admin_token),
+        stats_interval: args.stats_interval,
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
             email,
             directory: args.acme_directory,

@@ -191,6 +191,9 @@ impl Relay {
         if let Some(addr) = https_addr {
             router = router.with_https(addr.port(), config.prefer_https);
         }
+        let reserved = crate::api::reserved_index(&store)
+            .map_err(|source| RelayError::Store { path: db_path.clone(), source })?;
+        router.set_reserved(reserved);
         let shared = Arc::new(Shared {
             auth: Auth::new(Tokens::new(&config.tokens), Some(store.clone())),
             registry: Default::default(),
@@ -219,6 +222,7 @@ impl Relay {
                     shared: shared.clone(),
                     store,
                     admin: AdminToken::new(config.admin_token.expose()),
+                    stats_interval: config.stats_interval,
                 };
                 (l, state)
             }),
@@ -249,6 +253,7 @@ impl BoundRelay {
         );
         if let Some((listener, state)) = self.api {
             crate::api::log_listening(self.api_addr.unwrap_or(self.http_addr));
+            tasks.spawn(crate::api::sample_traffic(state.clone(), self.shared.shutdown.clone()));
             tasks.spawn(crate::api::serve(listener, state, self.shared.shutdown.clone()));
         }
         if let Some(acme) = &self.shared.acme {

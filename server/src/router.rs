@@ -177,6 +177,16 @@ pub struct Router {
     pool: PortPool,
     grace: Duration,
     spawn_listener: ListenerSpawner,
+    reserved: std::sync::RwLock<ReservedIndex>,
+}
+
+/// Subdomains and ports kept for tokens: no other token's tunnel is given them.
+#[derive(Debug, Default, Clone)]
+pub struct ReservedIndex {
+    /// Reserved subdomains and their token.
+    pub subdomains: HashMap<String, TokenId>,
+    /// Reserved pool ports (`(udp, port)`) and their token.
+    pub ports: HashMap<PortKey, TokenId>,
 }
 
 impl std::fmt::Debug for Router {
@@ -219,7 +229,24 @@ impl Router {
             pool,
             grace,
             spawn_listener,
+            reserved: std::sync::RwLock::default(),
         }
+    }
+
+    /// Replaces the reservations the router honours.
+    pub fn set_reserved(&self, index: ReservedIndex) {
+        *self.reserved.write().unwrap_or_else(|p| p.into_inner()) = index;
+    }
+
+    /// The token whose tunnel holds `sub` or `port` now, if any.
+    pub fn holder(&self, sub: Option<&str>, port: Option<PortKey>) -> Option<TokenId> {
+        let st = self.lock();
+        let key = match (sub, port) {
+            (Some(s), _) => st.by_sub.iter().find(|(k, _)| k.as_str() == s).map(|(_, v)| v),
+            (None, Some(p)) => st.by_port.get(&p),
+            _ => None,
+        }?;
+        Some(key.0.token)
     }
 
     /// Tells the router the HTTPS listener's port, for tunnel URLs. With `prefer` set, HTTP
@@ -228,6 +255,11 @@ impl Router {
         self.https_port = Some(port);
         self.prefer_https = prefer;
         self
+    }
+
+    /// The port pool's range.
+    pub fn pool_range(&self) -> crate::config::PortRange {
+        self.pool.range()
     }
 
     /// The public HTTPS port, if there is an HTTPS listener.
@@ -364,27 +396,51 @@ impl Router {
             Protocol::Http | Protocol::Tls => {
                 let derived = derived_subdomain(owner, &req.name);
                 let wanted = req.subdomain.clone().unwrap_or_else(|| derived.clone());
-                let free = |s: &Subdomain| st.by_sub.get(s).is_none_or(|k| *k == key);
+                let reserved = self.reserved.read().unwrap_or_else(|p| p.into_inner());
+                let free = |s: &Subdomain| {
+                    st.by_sub.get(s).is_none_or(|k| *k == key)
+                        && reserved.subdomains.get(s.as_str()).is_none_or(|t| *t == owner.token)
+                };
                 let sub = if free(&wanted) {
                     wanted
                 } else if req.sticky && free(&derived) {
                     notice = format!("subdomain {wanted} is no longer free; got {derived}");
                     derived
                 } else {
+                    let why = if reserved
+                        .subdomains
+                        .get(wanted.as_str())
+                        .is_some_and(|t| *t != owner.token)
+                    {
+                        "is reserved for another token"
+                    } else {
+                        "is taken by another tunnel"
+                    };
                     return Err(BindError::new(
                         ErrorCode::SubdomainTaken,
-                        format!(
-                            "subdomain {wanted} is taken by another tunnel; choose another with --subdomain"
-                        ),
+                        format!("subdomain {wanted} {why}; choose another with --subdomain"),
                     ));
                 };
                 (Some(sub), None, None)
             }
             Protocol::Tcp | Protocol::Udp => {
                 let udp = req.protocol == Protocol::Udp;
-                let leased: HashSet<u16> =
+                let mut leased: HashSet<u16> =
                     st.by_port.keys().filter(|(u, _)| *u == udp).map(|(_, p)| *p).collect();
+                let reserved_by_others: HashSet<u16> = self
+                    .reserved
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .ports
+                    .iter()
+                    .filter(|((u, _), t)| *u == udp && **t != owner.token)
+                    .map(|((_, p), _)| *p)
+                    .collect();
                 let fixed = match req.remote_port {
+                    Some(p) if reserved_by_others.contains(&p) => Err(BindError::new(
+                        ErrorCode::PortTaken,
+                        format!("{} port {p} is reserved for another token", req.protocol),
+                    )),
                     Some(p) if leased.contains(&p) => Err(BindError::new(
                         ErrorCode::PortTaken,
                         format!("{} port {p} is leased to another tunnel", req.protocol),
@@ -392,6 +448,7 @@ impl Router {
                     Some(p) => self.pool.bind(p, udp).map(|l| (p, l)).map_err(pool_error),
                     None => Err(BindError::new(ErrorCode::Internal, "")),
                 };
+                leased.extend(reserved_by_others);
                 let (p, l) = match fixed {
                     Ok(ok) => ok,
                     Err(e) if req.remote_port.is_some() && !req.sticky => return Err(e),

@@ -35,6 +35,24 @@ const MIGRATIONS: &[&str] = &[
         max_tunnels INTEGER,
         max_connections INTEGER
     );",
+    // 2: names and ports kept for a token, and traffic history per tunnel.
+    "CREATE TABLE reservations (
+        id TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        subdomain TEXT UNIQUE,
+        port INTEGER,
+        proto TEXT,
+        created_at INTEGER NOT NULL,
+        UNIQUE (port, proto),
+        CHECK ((subdomain IS NULL) <> (port IS NULL))
+    );
+    CREATE TABLE traffic (
+        tunnel TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        bytes_in INTEGER NOT NULL,
+        bytes_out INTEGER NOT NULL,
+        PRIMARY KEY (tunnel, at)
+    );",
 ];
 
 /// How long a statement waits for another process's lock before failing with `SQLITE_BUSY`.
@@ -57,6 +75,44 @@ pub struct TokenLimits {
     pub max_tunnels: Option<u32>,
     /// How many visitor connections this token's tunnels may carry at once.
     pub max_connections: Option<u32>,
+}
+
+/// What a reservation keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reserved {
+    /// A subdomain, for HTTP and TLS tunnels.
+    Subdomain(String),
+    /// A port of the pool; `udp` false for TCP.
+    Port {
+        /// The port.
+        port: u16,
+        /// UDP rather than TCP.
+        udp: bool,
+    },
+}
+
+/// A subdomain or port kept for one token: no other token's tunnel gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    /// `res_` and 12 random characters.
+    pub id: String,
+    /// The owner: the 16 hex digits that identify a token (its digest's start).
+    pub token: String,
+    /// What is kept.
+    pub what: Reserved,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// Bytes through one tunnel in one sampling interval.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrafficPoint {
+    /// Unix seconds at the start of the interval.
+    pub at: i64,
+    /// Visitors to agent.
+    pub bytes_in: u64,
+    /// Agent to visitors.
+    pub bytes_out: u64,
 }
 
 /// A token as stored: never the secret itself, only its SHA-256 digest.
@@ -83,6 +139,9 @@ pub enum StoreError {
     /// Another token already has this name (revoked tokens keep theirs).
     #[error("a token named {0:?} already exists")]
     NameTaken(String),
+    /// Another reservation keeps this subdomain or port.
+    #[error("{0} is reserved already")]
+    Taken(String),
     /// The database was migrated by a newer build; running on would risk misreading it.
     #[error(
         "database schema version {found} was created by a newer warren-server \
@@ -213,6 +272,127 @@ impl Store {
                 },
             }
         }
+    }
+
+    /// Keeps `what` for `token`; `Taken` when another reservation has it.
+    pub fn create_reservation(
+        &self,
+        token: &str,
+        what: Reserved,
+        now: i64,
+    ) -> Result<Reservation, StoreError> {
+        let id = format!("res_{}", crate::util::random_alnum(TOKEN_ID_LEN));
+        let (sub, port, proto) = match &what {
+            Reserved::Subdomain(s) => (Some(s.clone()), None, None),
+            Reserved::Port { port, udp } => {
+                (None, Some(i64::from(*port)), Some(if *udp { "udp" } else { "tcp" }))
+            }
+        };
+        let inserted = self.conn().execute(
+            "INSERT INTO reservations (id, token, subdomain, port, proto, created_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![id, token, sub, port, proto, now],
+        );
+        match inserted {
+            Ok(_) => Ok(Reservation { id, token: token.to_owned(), what, created_at: now }),
+            Err(e) if unique_violation(&e).is_some() => Err(StoreError::Taken(match what {
+                Reserved::Subdomain(s) => format!("subdomain {s}"),
+                Reserved::Port { port, udp } => {
+                    format!("{} port {port}", if udp { "udp" } else { "tcp" })
+                }
+            })),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every reservation, oldest first.
+    pub fn list_reservations(&self) -> Result<Vec<Reservation>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, token, subdomain, port, proto, created_at FROM reservations \
+             ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let id: String = row.get(0)?;
+            let token: String = row.get(1)?;
+            let sub: Option<String> = row.get(2)?;
+            let port: Option<i64> = row.get(3)?;
+            let proto: Option<String> = row.get(4)?;
+            let created_at: i64 = row.get(5)?;
+            Ok((id, token, sub, port, proto, created_at))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, token, sub, port, proto, created_at) = row?;
+            let what = match (sub, port) {
+                (Some(s), None) => Reserved::Subdomain(s),
+                (None, Some(p)) => Reserved::Port {
+                    port: u16::try_from(p).map_err(|_| {
+                        StoreError::Corrupt(format!("reservation {id}: port {p} out of range"))
+                    })?,
+                    udp: proto.as_deref() == Some("udp"),
+                },
+                _ => return Err(StoreError::Corrupt(format!("reservation {id}: neither or both"))),
+            };
+            out.push(Reservation { id, token, what, created_at });
+        }
+        Ok(out)
+    }
+
+    /// Removes a reservation; `None` if there was none with that id.
+    pub fn delete_reservation(&self, id: &str) -> Result<Option<Reservation>, StoreError> {
+        let found = self.list_reservations()?.into_iter().find(|r| r.id == id);
+        if found.is_some() {
+            self.conn().execute("DELETE FROM reservations WHERE id = ?1", params![id])?;
+        }
+        Ok(found)
+    }
+
+    /// Adds bytes to a tunnel's traffic at interval start `at`.
+    pub fn add_traffic(
+        &self,
+        tunnel: &str,
+        at: i64,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) -> Result<(), StoreError> {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "INSERT INTO traffic (tunnel, at, bytes_in, bytes_out) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (tunnel, at) DO UPDATE SET bytes_in = bytes_in + excluded.bytes_in, \
+             bytes_out = bytes_out + excluded.bytes_out",
+            params![tunnel, at, clamp(bytes_in), clamp(bytes_out)],
+        )?;
+        Ok(())
+    }
+
+    /// Traffic points since `since` (unix seconds), by tunnel, each series in time order.
+    pub fn traffic(&self, since: i64) -> Result<Vec<(String, TrafficPoint)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT tunnel, at, bytes_in, bytes_out FROM traffic WHERE at >= ?1 \
+             ORDER BY tunnel, at",
+        )?;
+        let rows = stmt.query_map(params![since], |row| {
+            let tunnel: String = row.get(0)?;
+            let at: i64 = row.get(1)?;
+            let bytes_in: i64 = row.get(2)?;
+            let bytes_out: i64 = row.get(3)?;
+            Ok((
+                tunnel,
+                TrafficPoint {
+                    at,
+                    bytes_in: u64::try_from(bytes_in).unwrap_or(0),
+                    bytes_out: u64::try_from(bytes_out).unwrap_or(0),
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Forgets traffic older than `before` (unix seconds); returns how many points.
+    pub fn prune_traffic(&self, before: i64) -> Result<usize, StoreError> {
+        Ok(self.conn().execute("DELETE FROM traffic WHERE at < ?1", params![before])?)
     }
 
     /// All tokens, revoked ones included, oldest first (ties broken by id).

@@ -20,6 +20,7 @@
 //! `WARREN_TEST_RUST_LOG=...` is passed to the children as `RUST_LOG`.
 
 pub mod agent;
+pub mod api_client;
 pub mod backend;
 pub mod client;
 pub mod grpc;
@@ -32,6 +33,7 @@ pub mod udp;
 pub mod util;
 
 pub use agent::{Agent, HttpUrl, Outcome, TcpUrl, TlsUrl, UdpUrl};
+pub use api_client::{ApiClient, ApiResponse};
 pub use backend::{EchoBackend, HttpBackend, parse_headers};
 pub use client::{HttpConn, HttpResponse, expect_get, http_get, http_post, tcp_echo};
 pub use grpc::{

@@ -1,0 +1,201 @@
+//! What the relay keeps in its database through the API: reservations that hold subdomains and
+//! ports for one token against every other, and the traffic history of tunnels; both survive a
+//! relay restart. Requests go through the real `curl`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_tests::{
+    ADMIN_TOKEN, Agent, EchoBackend, HttpBackend, IO_TIMEOUT, Outcome, Relay, RelayOpts, TempDir,
+    eventually, expect_get, tcp_echo, within,
+};
+
+/// `curl` against the API: (status, JSON body or Null).
+async fn call(
+    relay: &Relay,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let url = format!("http://{}{path}", relay.api_addr);
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-X", method, "-w", "\n%{http_code}"])
+        .args(["-H", &format!("Authorization: Bearer {token}")]);
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    let out = cmd.arg(&url).output().await.expect("run curl");
+    assert!(out.status.success(), "curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    let status: u16 = code.trim().parse().expect("status code");
+    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+fn spawn(relay: &Relay, tmp: &TempDir, label: &str, token: &str, args: &[&str]) -> Agent {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    all.extend([
+        "--relay".into(),
+        relay.relay_arg(),
+        "--token".into(),
+        token.into(),
+        "--relay-ca".into(),
+        relay.ca_path.display().to_string(),
+        "--config-dir".into(),
+        tmp.dir(label).display().to_string(),
+    ]);
+    Agent::spawn(label, all)
+}
+
+/// A subdomain and a TCP port reserved for one API token: another token's agent is refused
+/// them (and gets other ports when it asks for none), the owner gets them, and all of it is
+/// still true after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_hold_names_and_ports_across_restarts() {
+    let tmp = TempDir::new("reservations");
+    let mut relay = Relay::start(RelayOpts::default()).await;
+    let (status, owner) =
+        call(&relay, "POST", "/api/v1/tokens", ADMIN_TOKEN, Some(r#"{"name":"owner"}"#)).await;
+    assert_eq!(status, 201, "{owner}");
+    let owner_secret = owner["token"].as_str().expect("secret").to_owned();
+    let owner_id = owner["id"].as_str().expect("id").to_owned();
+    let port = relay.ports().low;
+    let body = format!(r#"{{"token":"{owner_id}","subdomain":"kept"}}"#);
+    let (status, sub_res) =
+        call(&relay, "POST", "/api/v1/reservations", ADMIN_TOKEN, Some(&body)).await;
+    assert_eq!(status, 201, "{sub_res}");
+    let body = format!(r#"{{"token":"{owner_id}","port":{port}}}"#);
+    let (status, port_res) =
+        call(&relay, "POST", "/api/v1/reservations", ADMIN_TOKEN, Some(&body)).await;
+    assert_eq!(status, 201, "{port_res}");
+    // Taken twice, bad bodies.
+    let (status, v) = call(&relay, "POST", "/api/v1/reservations", ADMIN_TOKEN, Some(&body)).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    for bad in [
+        format!(r#"{{"token":"{owner_id}"}}"#),
+        format!(r#"{{"token":"{owner_id}","subdomain":"a","port":{port}}}"#),
+        format!(r#"{{"token":"{owner_id}","subdomain":"Not_valid"}}"#),
+        format!(r#"{{"token":"{owner_id}","port":1}}"#),
+        r#"{"token":"tok_nonexistent","subdomain":"x"}"#.to_owned(),
+        r#"{"subdomain":"x"}"#.to_owned(),
+    ] {
+        let (status, v) =
+            call(&relay, "POST", "/api/v1/reservations", ADMIN_TOKEN, Some(&bad)).await;
+        assert_eq!(status, 422, "{bad}: {v}");
+    }
+    // An agent token may not reserve for another token.
+    let body = format!(r#"{{"token":"{owner_id}","subdomain":"stolen"}}"#);
+    let (status, _) =
+        call(&relay, "POST", "/api/v1/reservations", relay.token(), Some(&body)).await;
+    assert_eq!(status, 403);
+
+    relay.restart().await;
+    let backend = HttpBackend::start().await;
+    let echo = EchoBackend::start().await;
+    // Another token: refused the reserved name and port.
+    let mut other = spawn(
+        &relay,
+        &tmp,
+        "other-http",
+        relay.token(),
+        &["http", &backend.port().to_string(), "--subdomain", "kept"],
+    );
+    match other.outcome(IO_TIMEOUT).await {
+        Some(Outcome::Exited(_, stderr)) => {
+            assert!(stderr.contains("subdomain kept is reserved for another token"), "{stderr}")
+        }
+        o => panic!("another token's agent was not refused the reserved subdomain: {o:?}"),
+    }
+    let mut other_tcp = spawn(
+        &relay,
+        &tmp,
+        "other-tcp",
+        relay.token(),
+        &["tcp", &echo.port().to_string(), "--remote-port", &port.to_string()],
+    );
+    match other_tcp.outcome(IO_TIMEOUT).await {
+        Some(Outcome::Exited(_, stderr)) => assert!(stderr.contains("reserved"), "{stderr}"),
+        o => panic!("another token's agent was not refused the reserved port: {o:?}"),
+    }
+    // The owner gets both.
+    let mut web = spawn(
+        &relay,
+        &tmp,
+        "owner-http",
+        &owner_secret,
+        &["http", &backend.port().to_string(), "--subdomain", "kept"],
+    );
+    let url = web.http_url().await;
+    assert_eq!(url.subdomain, "kept");
+    within(IO_TIMEOUT, "GET", expect_get(url.addr(), &url.host(), &backend.greeting()))
+        .await
+        .expect("owner's tunnel serves");
+    let mut db = spawn(
+        &relay,
+        &tmp,
+        "owner-tcp",
+        &owner_secret,
+        &["tcp", &echo.port().to_string(), "--remote-port", &port.to_string()],
+    );
+    assert_eq!(db.tcp_url().await.port, port);
+
+    // Listing: the admin sees both, the other token none; releasing frees the name.
+    let (_, all) = call(&relay, "GET", "/api/v1/reservations", ADMIN_TOKEN, None).await;
+    assert_eq!(all["reservations"].as_array().map(Vec::len), Some(2), "{all}");
+    let (_, theirs) = call(&relay, "GET", "/api/v1/reservations", relay.token(), None).await;
+    assert_eq!(theirs["reservations"].as_array().map(Vec::len), Some(0), "{theirs}");
+    let id = sub_res["id"].as_str().expect("id");
+    let (status, _) =
+        call(&relay, "DELETE", &format!("/api/v1/reservations/{id}"), relay.token(), None).await;
+    assert_eq!(status, 404, "another token cannot release it");
+    let (status, _) =
+        call(&relay, "DELETE", &format!("/api/v1/reservations/{id}"), ADMIN_TOKEN, None).await;
+    assert_eq!(status, 204);
+    web.assert_running();
+    db.assert_running();
+}
+
+/// Traffic through a tunnel shows in `/api/v1/stats` after a sampling interval, and the
+/// history survives a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_history_is_sampled_and_kept() {
+    let tmp = TempDir::new("stats");
+    let mut relay = Relay::start(RelayOpts::default().args(&["--stats-interval", "1s"])).await;
+    let echo = EchoBackend::start().await;
+    let mut agent =
+        spawn(&relay, &tmp, "stats-tcp", relay.token(), &["tcp", &echo.port().to_string()]);
+    let url = agent.tcp_url().await;
+    within(IO_TIMEOUT, "echo", tcp_echo(url.addr(), 100_000)).await.expect("echo");
+
+    let total = |v: &Value, key: &str| -> u64 {
+        v["tunnels"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["points"].as_array().into_iter().flatten())
+            .map(|p| p[key].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let relay_ref = &relay;
+    let seen = eventually(Duration::from_secs(10), || async move {
+        let (status, v) = call(relay_ref, "GET", "/api/v1/stats?since=0", ADMIN_TOKEN, None).await;
+        anyhow::ensure!(status == 200, "status {status}: {v}");
+        anyhow::ensure!(total(&v, "bytes_in") >= 100_000, "not sampled yet: {v}");
+        Ok(v)
+    })
+    .await;
+    assert!(total(&seen, "bytes_out") >= 100_000, "{seen}");
+    assert_eq!(seen["interval_secs"], 1);
+    let tunnel = seen["tunnels"][0]["tunnel"].as_str().expect("tunnel id").to_owned();
+    assert!(tunnel.ends_with(":tcp-") || tunnel.contains(":tcp-"), "{tunnel}");
+
+    relay.restart().await;
+    let (_, after) = call(&relay, "GET", "/api/v1/stats?since=0", ADMIN_TOKEN, None).await;
+    assert!(total(&after, "bytes_in") >= 100_000, "history lost in a restart: {after}");
+    let (status, v) = call(&relay, "GET", "/api/v1/stats?since=soon", ADMIN_TOKEN, None).await;
+    assert_eq!(status, 422, "{v}");
+    let (status, _) = call(&relay, "GET", "/api/v1/stats", "wrong", None).await;
+    assert_eq!(status, 401);
+    agent.assert_running();
+}
