@@ -56,6 +56,11 @@ pub enum AgentEvent {
         /// Whether the URL differs from the previous bind's.
         changed: bool,
     },
+    /// A tunnel was removed through the relay's API.
+    Removed {
+        /// The tunnel.
+        name: TunnelName,
+    },
 }
 
 /// Why the agent stopped.
@@ -302,16 +307,15 @@ async fn serve_session(
             other => return Err(Failure::Retry(format!("unexpected answer to a bind: {other:?}"))),
         }
     }
-    let tunnels: Tunnels = Arc::new(tunnels);
-    let has_udp = tunnels.values().any(|t| t.protocol == warren_proto::Protocol::Udp);
-    let _datagrams =
-        (has_udp && session.kind() == warren_transport::TransportKind::Quic).then(|| {
-            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
-                session.clone(),
-                tunnels.clone(),
-                crate::udp::FLOW_IDLE,
-            )))
-        });
+    let tunnels: Tunnels = Arc::new(std::sync::RwLock::new(tunnels));
+    // UDP tunnels may also arrive later as forwards: datagrams are always served over QUIC.
+    let _datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
+            session.clone(),
+            tunnels.clone(),
+            crate::udp::FLOW_IDLE,
+        )))
+    });
 
     let mut streams = JoinSet::new();
     let mut last_seen = Instant::now();
@@ -340,8 +344,28 @@ async fn serve_session(
                     Message::GoAway { code, message } => {
                         return Ok(End::Lost(format!("the relay is going away ({code}: {message})")));
                     }
+                    Message::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
+                        let gone = tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&tunnel);
+                        if let Some(spec) = gone {
+                            info!(tunnel = %spec.name, reason = %message, "tunnel removed by the relay");
+                            let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
+                        }
+                    }
                     Message::TunnelClosed { code, message, .. } => {
                         return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
+                    }
+                    Message::Forward(f) => {
+                        let reply = match f.target.parse::<crate::tunnel::Target>() {
+                            Ok(target) => {
+                                let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
+                                info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
+                                tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(f.tunnel, Arc::new(spec));
+                                let _ = events.send(AgentEvent::Bound { name: f.name.clone(), url: f.url.clone(), changed: true });
+                                Message::ForwardOk { req: f.req }
+                            }
+                            Err(e) => Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: e },
+                        };
+                        writer.send(&reply).await?;
                     }
                     Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
                         return Ok(End::Lost(format!("the relay rejected our frames: {message}")));

@@ -101,7 +101,8 @@ async fn run_in(
 
     let mut urls = (None, None);
     let mut ready = Some(ready);
-    while let Some(AgentEvent::Bound { name, url, .. }) = rx.recv().await {
+    while let Some(event) = rx.recv().await {
+        let AgentEvent::Bound { name, url, .. } = event else { continue };
         if name.as_str() == "demo-http" {
             urls.0 = Some(url);
         } else {

@@ -20,8 +20,14 @@ pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 
-/// The tunnels of the current session, by the id the relay gave each.
-pub type Tunnels = Arc<HashMap<TunnelId, Arc<TunnelSpec>>>;
+/// The tunnels of the current session, by the id the relay gave each; forwards created through
+/// the relay's API come and go while the session runs.
+pub type Tunnels = Arc<std::sync::RwLock<HashMap<TunnelId, Arc<TunnelSpec>>>>;
+
+/// The tunnel with relay id `id`, if this session serves it.
+pub fn lookup(tunnels: &Tunnels, id: TunnelId) -> Option<Arc<TunnelSpec>> {
+    tunnels.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
+}
 
 /// Connects to a target, trying every address a host name resolves to.
 pub async fn connect_target(target: &Target) -> std::io::Result<TcpStream> {
@@ -46,7 +52,7 @@ pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
             return;
         }
     };
-    let Some(tunnel) = tunnels.get(&header.tunnel).cloned() else {
+    let Some(tunnel) = lookup(&tunnels, header.tunnel) else {
         debug!(tunnel = %header.tunnel, "data stream for a tunnel this session does not serve");
         return;
     };

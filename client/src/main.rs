@@ -127,6 +127,19 @@ enum Command {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// Connect to the relay and serve what it asks: forwards created through the relay's API
+    /// (POST /api/v1/forwards), plus the tunnels of a config file if one is given. Prints each
+    /// forward's URL as it arrives.
+    #[command(
+        after_help = "Examples:\n  warren agent --relay example.com:7443 --token s3cret\n  warren agent --config warren.toml\n\nThen, on the relay's host:\n  curl -H \"Authorization: Bearer $(cat warren-data/admin-token)\" \\\n       -d '{\"agent\": \"AGENT_ID\", \"proto\": \"http\", \"target\": \"8080\"}' http://127.0.0.1:7400/api/v1/forwards"
+    )]
+    Agent {
+        /// A config file whose tunnels are served too.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Run every tunnel of a TOML config file (see client/examples/warren.toml).
     Start {
         /// The config file.
@@ -378,6 +391,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             run_agent(conn, file).await
         }
+        Command::Agent { config, conn } => {
+            let file = match config {
+                Some(path) => config::load(&path)?,
+                None => FileConfig::default(),
+            };
+            run_agent(conn, file).await
+        }
         Command::Demo { http, ports } => run_demo(DemoOptions { http, ports }).await,
     }
 }
@@ -440,7 +460,8 @@ async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
-        while let Some(AgentEvent::Bound { url, changed, .. }) = rx.recv().await {
+        while let Some(event) = rx.recv().await {
+            let AgentEvent::Bound { url, changed, .. } = event else { continue };
             if changed {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{url}");

@@ -68,7 +68,9 @@ pub async fn serve_datagrams(session: Session, tunnels: Tunnels, idle: Duration)
     let mut flows: HashMap<(TunnelId, u32), Flow> = HashMap::new();
     while let Ok(d) = session.read_datagram().await {
         let Some((h, payload)) = DatagramHeader::decode(&d) else { continue };
-        let Some(spec) = tunnels.get(&h.tunnel).filter(|s| s.protocol == Protocol::Udp) else {
+        let Some(spec) =
+            crate::forward::lookup(&tunnels, h.tunnel).filter(|s| s.protocol == Protocol::Udp)
+        else {
             debug!(tunnel = %h.tunnel, "datagram for a tunnel that is not a udp tunnel here");
             continue;
         };

@@ -28,7 +28,7 @@ pub mod proxy;
 pub mod stream;
 
 pub use frame::{DecodeError, MAX_FRAME_LEN};
-pub use message::{Bind, Bound, ErrorCode, Hello, Message, Protocol, Welcome};
+pub use message::{Bind, Bound, ErrorCode, Forward, Hello, Message, Protocol, Welcome};
 pub use names::{AgentId, Subdomain, TunnelId, TunnelName};
 pub use options::{BasicAuth, Cidr, TunnelOptions};
 pub use preface::{PROTOCOL_VERSION, Preface, SUPPORTED_VERSIONS};

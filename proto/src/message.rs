@@ -91,6 +91,8 @@ pub enum ErrorCode {
     Timeout,
     /// Something failed inside the relay.
     Internal,
+    /// The tunnel was removed through the relay's API; the agent keeps running.
+    Removed,
     /// A code this version does not know.
     Other(u16),
 }
@@ -113,6 +115,7 @@ impl ErrorCode {
             Self::ShuttingDown => 12,
             Self::Timeout => 13,
             Self::Internal => 14,
+            Self::Removed => 15,
             Self::Other(c) => c,
         }
     }
@@ -134,6 +137,7 @@ impl ErrorCode {
             12 => Self::ShuttingDown,
             13 => Self::Timeout,
             14 => Self::Internal,
+            15 => Self::Removed,
             c => Self::Other(c),
         }
     }
@@ -171,6 +175,7 @@ impl fmt::Display for ErrorCode {
             Self::ShuttingDown => "shutting down",
             Self::Timeout => "timeout",
             Self::Internal => "internal error",
+            Self::Removed => "removed",
             Self::Other(c) => return write!(f, "error {c}"),
         };
         f.write_str(s)
@@ -267,6 +272,23 @@ pub struct Bound {
     pub notice: String,
 }
 
+/// A tunnel the relay bound on the agent's behalf, for the agent to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// The relay's request number, echoed in the answer.
+    pub req: u32,
+    /// The tunnel's id; data streams carry it.
+    pub tunnel: TunnelId,
+    /// The tunnel's name.
+    pub name: TunnelName,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Where the agent sends its traffic: `PORT` or `HOST:PORT`, as on the command line.
+    pub target: String,
+    /// The public URL.
+    pub url: String,
+}
+
 /// Every control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -328,6 +350,14 @@ pub enum Message {
         /// A sentence for a human.
         message: String,
     },
+    /// Relay → agent: serve a tunnel the relay bound for this session (a forward created through
+    /// the relay's API). The agent answers [`Message::ForwardOk`] or [`Message::Error`].
+    Forward(Forward),
+    /// Agent → relay: the forward is served.
+    ForwardOk {
+        /// The [`Forward`] this answers.
+        req: u32,
+    },
     /// A message type this version does not know; its payload was skipped.
     Unknown {
         /// The type number.
@@ -359,6 +389,10 @@ pub mod kind {
     pub const GO_AWAY: u16 = 0x0a;
     /// [`super::Message::TunnelClosed`]
     pub const TUNNEL_CLOSED: u16 = 0x0b;
+    /// [`super::Message::Forward`]
+    pub const FORWARD: u16 = 0x0c;
+    /// [`super::Message::ForwardOk`]
+    pub const FORWARD_OK: u16 = 0x0d;
     /// [`crate::StreamHeader`], only at the start of a data stream.
     pub const STREAM_HEADER: u16 = 0x40;
 }
@@ -423,6 +457,15 @@ impl Message {
                     b.string(message);
                 })
             }
+            Self::Forward(f) => write_frame(dst, kind::FORWARD, |b| {
+                b.put_u32(f.req);
+                b.put_u32(f.tunnel.0);
+                b.string(f.name.as_str());
+                b.put_u8(f.protocol.code());
+                b.string(&f.target);
+                b.string(&f.url);
+            }),
+            Self::ForwardOk { req } => write_frame(dst, kind::FORWARD_OK, |b| b.put_u32(*req)),
             // An unknown message cannot be re-encoded meaningfully; it is sent as an empty frame
             // of its type so round trips stay lossless for what was decoded.
             Self::Unknown { kind } => write_frame(dst, *kind, |_| {}),
@@ -502,6 +545,15 @@ impl Message {
                 code: ErrorCode::from_code(p.u16_("error code")?),
                 message: p.string("message")?,
             },
+            kind::FORWARD => Self::Forward(Forward {
+                req: p.u32_("request id")?,
+                tunnel: TunnelId(p.u32_("tunnel id")?),
+                name: TunnelName::parse(&p.string("tunnel name")?)?,
+                protocol: Protocol::from_code(p.u8_("protocol")?)?,
+                target: p.string("target")?,
+                url: p.string("url")?,
+            }),
+            kind::FORWARD_OK => Self::ForwardOk { req: p.u32_("request id")? },
             other => Self::Unknown { kind: other },
         };
         Ok((msg, used))

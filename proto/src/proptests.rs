@@ -52,7 +52,7 @@ fn protocol() -> impl Strategy<Value = Protocol> {
 /// Codes as they come out of `from_code`: `Other` never holds a known number.
 fn error_code() -> impl Strategy<Value = ErrorCode> {
     prop_oneof![
-        3 => (1u16..=14).prop_map(ErrorCode::from_code),
+        3 => (1u16..=15).prop_map(ErrorCode::from_code),
         1 => any::<u16>().prop_map(ErrorCode::from_code),
     ]
 }
@@ -181,6 +181,19 @@ fn message() -> impl Strategy<Value = Message> {
         (tunnel_id(), error_code(), text()).prop_map(|(tunnel, code, message)| {
             Message::TunnelClosed { tunnel, code, message }
         }),
+        (any::<u32>(), tunnel_id(), tunnel_name(), protocol(), text(), text()).prop_map(
+            |(req, tunnel, name, protocol, target, url)| {
+                Message::Forward(crate::message::Forward {
+                    req,
+                    tunnel,
+                    name,
+                    protocol,
+                    target,
+                    url,
+                })
+            }
+        ),
+        any::<u32>().prop_map(|req| Message::ForwardOk { req }),
     ]
 }
 
@@ -197,7 +210,7 @@ fn preface() -> impl Strategy<Value = Preface> {
 }
 
 fn is_known_kind(k: u16) -> bool {
-    (kind::HELLO..=kind::TUNNEL_CLOSED).contains(&k)
+    (kind::HELLO..=kind::FORWARD_OK).contains(&k)
 }
 
 fn encoded(msg: &Message) -> Vec<u8> {

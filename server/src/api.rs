@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -27,7 +26,9 @@ use crate::registry::SessionInfo;
 use crate::router::ReservedIndex;
 use crate::router::TunnelView;
 use crate::session::Shared;
-use crate::store::{Reservation, Reserved, Store, StoreError, TokenLimits, TokenRecord};
+use crate::store::{
+    ForwardRecord, Reservation, Reserved, Store, StoreError, TokenLimits, TokenRecord,
+};
 use crate::util::{random_alnum, rfc3339, unix_now};
 
 /// The OpenAPI 3 document of this API.
@@ -158,6 +159,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/reservations", get(list_reservations).post(create_reservation))
         .route("/api/v1/reservations/{id}", axum::routing::delete(delete_reservation))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/forwards", get(list_forwards).post(create_forward))
+        .route("/api/v1/forwards/{id}", get(get_forward).delete(delete_forward))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
@@ -221,23 +224,24 @@ struct CreateToken {
     max_connections: Option<u32>,
 }
 
-fn body<T>(payload: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    match payload {
-        Ok(Json(v)) => Ok(v),
-        Err(JsonRejection::JsonDataError(e)) => {
-            Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.body_text()))
+/// A request body as JSON, whatever `Content-Type` says (so `curl -d` works as is): bytes that
+/// are not JSON give 400, JSON of the wrong shape 422.
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
         }
-        Err(e) => Err(ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())),
-    }
+        _ => ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("not JSON: {e}")),
+    })
 }
 
 async fn create_token(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    payload: Result<Json<CreateToken>, JsonRejection>,
+    payload: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     admin_only(&st, &headers)?;
-    let req = body(payload)?;
+    let req: CreateToken = body(&payload)?;
     let name = req.name.trim();
     let name_ok = !name.is_empty()
         && name.len() <= 64
@@ -391,6 +395,164 @@ async fn get_tunnel(
 /// A per-tunnel metric: name, type, help, and how to read it.
 type Series = (&'static str, &'static str, &'static str, fn(&TunnelView) -> u64);
 
+/// `POST /api/v1/forwards`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateForward {
+    agent: String,
+    proto: String,
+    target: String,
+    subdomain: Option<String>,
+    remote_port: Option<u16>,
+}
+
+fn forward_json(f: &ForwardRecord, url: Option<&str>) -> Value {
+    json!({
+        "id": f.id,
+        "agent": f.agent,
+        "token": f.token,
+        "proto": f.proto,
+        "target": f.target,
+        "subdomain": f.subdomain,
+        "remote_port": f.remote_port,
+        "created_at": rfc3339(f.created_at),
+        "url": url,
+    })
+}
+
+/// The public URL a forward is served under now, if its agent is connected.
+fn forward_url(st: &ApiState, f: &ForwardRecord) -> Option<String> {
+    let name = crate::forwards::tunnel_name(&f.id)?;
+    st.shared
+        .router
+        .tunnels()
+        .into_iter()
+        .find(|t| {
+            t.name == name
+                && t.owner.agent.as_str() == f.agent
+                && t.owner.token.to_string() == f.token
+        })
+        .map(|t| t.url)
+}
+
+fn visible_forwards(st: &ApiState, who: &Caller) -> ApiResult<Vec<ForwardRecord>> {
+    Ok(st
+        .store
+        .list_forwards()?
+        .into_iter()
+        .filter(|f| TokenId::parse_hex(&f.token).is_some_and(|t| who.sees(t)))
+        .collect())
+}
+
+async fn list_forwards(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let all: Vec<Value> = visible_forwards(&st, &who)?
+        .iter()
+        .map(|f| forward_json(f, forward_url(&st, f).as_deref()))
+        .collect();
+    Ok(Json(json!({ "forwards": all })))
+}
+
+async fn get_forward(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let f = visible_forwards(&st, &who)?
+        .into_iter()
+        .find(|f| f.id == id)
+        .ok_or_else(|| ApiError::not_found("forward"))?;
+    Ok(Json(forward_json(&f, forward_url(&st, &f).as_deref())))
+}
+
+async fn create_forward(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    payload: axum::body::Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let who = caller(&st, &headers)?;
+    let req: CreateForward = body(&payload)?;
+    let Some(protocol) = crate::forwards::protocol(&req.proto) else {
+        return Err(invalid(format!("proto {:?}: http, tcp, tls or udp", req.proto)));
+    };
+    let named = matches!(protocol, warren_proto::Protocol::Http | warren_proto::Protocol::Tls);
+    if (named && req.remote_port.is_some()) || (!named && req.subdomain.is_some()) {
+        return Err(invalid(format!(
+            "a {} forward takes {}",
+            req.proto,
+            if named { "a subdomain, not a remote_port" } else { "a remote_port, not a subdomain" }
+        )));
+    }
+    if let Some(s) = &req.subdomain {
+        warren_proto::Subdomain::parse(s).map_err(|e| invalid(e.to_string()))?;
+    }
+    let target = req.target.trim();
+    if target.is_empty() || target.len() > 255 || target.contains(char::is_whitespace) {
+        return Err(invalid("target must be PORT or HOST:PORT on the agent's side"));
+    }
+    // The newest session of that agent the caller may see.
+    let session = st
+        .shared
+        .registry
+        .list()
+        .into_iter()
+        .rev()
+        .find(|s| s.agent.as_str() == req.agent && who.sees(s.token))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "agent_offline",
+                format!("agent {:?} is not connected (with a token you may use)", req.agent),
+            )
+        })?;
+    let record = ForwardRecord {
+        id: String::new(),
+        token: session.token.to_string(),
+        agent: req.agent.clone(),
+        proto: req.proto.clone(),
+        target: target.to_owned(),
+        subdomain: req.subdomain.clone(),
+        remote_port: req.remote_port,
+        created_at: unix_now(),
+    };
+    let record = st.store.create_forward(record)?;
+    match crate::forwards::open(&st.shared.router, &session.handle, &record).await {
+        Ok(bound) => {
+            tracing::info!(forward = %record.id, agent = %record.agent, url = %bound.url, "forward created through the API");
+            Ok((StatusCode::CREATED, Json(forward_json(&record, Some(&bound.url)))))
+        }
+        Err(e) => {
+            let _ = st.store.delete_forward(&record.id);
+            let status = if e.contains("taken") || e.contains("reserved") || e.contains("leased") {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            Err(ApiError::new(status, "refused", e))
+        }
+    }
+}
+
+async fn delete_forward(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let who = caller(&st, &headers)?;
+    let f = visible_forwards(&st, &who)?
+        .into_iter()
+        .find(|f| f.id == id)
+        .ok_or_else(|| ApiError::not_found("forward"))?;
+    st.store.delete_forward(&f.id)?;
+    if let (Some(token), Ok(agent)) =
+        (TokenId::parse_hex(&f.token), warren_proto::AgentId::parse(&f.agent))
+    {
+        crate::forwards::close(&st.shared.router, &crate::router::Owner { token, agent }, &f);
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The router's view of the stored reservations.
 pub fn reserved_index(store: &Store) -> Result<ReservedIndex, StoreError> {
     let mut index = ReservedIndex::default();
@@ -457,10 +619,10 @@ async fn list_reservations(
 async fn create_reservation(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    payload: Result<Json<CreateReservation>, JsonRejection>,
+    payload: axum::body::Bytes,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let who = caller(&st, &headers)?;
-    let req = body(payload)?;
+    let req: CreateReservation = body(&payload)?;
     let token = match (&who, req.token.as_deref()) {
         (Caller::Agent(a), None) => a.id,
         (Caller::Agent(a), Some(t)) => {

@@ -32,6 +32,7 @@ pub mod certs;
 pub mod certstore;
 pub mod config;
 pub mod edge;
+pub mod forwards;
 pub mod ingress;
 pub mod policy;
 pub mod pool;

@@ -35,6 +35,8 @@ pub struct SessionInfo {
     pub cancel: CancellationToken,
     /// Why the session was ended from outside.
     pub reason: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    /// Opens forwards on the session.
+    pub handle: crate::forwards::SessionHandle,
 }
 
 /// The live sessions, and the shared stream limits of tokens that have one.

@@ -203,6 +203,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             edge: Arc::new(config.edge.clone()),
             acme,
+            store: Some(store.clone()),
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),

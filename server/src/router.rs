@@ -566,6 +566,26 @@ impl Router {
         }
     }
 
+    /// Ends the lease of `owner`'s tunnel `name` at once; its serving session is told with
+    /// `TunnelClosed` code `Removed`. False if there was no such lease.
+    pub fn remove_lease(&self, owner: &Owner, name: &TunnelName, why: &str) -> bool {
+        let mut st = self.lock();
+        let key = (owner.clone(), name.clone());
+        let live = match st.entries.get(&key) {
+            Some(e) => e.live.borrow().clone(),
+            None => return false,
+        };
+        remove(&mut st, &key);
+        if let Some(l) = live {
+            let _ = l.notify.try_send(Message::TunnelClosed {
+                tunnel: l.tunnel,
+                code: ErrorCode::Removed,
+                message: why.to_owned(),
+            });
+        }
+        true
+    }
+
     /// Every tunnel, for the API.
     pub fn tunnels(&self) -> Vec<TunnelView> {
         let st = self.lock();

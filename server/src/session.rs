@@ -45,6 +45,8 @@ pub struct Shared {
     pub edge: Arc<EdgeConfig>,
     /// Obtains certificates for HTTP tunnels' names, when configured.
     pub acme: Option<Arc<crate::acme::Acme>>,
+    /// The relay's database (forwards are reopened from it when their agent connects).
+    pub store: Option<Arc<crate::store::Store>>,
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -168,28 +170,6 @@ async fn run_session(
         "agent connected"
     );
 
-    let ended = CancellationToken::new();
-    let reason = Arc::default();
-    shared.registry.insert(SessionInfo {
-        id,
-        agent: owner.agent.clone(),
-        token: owner.token,
-        api_token: accepted.api_id.clone(),
-        addr: session.remote_addr(),
-        transport: session.kind(),
-        version: hello.agent_version.clone(),
-        since: crate::util::unix_now(),
-        cancel: ended.clone(),
-        reason: Arc::clone(&reason),
-    });
-    struct Unregister<'a>(&'a Registry, u64);
-    impl Drop for Unregister<'_> {
-        fn drop(&mut self) {
-            self.0.remove(self.1);
-        }
-    }
-    let _unregister = Unregister(&shared.registry, id);
-
     let (out_tx, mut out_rx) = mpsc::channel::<Message>(64);
     let writer_task = tokio::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
@@ -227,6 +207,52 @@ async fn run_session(
             ctx.datagrams.clone(),
         )))
     });
+
+    let handle = crate::forwards::SessionHandle::new(ctx.clone(), owner.clone());
+    let ended = CancellationToken::new();
+    let reason = Arc::default();
+    shared.registry.insert(SessionInfo {
+        id,
+        agent: owner.agent.clone(),
+        token: owner.token,
+        api_token: accepted.api_id.clone(),
+        addr: session.remote_addr(),
+        transport: session.kind(),
+        version: hello.agent_version.clone(),
+        since: crate::util::unix_now(),
+        cancel: ended.clone(),
+        reason: Arc::clone(&reason),
+        handle: handle.clone(),
+    });
+    // The forwards stored for this agent open again, in the background: their answers come
+    // through this very loop.
+    let _reopen = {
+        let (handle, router, store) = (handle.clone(), shared.router.clone(), shared.store.clone());
+        let (token, agent) = (owner.token.to_string(), owner.agent.to_string());
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            let Some(store) = store else { return };
+            let mine = match store.list_forwards() {
+                Ok(all) => all.into_iter().filter(|f| f.token == token && f.agent == agent),
+                Err(e) => {
+                    warn!(error = %e, "cannot read forwards from the store");
+                    return;
+                }
+            };
+            for f in mine {
+                match crate::forwards::open(&router, &handle, &f).await {
+                    Ok(b) => info!(forward = %f.id, url = %b.url, "forward opened again"),
+                    Err(e) => warn!(forward = %f.id, reason = %e, "forward not opened"),
+                }
+            }
+        }))
+    };
+    struct Unregister<'a>(&'a Registry, u64);
+    impl Drop for Unregister<'_> {
+        fn drop(&mut self) {
+            self.0.remove(self.1);
+        }
+    }
+    let _unregister = Unregister(&shared.registry, id);
 
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -315,8 +341,14 @@ async fn run_session(
                 debug!(%message, "agent going away");
                 return Ok(());
             }
-            Message::Error { code, message, .. } => {
-                warn!(%code, %message, "agent reported an error");
+            Message::ForwardOk { req } => {
+                handle.answer(req, Ok(()));
+                continue;
+            }
+            Message::Error { req, code, message } => {
+                if !handle.answer(req, Err(format!("the agent refused: {message}"))) {
+                    warn!(%code, %message, "agent reported an error");
+                }
                 continue;
             }
             Message::Unknown { kind } => Message::Error {

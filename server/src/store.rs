@@ -53,6 +53,18 @@ const MIGRATIONS: &[&str] = &[
         bytes_out INTEGER NOT NULL,
         PRIMARY KEY (tunnel, at)
     );",
+    // 3: forwards: tunnels the relay opens on an agent's behalf whenever it connects.
+    "CREATE TABLE forwards (
+        id TEXT PRIMARY KEY,
+        token TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        target TEXT NOT NULL,
+        subdomain TEXT,
+        remote_port INTEGER,
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX forwards_by_agent ON forwards (token, agent);",
 ];
 
 /// How long a statement waits for another process's lock before failing with `SQLITE_BUSY`.
@@ -113,6 +125,28 @@ pub struct TrafficPoint {
     pub bytes_in: u64,
     /// Agent to visitors.
     pub bytes_out: u64,
+}
+
+/// A tunnel the relay opens on an agent's behalf, stored so it is opened again whenever that
+/// agent connects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardRecord {
+    /// `fwd_` and 12 random characters.
+    pub id: String,
+    /// The agent's token: 16 hex digits.
+    pub token: String,
+    /// The agent's identity.
+    pub agent: String,
+    /// `http`, `tcp`, `tls` or `udp`.
+    pub proto: String,
+    /// `PORT` or `HOST:PORT` on the agent's side.
+    pub target: String,
+    /// Subdomain wanted (http, tls).
+    pub subdomain: Option<String>,
+    /// Port wanted (tcp, udp).
+    pub remote_port: Option<u16>,
+    /// Unix seconds.
+    pub created_at: i64,
 }
 
 /// A token as stored: never the secret itself, only its SHA-256 digest.
@@ -344,6 +378,58 @@ impl Store {
         let found = self.list_reservations()?.into_iter().find(|r| r.id == id);
         if found.is_some() {
             self.conn().execute("DELETE FROM reservations WHERE id = ?1", params![id])?;
+        }
+        Ok(found)
+    }
+
+    /// Stores a forward (its id is generated).
+    pub fn create_forward(&self, mut f: ForwardRecord) -> Result<ForwardRecord, StoreError> {
+        f.id = format!("fwd_{}", crate::util::random_alnum(TOKEN_ID_LEN));
+        self.conn().execute(
+            "INSERT INTO forwards (id, token, agent, proto, target, subdomain, remote_port, \
+             created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                f.id,
+                f.token,
+                f.agent,
+                f.proto,
+                f.target,
+                f.subdomain,
+                f.remote_port,
+                f.created_at
+            ],
+        )?;
+        Ok(f)
+    }
+
+    /// Every forward, oldest first.
+    pub fn list_forwards(&self) -> Result<Vec<ForwardRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, token, agent, proto, target, subdomain, remote_port, created_at \
+             FROM forwards ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], |row| {
+            let port: Option<i64> = row.get(6)?;
+            Ok(ForwardRecord {
+                id: row.get(0)?,
+                token: row.get(1)?,
+                agent: row.get(2)?,
+                proto: row.get(3)?,
+                target: row.get(4)?,
+                subdomain: row.get(5)?,
+                remote_port: port.and_then(|p| u16::try_from(p).ok()),
+                created_at: row.get(7)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a forward; `None` if there was none with that id.
+    pub fn delete_forward(&self, id: &str) -> Result<Option<ForwardRecord>, StoreError> {
+        let found = self.list_forwards()?.into_iter().find(|f| f.id == id);
+        if found.is_some() {
+            self.conn().execute("DELETE FROM forwards WHERE id = ?1", params![id])?;
         }
         Ok(found)
     }

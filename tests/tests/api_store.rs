@@ -199,3 +199,95 @@ async fn traffic_history_is_sampled_and_kept() {
     assert_eq!(status, 401);
     agent.assert_running();
 }
+
+/// A forward created through the API is served by the connected agent (`warren agent`, no
+/// tunnels of its own) at the URL the API answers; it comes back after a relay restart and
+/// after an agent restart; a bad target is refused with the agent's reason; deleting it closes
+/// the tunnel while the agent keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_are_opened_kept_and_closed() {
+    let tmp = TempDir::new("forwards");
+    let mut relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let mut agent =
+        spawn(&relay, &tmp, "fw-agent", relay.token(), &["agent", "--agent-id", "laptop"]);
+    let relay_ref = &relay;
+    eventually(IO_TIMEOUT, || async move {
+        let (_, v) = call(relay_ref, "GET", "/api/v1/agents", ADMIN_TOKEN, None).await;
+        anyhow::ensure!(v["agents"].as_array().is_some_and(|a| !a.is_empty()), "no agent yet: {v}");
+        Ok(())
+    })
+    .await;
+    let body = format!(
+        r#"{{"agent":"laptop","proto":"http","target":"{}","subdomain":"fwd-shop"}}"#,
+        backend.port()
+    );
+    let (status, fwd) = call(&relay, "POST", "/api/v1/forwards", ADMIN_TOKEN, Some(&body)).await;
+    assert_eq!(status, 201, "{fwd}");
+    let url = fwd["url"].as_str().expect("url").to_owned();
+    assert_eq!(url, format!("http://fwd-shop.localhost:{}", relay.http_addr.port()));
+    let host = format!("fwd-shop.localhost:{}", relay.http_addr.port());
+    within(IO_TIMEOUT, "GET", expect_get(relay.http_addr, &host, &backend.greeting()))
+        .await
+        .expect("the forward serves");
+    // The agent printed the URL on stdout, as for its own tunnels.
+    assert!(agent.stdout().iter().any(|l| l.trim() == url), "{:?}", agent.stdout());
+
+    // Refusals: an agent that is not connected, a target the agent cannot parse, bad bodies.
+    for (body, status) in [
+        (r#"{"agent":"nobody","proto":"tcp","target":"22"}"#, 409),
+        (r#"{"agent":"laptop","proto":"tcp","target":"host:"}"#, 422),
+        (r#"{"agent":"laptop","proto":"ftp","target":"21"}"#, 422),
+        (r#"{"agent":"laptop","proto":"http","target":"80","remote_port":20001}"#, 422),
+        (r#"{"agent":"laptop","proto":"tcp"}"#, 422),
+        (r#"{"agent":"laptop","#, 400),
+    ] {
+        let (got, v) = call(&relay, "POST", "/api/v1/forwards", ADMIN_TOKEN, Some(body)).await;
+        assert_eq!(got, status, "{body}: {v}");
+    }
+    let (_, v) = call(
+        &relay,
+        "POST",
+        "/api/v1/forwards",
+        ADMIN_TOKEN,
+        Some(r#"{"agent":"laptop","proto":"tcp","target":"host:"}"#),
+    )
+    .await;
+    assert!(v["error"]["message"].as_str().is_some_and(|m| m.contains("agent refused")), "{v}");
+
+    // Kept: after a relay restart, and after the agent restarts, the forward is served again.
+    relay.restart().await;
+    let host2 = host.clone();
+    let relay_ref = &relay;
+    let greeting = backend.greeting();
+    eventually(Duration::from_secs(15), || {
+        let (host, greeting) = (host2.clone(), greeting.clone());
+        async move { expect_get(relay_ref.http_addr, &host, &greeting).await }
+    })
+    .await;
+    agent.kill().await;
+    let mut agent =
+        spawn(&relay, &tmp, "fw-agent", relay.token(), &["agent", "--agent-id", "laptop"]);
+    eventually(Duration::from_secs(15), || {
+        let (host, greeting) = (host2.clone(), greeting.clone());
+        async move { expect_get(relay_ref.http_addr, &host, &greeting).await }
+    })
+    .await;
+
+    // Listed with its URL; deleted: the tunnel goes, the agent stays.
+    let (_, list) = call(&relay, "GET", "/api/v1/forwards", ADMIN_TOKEN, None).await;
+    assert_eq!(list["forwards"].as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list["forwards"][0]["url"].as_str(), Some(url.as_str()), "{list}");
+    let id = list["forwards"][0]["id"].as_str().expect("id").to_owned();
+    let (status, _) =
+        call(&relay, "DELETE", &format!("/api/v1/forwards/{id}"), ADMIN_TOKEN, None).await;
+    assert_eq!(status, 204);
+    let resp = within(IO_TIMEOUT, "GET", warren_tests::http_get(relay.http_addr, &host, "/"))
+        .await
+        .expect("GET after delete");
+    assert_eq!(resp.status, http::StatusCode::NOT_FOUND, "{}", resp.text());
+    let (status, _) =
+        call(&relay, "GET", &format!("/api/v1/forwards/{id}"), ADMIN_TOKEN, None).await;
+    assert_eq!(status, 404);
+    agent.assert_running();
+}
