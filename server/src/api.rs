@@ -112,7 +112,10 @@ fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
     let presented = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
+        })
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
@@ -224,10 +227,25 @@ struct CreateToken {
     max_connections: Option<u32>,
 }
 
+/// Largest request body the API reads.
+const MAX_BODY: usize = 64 * 1024;
+
 /// A request body as JSON, whatever `Content-Type` says (so `curl -d` works as is): bytes that
 /// are not JSON give 400, JSON of the wrong shape 422.
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
-    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+async fn body<T: serde::de::DeserializeOwned>(body: axum::body::Body) -> ApiResult<T> {
+    use http_body_util::BodyExt;
+    let bytes = http_body_util::Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request bodies are at most {MAX_BODY} bytes"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
         }
@@ -238,10 +256,10 @@ fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 async fn create_token(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    payload: axum::body::Bytes,
+    payload: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     admin_only(&st, &headers)?;
-    let req: CreateToken = body(&payload)?;
+    let req: CreateToken = body(payload).await?;
     let name = req.name.trim();
     let name_ok = !name.is_empty()
         && name.len() <= 64
@@ -469,10 +487,10 @@ async fn get_forward(
 async fn create_forward(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    payload: axum::body::Bytes,
+    payload: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let who = caller(&st, &headers)?;
-    let req: CreateForward = body(&payload)?;
+    let req: CreateForward = body(payload).await?;
     let Some(protocol) = crate::forwards::protocol(&req.proto) else {
         return Err(invalid(format!("proto {:?}: http, tcp, tls or udp", req.proto)));
     };
@@ -619,10 +637,10 @@ async fn list_reservations(
 async fn create_reservation(
     State(st): State<ApiState>,
     headers: HeaderMap,
-    payload: axum::body::Bytes,
+    payload: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let who = caller(&st, &headers)?;
-    let req: CreateReservation = body(&payload)?;
+    let req: CreateReservation = body(payload).await?;
     let token = match (&who, req.token.as_deref()) {
         (Caller::Agent(a), None) => a.id,
         (Caller::Agent(a), Some(t)) => {
