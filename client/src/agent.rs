@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +94,100 @@ impl From<std::io::Error> for Failure {
     }
 }
 
+/// What the local API asks of a running agent.
+#[derive(Debug)]
+pub enum Control {
+    /// Open a tunnel; answered with its URL (or `None` while the relay is unreachable) or why
+    /// the relay refused it.
+    Add(Box<TunnelSpec>, AddReply),
+    /// Close a tunnel (its own, or a forward); answered with whether it existed.
+    Remove(TunnelName, oneshot::Sender<bool>),
+}
+
+/// The answer to [`Control::Add`]: the URL (`None` while disconnected) or the refusal.
+pub type AddReply = oneshot::Sender<Result<Option<String>, String>>;
+
+/// One tunnel as the local API shows it.
+#[derive(Debug, Clone)]
+pub struct TunnelStatus {
+    /// What it is.
+    pub spec: Arc<TunnelSpec>,
+    /// Its public URL, once bound.
+    pub url: Option<String>,
+    /// Opened by the relay (a forward) rather than by this agent.
+    pub forwarded: bool,
+}
+
+/// The agent's state, shared with its local API.
+#[derive(Debug, Default)]
+pub struct AgentState {
+    /// The tunnels to bind on every session, in order.
+    desired: std::sync::Mutex<Vec<TunnelSpec>>,
+    /// Every tunnel served or to be served, by name.
+    status: std::sync::Mutex<std::collections::BTreeMap<TunnelName, TunnelStatus>>,
+    /// Whether a session to the relay is up.
+    connected: std::sync::atomic::AtomicBool,
+}
+
+impl AgentState {
+    /// Every tunnel, by name.
+    pub fn tunnels(&self) -> Vec<TunnelStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Whether the agent has a session to the relay now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set(&self, spec: &TunnelSpec, url: Option<String>, forwarded: bool) {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            spec.name.clone(),
+            TunnelStatus { spec: Arc::new(spec.clone()), url, forwarded },
+        );
+    }
+
+    fn forget(&self, name: &TunnelName) -> bool {
+        let gone = self.status.lock().unwrap_or_else(|p| p.into_inner()).remove(name).is_some();
+        let mut desired = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+        let before = desired.len();
+        desired.retain(|s| s.name != *name);
+        gone || desired.len() != before
+    }
+
+    fn desired(&self) -> Vec<TunnelSpec> {
+        self.desired.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The local API's side of a running agent.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    /// The agent's state.
+    pub state: Arc<AgentState>,
+    /// Requests to the session loop.
+    pub control: mpsc::Sender<Control>,
+}
+
+/// The agent loop's side of [`AgentHandle`].
+#[derive(Debug)]
+pub struct AgentInbox {
+    state: Arc<AgentState>,
+    control: mpsc::Receiver<Control>,
+}
+
+/// A handle for the local API and the inbox [`run_with`] serves it from, with `tunnels` to
+/// start with.
+pub fn channel(tunnels: Vec<TunnelSpec>) -> (AgentHandle, AgentInbox) {
+    let state = Arc::new(AgentState::default());
+    for t in &tunnels {
+        state.set(t, None, false);
+    }
+    *state.desired.lock().unwrap_or_else(|p| p.into_inner()) = tunnels;
+    let (tx, rx) = mpsc::channel(16);
+    (AgentHandle { state: state.clone(), control: tx }, AgentInbox { state, control: rx })
+}
+
 /// What an earlier bind was granted, asked for again on reconnect.
 #[derive(Debug, Clone, Default)]
 struct Granted {
@@ -108,15 +202,56 @@ pub async fn run(
     events: mpsc::UnboundedSender<AgentEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), AgentError> {
+    let (_handle, mut inbox) = channel(cfg.tunnels.clone());
+    run_with(cfg, &mut inbox, events, shutdown).await
+}
+
+/// Runs the agent, taking requests from a local API through `inbox`, until `shutdown` or a
+/// fatal error. The tunnels come from the inbox's state, not from `cfg.tunnels`.
+pub async fn run_with(
+    cfg: AgentConfig,
+    inbox: &mut AgentInbox,
+    events: mpsc::UnboundedSender<AgentEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     let tls =
         cfg.trust.client_config().map_err(|e| AgentError::Fatal(format!("TLS settings: {e}")))?;
     let mut granted: HashMap<TunnelName, Granted> = HashMap::new();
     let mut attempt: u32 = 0;
     let mut ever_connected = false;
     loop {
-        let outcome =
-            session_once(&cfg, tls.clone(), &mut granted, &events, &shutdown, &mut ever_connected)
-                .await;
+        let outcome = session_once(
+            &cfg,
+            tls.clone(),
+            &mut granted,
+            &events,
+            &shutdown,
+            &mut ever_connected,
+            inbox,
+        )
+        .await;
+        inbox.state.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        // Forwards belong to a session; the relay opens them again on the next one.
+        inbox.state.status.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, t| !t.forwarded);
+        // Requests made while disconnected are taken into the desired list at once.
+        while let Ok(cmd) = inbox.control.try_recv() {
+            match cmd {
+                Control::Add(spec, reply) => {
+                    let spec = *spec;
+                    let known = inbox.state.tunnels().iter().any(|t| t.spec.name == spec.name);
+                    if known {
+                        let _ = reply.send(Err(format!("a tunnel named {} exists", spec.name)));
+                    } else {
+                        inbox.state.set(&spec, None, false);
+                        inbox.state.desired.lock().unwrap_or_else(|p| p.into_inner()).push(spec);
+                        let _ = reply.send(Ok(None));
+                    }
+                }
+                Control::Remove(name, reply) => {
+                    let _ = reply.send(inbox.state.forget(&name));
+                }
+            }
+        }
         match outcome {
             Ok(End::Shutdown) => return Ok(()),
             Ok(End::Lost(why)) => {
@@ -164,6 +299,7 @@ async fn session_once(
     events: &mpsc::UnboundedSender<AgentEvent>,
     shutdown: &CancellationToken,
     ever_connected: &mut bool,
+    inbox: &mut AgentInbox,
 ) -> Result<End, Failure> {
     let connected = tokio::select! {
         r = warren_transport::connect(&cfg.relay, cfg.mode, tls) => r,
@@ -176,7 +312,8 @@ async fn session_once(
             Failure::Retry(e.to_string())
         }
     })?;
-    let result = serve_session(cfg, &session, granted, events, shutdown, ever_connected).await;
+    let result =
+        serve_session(cfg, &session, granted, events, shutdown, ever_connected, inbox).await;
     session.close("agent closing session");
     result
 }
@@ -188,8 +325,10 @@ async fn serve_session(
     events: &mpsc::UnboundedSender<AgentEvent>,
     shutdown: &CancellationToken,
     ever_connected: &mut bool,
+    inbox: &mut AgentInbox,
 ) -> Result<End, Failure> {
     let relay = &cfg.relay;
+    let state = inbox.state.clone();
     let control = session.open().await?;
     let (rd, wr) = tokio::io::split(control);
     let mut reader = ControlReader::new(rd);
@@ -250,7 +389,8 @@ async fn serve_session(
 
     // Bind every tunnel, in order, asking again for what earlier binds were granted.
     let mut tunnels = HashMap::new();
-    for (i, spec) in cfg.tunnels.iter().enumerate() {
+    let desired = state.desired();
+    for (i, spec) in desired.iter().enumerate() {
         let before = granted.get(&spec.name).cloned();
         let req = (i + 1) as u32;
         let wanted = spec
@@ -288,6 +428,7 @@ async fn serve_session(
                     spec.name.clone(),
                     Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
                 );
+                state.set(spec, Some(b.url.clone()), false);
                 let _ =
                     events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url, changed });
                 tunnels.insert(b.tunnel, Arc::new(spec.clone()));
@@ -308,6 +449,10 @@ async fn serve_session(
         }
     }
     let tunnels: Tunnels = Arc::new(std::sync::RwLock::new(tunnels));
+    state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut next_req = desired.len() as u32 + 1;
+    let mut adding: HashMap<u32, (TunnelSpec, AddReply)> = HashMap::new();
+    let domain = welcome.domain.clone();
     // UDP tunnels may also arrive later as forwards: datagrams are always served over QUIC.
     let _datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
@@ -347,6 +492,7 @@ async fn serve_session(
                     Message::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
                         let gone = tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&tunnel);
                         if let Some(spec) = gone {
+                            state.forget(&spec.name);
                             info!(tunnel = %spec.name, reason = %message, "tunnel removed by the relay");
                             let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
                         }
@@ -359,6 +505,7 @@ async fn serve_session(
                             Ok(target) => {
                                 let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
                                 info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
+                                state.set(&spec, Some(f.url.clone()), true);
                                 tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(f.tunnel, Arc::new(spec));
                                 let _ = events.send(AgentEvent::Bound { name: f.name.clone(), url: f.url.clone(), changed: true });
                                 Message::ForwardOk { req: f.req }
@@ -367,6 +514,24 @@ async fn serve_session(
                         };
                         writer.send(&reply).await?;
                     }
+                    Message::Bound(b) if adding.contains_key(&b.req) => {
+                        if let Some((spec, reply)) = adding.remove(&b.req) {
+                            info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
+                            granted.insert(spec.name.clone(), Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() });
+                            state.set(&spec, Some(b.url.clone()), false);
+                            tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(b.tunnel, Arc::new(spec.clone()));
+                            let _ = events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url.clone(), changed: true });
+                            let _ = reply.send(Ok(Some(b.url)));
+                        }
+                    }
+                    Message::Error { req, code, message } if adding.contains_key(&req) => {
+                        if let Some((spec, reply)) = adding.remove(&req) {
+                            state.forget(&spec.name);
+                            warn!(tunnel = %spec.name, %code, %message, "the relay refused a tunnel asked for through the local API");
+                            let _ = reply.send(Err(format!("{code}: {message}")));
+                        }
+                    }
+                    Message::Unbound { .. } => {}
                     Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
                         return Ok(End::Lost(format!("the relay rejected our frames: {message}")));
                     }
@@ -377,6 +542,53 @@ async fn serve_session(
                     other => warn!(message = ?other, "unexpected message from the relay"),
                 }
             }
+            Some(cmd) = inbox.control.recv() => match cmd {
+                Control::Add(spec, reply) => {
+                    let spec = *spec;
+                    if state.tunnels().iter().any(|t| t.spec.name == spec.name) {
+                        let _ = reply.send(Err(format!("a tunnel named {} exists", spec.name)));
+                        continue;
+                    }
+                    let subdomain = match spec.wanted_subdomain(&domain) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = reply.send(Err(e));
+                            continue;
+                        }
+                    };
+                    let req = next_req;
+                    next_req = next_req.wrapping_add(1).max(1);
+                    writer.send(&Message::Bind(Bind {
+                        req,
+                        name: spec.name.clone(),
+                        protocol: spec.protocol,
+                        subdomain,
+                        remote_port: spec.remote_port,
+                        sticky: false,
+                        options: spec.options.clone(),
+                    })).await?;
+                    state.set(&spec, None, false);
+                    state.desired.lock().unwrap_or_else(|p| p.into_inner()).push(spec.clone());
+                    adding.insert(req, (spec, reply));
+                }
+                Control::Remove(name, reply) => {
+                    let id = tunnels
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .find(|(_, s)| s.name == name)
+                        .map(|(id, _)| *id);
+                    if let Some(id) = id {
+                        tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                        let req = next_req;
+                        next_req = next_req.wrapping_add(1).max(1);
+                        writer.send(&Message::Unbind { req, tunnel: id }).await?;
+                        granted.remove(&name);
+                        info!(tunnel = %name, "tunnel closed through the local API");
+                    }
+                    let _ = reply.send(state.forget(&name) || id.is_some());
+                }
+            },
             _ = tick.tick() => {
                 if last_seen.elapsed() > DEAD_AFTER {
                     return Ok(End::Lost(format!("no heartbeat from the relay for {} s", DEAD_AFTER.as_secs())));

@@ -15,6 +15,7 @@
 //! - [`agent`]: the session loop: connect, bind, serve, heartbeat, reconnect.
 //! - [`forward`]: one data stream: connect the target, splice, or answer 502.
 //! - [`udp`]: UDP tunnels: flows over QUIC datagrams or length-prefixed streams.
+//! - [`local_api`]: the agent's local API: its tunnels, listed, opened and closed.
 //! - [`demo`]: relay, agent and a sample service in one process.
 
 pub mod agent;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod identity;
+pub mod local_api;
 pub mod tunnel;
 pub mod udp;
 

@@ -140,6 +140,20 @@ enum Command {
         #[command(flatten)]
         conn: ConnOpts,
     },
+    /// List the tunnels of a running agent (through its local API).
+    #[command(after_help = "Examples:\n  warren ls\n  warren ls --agent-api 127.0.0.1:4041")]
+    Ls {
+        #[command(flatten)]
+        api: AgentApiOpts,
+    },
+    /// Close a tunnel of a running agent (through its local API).
+    #[command(after_help = "Examples:\n  warren stop http-8080")]
+    Stop {
+        /// The tunnel's name (see `warren ls`).
+        name: String,
+        #[command(flatten)]
+        api: AgentApiOpts,
+    },
     /// Run every tunnel of a TOML config file (see client/examples/warren.toml).
     Start {
         /// The config file.
@@ -265,6 +279,13 @@ fn cli_spec(
 }
 
 #[derive(Debug, Args)]
+struct AgentApiOpts {
+    /// The running agent's local API.
+    #[arg(long, value_name = "ADDR", env = "WARREN_AGENT_API", default_value = warren_client::local_api::DEFAULT_ADDR)]
+    agent_api: SocketAddr,
+}
+
+#[derive(Debug, Args)]
 struct TunnelOpts {
     /// The tunnel's name; its lease is keyed by it (default: PROTO-PORT, e.g. http-8080).
     #[arg(long, value_name = "NAME")]
@@ -299,6 +320,13 @@ struct ConnOpts {
     /// Where the agent keeps its identity.
     #[arg(long, value_name = "DIR", env = "WARREN_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
+    /// This agent's local API (`warren ls`, `warren stop`, scripts); when the port is taken the
+    /// next free one is used and logged.
+    #[arg(long = "api", value_name = "ADDR", env = "WARREN_API", default_value = warren_client::local_api::DEFAULT_ADDR)]
+    api: SocketAddr,
+    /// Serve no local API.
+    #[arg(long)]
+    no_api: bool,
 }
 
 fn main() -> ExitCode {
@@ -399,6 +427,31 @@ async fn run(command: Command) -> anyhow::Result<()> {
             run_agent(conn, file).await
         }
         Command::Demo { http, ports } => run_demo(DemoOptions { http, ports }).await,
+        Command::Ls { api } => {
+            let v = agent_api(api.agent_api, "GET", "/api/tunnels").await?;
+            let tunnels = v["tunnels"].as_array().cloned().unwrap_or_default();
+            let mut out = std::io::stdout().lock();
+            if tunnels.is_empty() {
+                let _ = writeln!(out, "no tunnels");
+            }
+            for t in tunnels {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<5} {:<44} -> {}{}",
+                    t["name"].as_str().unwrap_or("?"),
+                    t["proto"].as_str().unwrap_or("?"),
+                    t["public_url"].as_str().unwrap_or("(connecting)"),
+                    t["config"]["addr"].as_str().unwrap_or("?"),
+                    if t["forwarded"].as_bool() == Some(true) { "  (forward)" } else { "" }
+                );
+            }
+            Ok(())
+        }
+        Command::Stop { name, api } => {
+            agent_api(api.agent_api, "DELETE", &format!("/api/tunnels/{name}")).await?;
+            println!("stopped {name}");
+            Ok(())
+        }
     }
 }
 
@@ -454,7 +507,41 @@ fn agent_config(conn: ConnOpts, file: FileConfig) -> anyhow::Result<AgentConfig>
     })
 }
 
+/// One request to a running agent's local API; its JSON answer, or its error message.
+async fn agent_api(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "no agent answers at {addr} ({e}): is `warren` running there? (--agent-api ADDR or WARREN_AGENT_API)"
+        )
+    })?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer"))??;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        let msg = v["error"]["message"].as_str().unwrap_or("no message");
+        anyhow::bail!("the agent at {addr} answered {status}: {msg}");
+    }
+    Ok(v)
+}
+
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
+    let (api_addr, no_api) = (conn.api, conn.no_api);
     let cfg = agent_config(conn, file)?;
     tracing::info!(agent = %cfg.agent_id, relay = %cfg.relay, tunnels = cfg.tunnels.len(), "starting agent");
     let shutdown = shutdown_on_signal();
@@ -469,7 +556,24 @@ async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
             }
         }
     });
-    let result = agent::run(cfg, tx, shutdown).await;
+    let (handle, mut inbox) = agent::channel(cfg.tunnels.clone());
+    if !no_api {
+        match warren_client::local_api::bind(api_addr).await {
+            Ok(listener) => {
+                if let Ok(addr) = listener.local_addr() {
+                    if addr != api_addr && api_addr.port() != 0 {
+                        tracing::info!(wanted = %api_addr, "local API port taken; using the next free one");
+                    }
+                    tracing::info!(name = %"api", addr = %addr, "listening");
+                }
+                tokio::spawn(warren_client::local_api::serve(listener, handle, shutdown.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(addr = %api_addr, error = %e, "no local API: cannot listen (use --api ADDR or --no-api)")
+            }
+        }
+    }
+    let result = agent::run_with(cfg, &mut inbox, tx, shutdown).await;
     let _ = printer.await;
     result.map_err(anyhow::Error::from)
 }

@@ -46,12 +46,33 @@ impl Agent {
     {
         let args: Vec<String> =
             args.into_iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-        let envs: Vec<(String, String)> =
-            envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        // Every agent's local API on a port of its own unless the test says otherwise.
+        let mut all: Vec<(String, String)> = vec![("WARREN_API".into(), "127.0.0.1:0".into())];
+        all.extend(envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        let envs = all;
         let stdout = Lines::default();
         let stderr = Lines::default();
         let proc = Proc::spawn(label, &binary("warren"), &args, &envs, &stdout, &stderr);
         Self { proc, stdout, stderr }
+    }
+
+    /// The address of the agent's local API, from its `listening name=api` line.
+    pub async fn api_addr(&mut self) -> std::net::SocketAddr {
+        let deadline = tokio::time::Instant::now() + crate::util::READY_TIMEOUT;
+        loop {
+            let found = self.stderr().iter().find_map(|l| crate::relay::parse_listening(l));
+            if let Some((name, addr)) = found.filter(|(n, _)| n == "api") {
+                let _ = name;
+                return addr;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent {}: no `listening name=api` line; stderr:\n{}",
+                self.proc.label,
+                self.stderr_text()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
     }
 
     /// The first URL the agent prints on stdout; panics (with its stderr) if it exits first or

@@ -1,0 +1,181 @@
+//! The agent's local API (`/api/tunnels`, ngrok-shaped) and the CLI commands that use it
+//! (`warren ls`, `warren stop`), against real agents and relays.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_tests::client::expect_eof;
+use warren_tests::{
+    Agent, EchoBackend, HttpBackend, IO_TIMEOUT, Relay, RelayOpts, TempDir, closed_port,
+    eventually, tcp_echo, within,
+};
+
+/// `curl` against an agent's API: (status, JSON or Null).
+async fn call(api: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]);
+    if let Some(b) = body {
+        cmd.args(["--data", b]);
+    }
+    let out = cmd.arg(format!("http://{api}{path}")).output().await.expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), serde_json::from_str(json).unwrap_or(Value::Null))
+}
+
+/// Runs `warren ARGS` to completion: (exit code, stdout, stderr).
+async fn cli(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = tokio::process::Command::new(warren_tests::process::binary("warren"))
+        .args(args)
+        .env_remove("WARREN_AGENT_API")
+        .output()
+        .await
+        .expect("run warren");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["tunnels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Tunnels listed, opened and closed through the API and the CLI while the agent runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_through_the_local_api_and_cli() {
+    let tmp = TempDir::new("local-api");
+    let relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let echo = EchoBackend::start().await;
+    let mut agent = relay.spawn_agent(
+        "api-agent",
+        [
+            "http".to_owned(),
+            backend.port().to_string(),
+            "--name".into(),
+            "web".into(),
+            "--config-dir".into(),
+            tmp.dir("agent").display().to_string(),
+        ],
+    );
+    let web_url = agent.http_url().await;
+    let api = agent.api_addr().await;
+
+    let (status, list) = call(api, "GET", "/api/tunnels", None).await;
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(names(&list), ["web"]);
+    assert_eq!(list["tunnels"][0]["public_url"].as_str(), Some(web_url.url.as_str()));
+    assert_eq!(list["tunnels"][0]["proto"], "http");
+    assert_eq!(list["tunnels"][0]["config"]["addr"], format!("127.0.0.1:{}", backend.port()));
+
+    // Open a TCP tunnel while the agent runs; it carries traffic.
+    let body = format!(r#"{{"name":"extra","proto":"tcp","addr":"{}"}}"#, echo.port());
+    let (status, t) = call(api, "POST", "/api/tunnels", Some(&body)).await;
+    assert_eq!(status, 201, "{t}");
+    let url = t["public_url"].as_str().expect("public_url").to_owned();
+    let port: u16 = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the URL");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    within(IO_TIMEOUT, "echo", tcp_echo(addr, 10_000)).await.expect("the new tunnel carries data");
+    let (status, one) = call(api, "GET", "/api/tunnels/extra", None).await;
+    assert_eq!((status, one["public_url"].as_str()), (200, Some(url.as_str())), "{one}");
+    // The agent printed its URL too, like its first tunnel's.
+    eventually(IO_TIMEOUT, || {
+        let printed = agent.stdout().iter().any(|l| l.trim() == url);
+        async move { if printed { Ok(()) } else { anyhow::bail!("URL not printed") } }
+    })
+    .await;
+
+    // Refusals.
+    for (body, want) in [
+        (r#"{"name":"extra","proto":"tcp","addr":"1"}"#, 409),
+        (r#"{"proto":"ftp","addr":"21"}"#, 422),
+        (r#"{"proto":"tcp","addr":"not a port"}"#, 422),
+        (r#"{"proto":"tcp","addr":"22","basic_auth":"a:b"}"#, 422),
+        (r#"{"proto":"tcp","addr":"22","colour":"blue"}"#, 422),
+        (r#"{"proto":"tcp","#, 400),
+        (r#"{"name":"taken","proto":"http","addr":"80","subdomain":"SUB"}"#, 201),
+    ] {
+        let body = body.replace("SUB", &web_url.subdomain);
+        let (status, v) = call(api, "POST", "/api/tunnels", Some(&body)).await;
+        // A subdomain another tunnel holds is the relay's refusal, passed on.
+        let want = if body.contains("taken") { 422 } else { want };
+        assert_eq!(status, want, "{body}: {v}");
+    }
+
+    // The CLI lists and stops through the same API.
+    let api_arg = api.to_string();
+    let (code, out, err) = cli(&["ls", "--agent-api", &api_arg]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("web") && out.contains("extra") && out.contains(&url), "{out}");
+    let (code, out, err) = cli(&["stop", "extra", "--agent-api", &api_arg]).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("stopped extra"), "{out}");
+    let (_, list) = call(api, "GET", "/api/tunnels", None).await;
+    assert_eq!(names(&list), ["web"]);
+    // The lease is released at once: its port is closed (or, if reused meanwhile, not ours).
+    let refused = tokio::net::TcpStream::connect(addr).await.is_err();
+    assert!(
+        refused || within(IO_TIMEOUT, "closed", expect_eof(addr)).await.is_ok(),
+        "the stopped tunnel still answers"
+    );
+    let (code, _, err) = cli(&["stop", "extra", "--agent-api", &api_arg]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("404") && err.contains("no tunnel extra"), "{err}");
+    let (status, _) = call(api, "DELETE", "/api/tunnels/nothing", None).await;
+    assert_eq!(status, 404);
+    agent.assert_running();
+}
+
+/// Several agents side by side: the second finds the asked port taken and uses the next one;
+/// `warren ls` without a running agent says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_side_by_side_and_no_agent() {
+    let tmp = TempDir::new("local-api-ports");
+    let relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let base = closed_port();
+    let mut agents: Vec<Agent> = Vec::new();
+    for i in 0..2 {
+        let mut a = Agent::spawn_with_env(
+            &format!("side-{i}"),
+            [
+                "http".to_owned(),
+                backend.port().to_string(),
+                "--name".into(),
+                format!("side-{i}"),
+                "--config-dir".into(),
+                tmp.dir(&format!("a{i}")).display().to_string(),
+            ]
+            .into_iter()
+            .chain(relay.agent_args()),
+            &[("WARREN_API", &format!("127.0.0.1:{base}"))],
+        );
+        let _ = a.url().await;
+        agents.push(a);
+    }
+    let first = agents[0].api_addr().await;
+    let second = agents[1].api_addr().await;
+    assert_eq!(first.port(), base);
+    assert!(second.port() > base && second.port() <= base + 10, "{second}");
+    assert!(
+        agents[1].stderr_text().contains("local API port taken"),
+        "{}",
+        agents[1].stderr_text()
+    );
+    let (_, v) = call(second, "GET", "/api/tunnels", None).await;
+    assert_eq!(names(&v), ["side-1"]);
+
+    let dead = closed_port().to_string();
+    let (code, _, err) = cli(&["ls", "--agent-api", &format!("127.0.0.1:{dead}")]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("is `warren` running there?"), "{err}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
