@@ -127,12 +127,24 @@ pub struct AgentState {
     status: std::sync::Mutex<std::collections::BTreeMap<TunnelName, TunnelStatus>>,
     /// Whether a session to the relay is up.
     connected: std::sync::atomic::AtomicBool,
+    /// Keeps HTTP exchanges of inspected tunnels, when the local API runs.
+    inspector: std::sync::OnceLock<Arc<crate::inspect::Inspector>>,
 }
 
 impl AgentState {
     /// Every tunnel, by name.
     pub fn tunnels(&self) -> Vec<TunnelStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Turns the inspector on for tunnels that ask for it.
+    pub fn set_inspector(&self, inspector: Arc<crate::inspect::Inspector>) {
+        let _ = self.inspector.set(inspector);
+    }
+
+    /// The inspector, if on.
+    pub fn inspector(&self) -> Option<Arc<crate::inspect::Inspector>> {
+        self.inspector.get().cloned()
     }
 
     /// Whether the agent has a session to the relay now.
@@ -472,7 +484,7 @@ async fn serve_session(
             s = session.accept() => match s {
                 Ok(stream) => {
                     while streams.try_join_next().is_some() {}
-                    streams.spawn(forward::handle(stream, tunnels.clone()));
+                    streams.spawn(forward::handle(stream, tunnels.clone(), state.inspector()));
                 }
                 Err(e) => return Ok(End::Lost(format!("session closed: {e}"))),
             },

@@ -40,7 +40,11 @@ pub async fn connect_target(target: &Target) -> std::io::Result<TcpStream> {
 }
 
 /// Serves one data stream until both directions end.
-pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
+pub async fn handle(
+    mut stream: Stream,
+    tunnels: Tunnels,
+    inspector: Option<Arc<crate::inspect::Inspector>>,
+) {
     let header = match tokio::time::timeout(SETUP_TIMEOUT, read_stream_header(&mut stream)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
@@ -59,6 +63,10 @@ pub async fn handle(mut stream: Stream, tunnels: Tunnels) {
     if header.protocol != tunnel.protocol {
         debug!(tunnel = %tunnel.name, "data stream of another protocol than its tunnel's");
         return;
+    }
+    if let (Protocol::Http, true, Some(inspector)) = (header.protocol, tunnel.inspect, inspector) {
+        // Boxed, like UDP: the plain splice's future stays small.
+        return Box::pin(crate::inspect::serve(stream, tunnel, inspector)).await;
     }
     if header.protocol == Protocol::Udp {
         // Boxed: UDP flows are rare next to TCP streams, whose futures stay small.
@@ -130,7 +138,7 @@ async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Pr
 }
 
 /// The 502 answer as an HTML page and as JSON.
-fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> (String, String) {
+pub(crate) fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> (String, String) {
     let json = format!(
         "{{\"error\":{{\"status\":502,\"title\":\"Target unreachable\",\"message\":{:?}}}}}\n",
         format!(

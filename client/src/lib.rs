@@ -23,6 +23,7 @@ pub mod config;
 pub mod demo;
 pub mod forward;
 pub mod identity;
+pub mod inspect;
 pub mod local_api;
 pub mod tunnel;
 pub mod udp;

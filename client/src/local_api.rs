@@ -17,7 +17,10 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use warren_proto::{Protocol, Subdomain, TunnelName};
 
+use std::sync::Arc;
+
 use crate::agent::{AgentHandle, Control, TunnelStatus};
+use crate::inspect::{Captured, Exchange, Inspector};
 use crate::tunnel::{OPTION_KEYS, Target, TunnelSpec};
 
 /// The default address of an agent's local API.
@@ -69,6 +72,8 @@ pub fn router(handle: AgentHandle) -> Router {
         .route("/api/tunnels", get(list).post(create))
         .route("/api/tunnels/{name}", get(one).delete(remove))
         .route("/api/status", get(status))
+        .route("/api/requests/http", get(list_requests).post(replay_request).delete(clear_requests))
+        .route("/api/requests/http/{id}", get(one_request))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
         .with_state(handle)
 }
@@ -130,6 +135,174 @@ async fn remove(
             "the agent did not answer in time".into(),
         )),
     }
+}
+
+fn inspector(h: &AgentHandle) -> Result<Arc<Inspector>, ApiError> {
+    h.state
+        .inspector()
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "the inspector is off".into()))
+}
+
+fn headers_json(h: &http::HeaderMap) -> Value {
+    let mut out = serde_json::Map::new();
+    for (k, v) in h {
+        let v = Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
+        match out.get_mut(k.as_str()) {
+            Some(Value::Array(a)) => a.push(v),
+            _ => {
+                out.insert(k.as_str().to_owned(), Value::Array(vec![v]));
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+fn body_json(c: &Captured) -> Value {
+    use base64::Engine;
+    let truncated = c.size > c.bytes.len() as u64;
+    let mut v = json!({ "size": c.size, "truncated": truncated, "complete": c.complete });
+    match std::str::from_utf8(&c.bytes) {
+        Ok(text) => v["text"] = json!(text),
+        Err(_) => v["base64"] = json!(base64::engine::general_purpose::STANDARD.encode(&c.bytes)),
+    }
+    v
+}
+
+fn exchange_json(e: &Exchange, full: bool) -> Value {
+    let response = e.response.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let secs = (e.started_ms / 1000) as i64;
+    let start = format!(
+        "{}.{:03}Z",
+        warren_server::util::rfc3339(secs).trim_end_matches('Z'),
+        e.started_ms % 1000
+    );
+    let mut v = json!({
+        "id": e.id,
+        "uri": format!("/api/requests/http/{}", e.id),
+        "tunnel_name": e.tunnel,
+        "start": start,
+        "replay_of": e.replay_of,
+        "error": e.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        "request": { "method": e.method.as_str(), "uri": e.uri, "proto": format!("{:?}", e.version) },
+        "response": response.as_ref().map(|(s, _, us)| json!({
+            "status_code": s.as_u16(),
+            "status": s.to_string(),
+            "duration_us": us,
+        })),
+    });
+    if full {
+        v["request"]["headers"] = headers_json(&e.request_headers);
+        v["request"]["body"] = body_json(&e.request_body.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some((_, h, _)) = &response {
+            v["response"]["headers"] = headers_json(h);
+            v["response"]["body"] =
+                body_json(&e.response_body.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+    v
+}
+
+/// `GET /api/requests/http?tunnel_name=&status=&path=&limit=&before=`.
+#[derive(Debug, serde::Deserialize)]
+struct RequestQuery {
+    tunnel_name: Option<String>,
+    status: Option<u16>,
+    path: Option<String>,
+    limit: Option<usize>,
+    before: Option<String>,
+}
+
+async fn list_requests(
+    State(h): State<AgentHandle>,
+    query: Result<axum::extract::Query<RequestQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query.map_err(|e| invalid(e.body_text()))?.0;
+    let insp = inspector(&h)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let all = insp.list();
+    let start = match &q.before {
+        Some(id) => all.iter().position(|e| e.id == *id).map_or(all.len(), |i| i + 1),
+        None => 0,
+    };
+    let picked: Vec<Value> = all[start..]
+        .iter()
+        .filter(|e| q.tunnel_name.as_ref().is_none_or(|t| e.tunnel == *t))
+        .filter(|e| {
+            q.status.is_none_or(|s| {
+                e.response
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .is_some_and(|r| r.0.as_u16() == s)
+            })
+        })
+        .filter(|e| q.path.as_ref().is_none_or(|p| e.uri.starts_with(p.as_str())))
+        .take(limit)
+        .map(|e| exchange_json(e, false))
+        .collect();
+    Ok(Json(json!({ "requests": picked, "uri": "/api/requests/http" })))
+}
+
+async fn one_request(
+    State(h): State<AgentHandle>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let e = inspector(&h)?
+        .get(&id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", format!("no request {id}")))?;
+    Ok(Json(exchange_json(&e, true)))
+}
+
+async fn clear_requests(State(h): State<AgentHandle>) -> Result<StatusCode, ApiError> {
+    inspector(&h)?.clear();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn replay_request(
+    State(h): State<AgentHandle>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("not JSON: {e}")))?;
+    let id = body["id"].as_str().ok_or_else(|| invalid("id: the request to replay"))?;
+    let insp = inspector(&h)?;
+    let original = insp
+        .get(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", format!("no request {id}")))?;
+    let spec = h
+        .state
+        .tunnels()
+        .into_iter()
+        .find(|t| t.spec.name.as_str() == original.tunnel)
+        .ok_or_else(|| invalid(format!("tunnel {} is gone", original.tunnel)))?
+        .spec;
+    let m = &body["modify"];
+    let method = match m["method"].as_str() {
+        Some(s) => {
+            Some(http::Method::from_bytes(s.as_bytes()).map_err(|_| invalid("modify.method"))?)
+        }
+        None => None,
+    };
+    let path = m["path"].as_str().map(str::to_owned);
+    let mut headers = Vec::new();
+    if let Some(obj) = m["headers"].as_object() {
+        for (k, v) in obj {
+            match v {
+                Value::Null => headers.push((k.clone(), None)),
+                Value::String(s) => headers.push((k.clone(), Some(s.clone()))),
+                _ => return Err(invalid("modify.headers: values are strings, or null to remove")),
+            }
+        }
+    }
+    let new_body = match &m["body"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone().into_bytes()),
+        _ => return Err(invalid("modify.body: a string")),
+    };
+    let ex = crate::inspect::replay(&insp, &spec, &original, method, path, headers, new_body)
+        .await
+        .map_err(invalid)?;
+    Ok((StatusCode::CREATED, Json(exchange_json(&ex, true))))
 }
 
 fn invalid(m: impl Into<String>) -> ApiError {

@@ -146,6 +146,23 @@ enum Command {
         #[command(flatten)]
         api: AgentApiOpts,
     },
+    /// List the HTTP requests a running agent's inspector kept, newest first.
+    #[command(after_help = "Examples:\n  warren requests\n  warren requests --limit 5")]
+    Requests {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        api: AgentApiOpts,
+    },
+    /// Send a kept request to its tunnel's target again, and show the response.
+    #[command(after_help = "Examples:\n  warren replay req_00000012")]
+    Replay {
+        /// The request's id (see `warren requests`).
+        id: String,
+        #[command(flatten)]
+        api: AgentApiOpts,
+    },
     /// Close a tunnel of a running agent (through its local API).
     #[command(after_help = "Examples:\n  warren stop http-8080")]
     Stop {
@@ -230,6 +247,10 @@ struct HttpOpts {
     /// requests as HTTP/2, trailers and streaming included.
     #[arg(long)]
     upstream_http2: bool,
+    /// Keep this tunnel's requests for the inspector (`warren requests`, the local API); false
+    /// splices bytes straight through, which is faster.
+    #[arg(long, value_name = "true|false", default_value_t = true, action = clap::ArgAction::Set)]
+    inspect: bool,
 }
 
 impl AccessOpts {
@@ -255,6 +276,9 @@ impl HttpOpts {
         }
         if self.upstream_http2 {
             v.push(("upstream_http2", "true".into()));
+        }
+        if !self.inspect {
+            v.push(("inspect", "false".into()));
         }
         v
     }
@@ -428,7 +452,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { http, ports } => run_demo(DemoOptions { http, ports }).await,
         Command::Ls { api } => {
-            let v = agent_api(api.agent_api, "GET", "/api/tunnels").await?;
+            let v = agent_api(api.agent_api, "GET", "/api/tunnels", None).await?;
             let tunnels = v["tunnels"].as_array().cloned().unwrap_or_default();
             let mut out = std::io::stdout().lock();
             if tunnels.is_empty() {
@@ -447,8 +471,54 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Requests { limit, api } => {
+            let v =
+                agent_api(api.agent_api, "GET", &format!("/api/requests/http?limit={limit}"), None)
+                    .await?;
+            let mut out = std::io::stdout().lock();
+            let reqs = v["requests"].as_array().cloned().unwrap_or_default();
+            if reqs.is_empty() {
+                let _ = writeln!(out, "no requests");
+            }
+            for r in reqs {
+                let status = r["response"]["status_code"]
+                    .as_u64()
+                    .map_or_else(|| "---".to_owned(), |s| s.to_string());
+                let _ = writeln!(
+                    out,
+                    "{}  {}  {:<16} {:<7} {:<40} {}{}",
+                    r["id"].as_str().unwrap_or("?"),
+                    r["start"].as_str().unwrap_or("?"),
+                    r["tunnel_name"].as_str().unwrap_or("?"),
+                    r["request"]["method"].as_str().unwrap_or("?"),
+                    r["request"]["uri"].as_str().unwrap_or("?"),
+                    status,
+                    if r["replay_of"].is_string() { "  (replay)" } else { "" },
+                );
+            }
+            Ok(())
+        }
+        Command::Replay { id, api } => {
+            let body = serde_json::json!({ "id": id }).to_string();
+            let v = agent_api(api.agent_api, "POST", "/api/requests/http", Some(body)).await?;
+            let status = v["response"]["status"].as_str().unwrap_or("no response");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "{} {} -> {status}",
+                v["request"]["method"].as_str().unwrap_or("?"),
+                v["request"]["uri"].as_str().unwrap_or("?")
+            );
+            if let Some(text) = v["response"]["body"]["text"].as_str() {
+                let _ = writeln!(out, "{text}");
+            }
+            if let Some(e) = v["error"].as_str() {
+                let _ = writeln!(out, "error: {e}");
+            }
+            Ok(())
+        }
         Command::Stop { name, api } => {
-            agent_api(api.agent_api, "DELETE", &format!("/api/tunnels/{name}")).await?;
+            agent_api(api.agent_api, "DELETE", &format!("/api/tunnels/{name}"), None).await?;
             println!("stopped {name}");
             Ok(())
         }
@@ -507,11 +577,17 @@ fn agent_config(conn: ConnOpts, file: FileConfig) -> anyhow::Result<AgentConfig>
     })
 }
 
+/// Bytes of HTTP exchanges the inspector keeps, all tunnels together.
+const INSPECT_BUDGET: usize = 32 << 20;
+/// Bytes of each request and response body the inspector keeps.
+const INSPECT_BODY_LIMIT: usize = 64 << 10;
+
 /// One request to a running agent's local API; its JSON answer, or its error message.
 async fn agent_api(
     addr: SocketAddr,
     method: &str,
     path: &str,
+    body: Option<String>,
 ) -> anyhow::Result<serde_json::Value> {
     use http_body_util::BodyExt;
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
@@ -526,7 +602,7 @@ async fn agent_api(
         .method(method)
         .uri(path)
         .header(http::header::HOST, addr.to_string())
-        .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
         .await
         .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer"))??;
@@ -566,6 +642,10 @@ async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
                     }
                     tracing::info!(name = %"api", addr = %addr, "listening");
                 }
+                handle.state.set_inspector(warren_client::inspect::Inspector::new(
+                    INSPECT_BUDGET,
+                    INSPECT_BODY_LIMIT,
+                ));
                 tokio::spawn(warren_client::local_api::serve(listener, handle, shutdown.clone()));
             }
             Err(e) => {

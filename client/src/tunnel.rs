@@ -70,6 +70,8 @@ pub struct TunnelSpec {
     pub options: TunnelOptions,
     /// PROXY protocol header sent to the target before the visitor's bytes (TCP, TLS).
     pub proxy_protocol: Option<ProxyVersion>,
+    /// HTTP exchanges are kept for the local API's inspector (HTTP; on by default).
+    pub inspect: bool,
 }
 
 /// The option keys [`TunnelSpec::apply`] knows, as config keys (flags use dashes).
@@ -86,6 +88,7 @@ pub const OPTION_KEYS: &[&str] = &[
     "https_only",
     "upstream_http2",
     "proxy_protocol",
+    "inspect",
 ];
 
 impl TunnelSpec {
@@ -100,6 +103,7 @@ impl TunnelSpec {
             remote_port: None,
             options: TunnelOptions::default(),
             proxy_protocol: None,
+            inspect: true,
         }
     }
 
@@ -120,6 +124,7 @@ impl TunnelSpec {
             "https_only" => o.https_only = parse_bool(value)?,
             "upstream_http2" => o.upstream_http2 = parse_bool(value)?,
             "proxy_protocol" => self.proxy_protocol = Some(value.parse::<ProxyVersion>()?),
+            "inspect" => self.inspect = parse_bool(value)?,
             other => return Err(format!("unknown tunnel option {other:?}")),
         }
         Ok(())
