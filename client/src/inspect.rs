@@ -304,6 +304,7 @@ async fn exchange(
             let (parts, body) = resp.into_parts();
             *lock(&ex.response) =
                 Some((parts.status, parts.headers.clone(), started.elapsed().as_micros() as u64));
+            let _ = inspector.events.send(ex.id.clone());
             let body = tee(body, &ex.response_body, inspector.body_limit);
             Response::from_parts(parts, body)
         }

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use warren_proto::{Protocol, Subdomain, TunnelName};
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use crate::agent::{AgentHandle, Control, TunnelStatus};
@@ -72,6 +73,9 @@ pub fn router(handle: AgentHandle) -> Router {
         .route("/api/tunnels", get(list).post(create))
         .route("/api/tunnels/{name}", get(one).delete(remove))
         .route("/api/status", get(status))
+        .route("/api/events", get(events))
+        .route("/", get(|| async { page("agent.html") }))
+        .route("/static/{file}", get(|Path(file): Path<String>| async move { page(&file) }))
         .route("/api/requests/http", get(list_requests).post(replay_request).delete(clear_requests))
         .route("/api/requests/http/{id}", get(one_request))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "not_found", "no such route".into()) })
@@ -135,6 +139,38 @@ async fn remove(
             "the agent did not answer in time".into(),
         )),
     }
+}
+
+/// A dashboard file.
+fn page(name: &str) -> Response {
+    match warren_web::get(name) {
+        Some(a) => ([(axum::http::header::CONTENT_TYPE, a.content_type)], a.body).into_response(),
+        None => {
+            ApiError(StatusCode::NOT_FOUND, "not_found", format!("no file {name}")).into_response()
+        }
+    }
+}
+
+/// Server-sent events for the dashboard: `request` (with the exchange's id) as the inspector
+/// keeps one.
+async fn events(State(h): State<AgentHandle>) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let rx = inspector(&h)?.events.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(id) => {
+                    return Some((
+                        Ok::<_, Infallible>(Event::default().event("request").data(id)),
+                        rx,
+                    ));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 fn inspector(h: &AgentHandle) -> Result<Arc<Inspector>, ApiError> {

@@ -165,6 +165,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/forwards", get(list_forwards).post(create_forward))
         .route("/api/v1/forwards/{id}", get(get_forward).delete(delete_forward))
         .route("/metrics", get(metrics))
+        .route("/", get(|| async { page("relay.html") }))
+        .route("/static/{file}", get(|Path(file): Path<String>| async move { page(&file) }))
         .fallback(|| async { ApiError::not_found("route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -184,6 +186,14 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
         .await;
     if let Err(e) = result {
         tracing::warn!(error = %e, "API server ended with an error");
+    }
+}
+
+/// A dashboard file, or the API's 404.
+pub fn page(name: &str) -> Response {
+    match warren_web::get(name) {
+        Some(a) => ([(header::CONTENT_TYPE, a.content_type)], a.body).into_response(),
+        None => ApiError::not_found("file").into_response(),
     }
 }
 

@@ -243,6 +243,9 @@ async fn openapi_document_matches_the_routes() {
                     seg.to_owned()
                 } else if template == "/api/v1/tokens/{id}" {
                     if *method == Method::DELETE { doomed.clone() } else { keep.clone() }
+                } else if seg == "{file}" {
+                    // A dashboard file that exists.
+                    "style.css".to_owned()
                 } else {
                     "nonexistent-probe".to_owned()
                 }

@@ -1,0 +1,86 @@
+// The agent dashboard: tunnels, and the request inspector, live through server-sent events.
+"use strict";
+let selected = null;
+
+async function loadTunnels() {
+  try {
+    const s = await api("GET", "/api/status");
+    $("#conn").textContent = s.connected ? "connected to the relay" : "reconnecting to the relay…";
+    const v = await api("GET", "/api/tunnels");
+    const body = $("#tunnels tbody");
+    body.replaceChildren(...v.tunnels.map(t => el("tr", {},
+      el("td", {}, t.name),
+      el("td", {}, t.public_url ? el("a", { href: t.public_url }, t.public_url) : el("span", { class: "muted" }, "binding…")),
+      el("td", {}, el("code", {}, t.config.addr)))));
+  } catch (e) { $("#conn").textContent = "agent unreachable: " + e.message; }
+}
+
+function requestRow(r) {
+  const status = r.response ? r.response.status_code : (r.error ? "error" : "…");
+  const tr = el("tr", { class: "row", tabindex: "0", "data-id": r.id, "aria-label": r.request.method + " " + r.request.uri },
+    el("td", {}, r.start.slice(11, 23)),
+    el("td", {}, r.request.method),
+    el("td", {}, el("code", {}, r.request.uri), r.replay_of ? el("span", { class: "muted" }, " (replay)") : ""),
+    el("td", { class: statusClass(r.response && r.response.status_code) }, String(status)));
+  const open = () => show(r.id);
+  tr.addEventListener("click", open);
+  tr.addEventListener("keydown", e => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); open(); } });
+  if (r.id === selected) tr.classList.add("selected");
+  return tr;
+}
+
+async function loadRequests() {
+  const v = await api("GET", "/api/requests/http?limit=100");
+  $("#requests tbody").replaceChildren(...v.requests.map(requestRow));
+}
+
+function headersPre(h) {
+  return el("pre", {}, Object.entries(h || {}).map(([k, vs]) => vs.map(v => k + ": " + v).join("\n")).join("\n"));
+}
+function bodyPre(b) {
+  if (!b) return el("pre", {}, "");
+  const text = b.text !== undefined ? b.text : "(binary, base64) " + b.base64;
+  return el("pre", {}, text + (b.truncated ? "\n… (" + bytes(b.size) + " in all)" : ""));
+}
+
+async function show(id) {
+  selected = id;
+  document.querySelectorAll("#requests tr.row").forEach(tr => tr.classList.toggle("selected", tr.dataset.id === id));
+  const r = await api("GET", "/api/requests/http/" + id);
+  const d = $("#detail");
+  d.classList.remove("muted");
+  const method = el("input", { id: "m-method", value: r.request.method, size: "7", "aria-label": "method" });
+  const path = el("input", { id: "m-path", value: r.request.uri, "aria-label": "path" });
+  const body = el("textarea", { id: "m-body", rows: "3", cols: "30", "aria-label": "body" });
+  body.value = r.request.body && r.request.body.text !== undefined ? r.request.body.text : "";
+  const result = el("div", { id: "replay-result" });
+  const replay = async modify => {
+    try {
+      const x = await api("POST", "/api/requests/http", modify ? { id, modify } : { id });
+      result.replaceChildren(el("p", {}, "Replayed as " + x.id + ": ", el("strong", { class: statusClass(x.response && x.response.status_code) }, x.response ? x.response.status : x.error)), bodyPre(x.response && x.response.body));
+    } catch (e) { result.replaceChildren(el("p", { class: "s5" }, e.message)); }
+  };
+  d.replaceChildren(
+    el("p", {}, el("strong", {}, r.request.method + " " + r.request.uri), " ", el("span", { class: "muted" }, r.tunnel_name + " · " + r.start + (r.response ? " · " + (r.response.duration_us / 1000).toFixed(1) + " ms" : ""))),
+    el("h3", {}, "Request headers"), headersPre(r.request.headers),
+    el("h3", {}, "Request body"), bodyPre(r.request.body),
+    el("h3", {}, "Response ", r.response ? el("span", { class: statusClass(r.response.status_code) }, r.response.status) : (r.error || "pending")),
+    headersPre(r.response && r.response.headers), bodyPre(r.response && r.response.body),
+    el("div", {}, el("button", { type: "button", id: "replay", onclick: () => replay(null) }, "Replay")),
+    el("form", { class: "inline", onsubmit: e => { e.preventDefault(); replay({ method: method.value, path: path.value, body: body.value }); } },
+      el("label", {}, "Method", method), el("label", {}, "Path", path), el("label", {}, "Body", body),
+      el("button", { type: "submit", id: "replay-changed" }, "Replay with changes")),
+    result);
+}
+
+$("#clear").addEventListener("click", async () => { await api("DELETE", "/api/requests/http"); selected = null; loadRequests(); });
+
+function live() {
+  const es = new EventSource("/api/events");
+  es.addEventListener("request", () => loadRequests());
+  es.onopen = () => { $("#live").textContent = "(live)"; };
+  es.onerror = () => { $("#live").textContent = "(reconnecting…)"; };
+}
+
+loadTunnels(); loadRequests(); live();
+setInterval(loadTunnels, 3000);
