@@ -1,0 +1,206 @@
+//! The dashboards in a real headless Chromium, driven over WebDriver (chromedriver): the agent's
+//! live inspector with replay, and the relay's log-in, forward creation and tunnel list.
+//! Screenshots of each page are kept under `target/screenshots/`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use warren_tests::{
+    ADMIN_TOKEN, Agent, Daemon, HttpBackend, IO_TIMEOUT, Relay, RelayOpts, TempDir, closed_port,
+    expect_get, http_get, within,
+};
+
+/// How long a page may take to show what is expected.
+const UI_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A headless Chromium behind its own chromedriver; both end with the test.
+struct Browser {
+    client: Client,
+    _driver: Daemon,
+}
+
+impl Browser {
+    async fn start(tmp: &TempDir) -> Self {
+        let port = closed_port();
+        let driver = Daemon::spawn(
+            "chromedriver",
+            "chromedriver",
+            &[format!("--port={port}"), "--allowed-ips=127.0.0.1".into()],
+            &[],
+        );
+        let profile = tmp.dir("chromium-profile");
+        let mut caps = serde_json::Map::new();
+        caps.insert(
+            "goog:chromeOptions".into(),
+            serde_json::json!({
+                "args": [
+                    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-background-networking", "--no-first-run", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            }),
+        );
+        let mut builder =
+            ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new());
+        builder.capabilities(caps);
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + UI_TIMEOUT;
+        let client = loop {
+            match builder.connect(&url).await {
+                Ok(c) => break c,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("no WebDriver session at {url}: {e}\n{}", driver.output()),
+            }
+        };
+        Self { client, _driver: driver }
+    }
+
+    /// Waits until the element at `css` shows `text`.
+    async fn wait_text(&self, css: &str, text: &str) -> String {
+        let deadline = tokio::time::Instant::now() + UI_TIMEOUT;
+        let mut last = String::new();
+        loop {
+            if let Ok(e) = self.client.find(Locator::Css(css)).await {
+                last = e.text().await.unwrap_or_default();
+                if last.contains(text) {
+                    return last;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{css} never showed {text:?}; last it showed {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .wait()
+            .at_most(UI_TIMEOUT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let e = self
+            .client
+            .wait()
+            .at_most(UI_TIMEOUT)
+            .for_element(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("no {css}: {e}"));
+        e.clear().await.unwrap_or_else(|e| panic!("clear {css}: {e}"));
+        e.send_keys(text).await.unwrap_or_else(|e| panic!("type into {css}: {e}"));
+    }
+
+    /// Saves a screenshot as `target/screenshots/NAME.png`.
+    async fn screenshot(&self, name: &str) -> PathBuf {
+        let png = self.client.screenshot().await.expect("screenshot");
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/screenshots");
+        std::fs::create_dir_all(&dir).expect("screenshot dir");
+        let path = dir.join(format!("{name}.png"));
+        std::fs::write(&path, png).expect("write screenshot");
+        eprintln!("screenshot: {}", path.display());
+        path
+    }
+}
+
+/// The agent dashboard: a request sent through the tunnel appears live (no reload), its detail
+/// shows its headers, and a replay shows the replay's response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_dashboard_shows_and_replays_requests_live() {
+    let tmp = TempDir::new("browser-agent");
+    let relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let mut agent = relay.spawn_agent(
+        "dash-agent",
+        [
+            "http".to_owned(),
+            backend.port().to_string(),
+            "--name".into(),
+            "shop".into(),
+            "--config-dir".into(),
+            tmp.dir("agent").display().to_string(),
+        ],
+    );
+    let url = agent.http_url().await;
+    let api = agent.api_addr().await;
+    let browser = Browser::start(&tmp).await;
+    browser.client.goto(&format!("http://{api}/")).await.expect("open the dashboard");
+    browser.wait_text("#tunnels", &url.url).await;
+    browser.wait_text("#live", "(live)").await;
+
+    let resp =
+        within(IO_TIMEOUT, "GET", http_get(url.addr(), &url.host(), "/headers?from=browser"))
+            .await
+            .expect("GET through the tunnel");
+    assert_eq!(resp.status, http::StatusCode::OK);
+    browser.wait_text("#requests", "/headers?from=browser").await;
+    browser.click("#requests tr.row").await;
+    browser.wait_text("#detail", "x-forwarded-for").await;
+    browser.screenshot("agent-dashboard").await;
+    browser.click("#replay").await;
+    let shown = browser.wait_text("#replay-result", "Replayed as").await;
+    assert!(shown.contains("200"), "{shown}");
+    // The replay is itself a new row, marked as such.
+    browser.wait_text("#requests", "(replay)").await;
+    browser.screenshot("agent-dashboard-replayed").await;
+    browser.client.close().await.expect("close the browser");
+    agent.assert_running();
+}
+
+/// The relay dashboard: log in with the admin token, see the connected agent, create a forward
+/// to it, and see the new tunnel listed; the forward serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_dashboard_logs_in_and_creates_a_forward() {
+    let tmp = TempDir::new("browser-relay");
+    let relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let mut agent = Agent::spawn(
+        "dash-laptop",
+        [
+            "agent".to_owned(),
+            "--agent-id".into(),
+            "laptop".into(),
+            "--config-dir".into(),
+            tmp.dir("agent").display().to_string(),
+        ]
+        .into_iter()
+        .chain(relay.agent_args()),
+    );
+    let browser = Browser::start(&tmp).await;
+    browser.client.goto(&format!("http://{}/", relay.api_addr)).await.expect("open the dashboard");
+    // A wrong token is refused with the API's reason.
+    browser.type_into("#token", "wrong").await;
+    browser.click("#login-button").await;
+    browser.wait_text("#login-error", "not accepted").await;
+    browser.type_into("#token", ADMIN_TOKEN).await;
+    browser.click("#login-button").await;
+    browser.wait_text("#agents", "laptop").await;
+
+    browser.type_into("#f-agent", "laptop").await;
+    browser.type_into("#f-target", &backend.port().to_string()).await;
+    browser.type_into("#f-sub", "dash").await;
+    browser.click("#f-create").await;
+    let created = browser.wait_text("#forward-result", "at http://dash.localhost").await;
+    browser.wait_text("#tunnels", "fwd-").await;
+    browser.wait_text("#forwards", "laptop").await;
+    browser.screenshot("relay-dashboard").await;
+    let host = format!("dash.localhost:{}", relay.http_addr.port());
+    within(IO_TIMEOUT, "GET", expect_get(relay.http_addr, &host, &backend.greeting()))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the forward created in the browser ({created}) does not serve: {e:#}")
+        });
+    browser.client.close().await.expect("close the browser");
+    agent.assert_running();
+}
