@@ -165,6 +165,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/forwards", get(list_forwards).post(create_forward))
         .route("/api/v1/forwards/{id}", get(get_forward).delete(delete_forward))
         .route("/metrics", get(metrics))
+        .route("/api/v1/events", get(events))
         .route("/", get(|| async { page("relay.html") }))
         .route("/static/{file}", get(|Path(file): Path<String>| async move { page(&file) }))
         .fallback(|| async { ApiError::not_found("route") })
@@ -187,6 +188,27 @@ pub async fn serve(listener: TcpListener, state: ApiState, shutdown: Cancellatio
     if let Err(e) = result {
         tracing::warn!(error = %e, "API server ended with an error");
     }
+}
+
+/// Server-sent events: `agents`, `tunnels`, `forwards` or `tokens` when those change, so a
+/// dashboard reloads what it shows.
+async fn events(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Response> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    caller(&st, &headers)?;
+    let rx = st.shared.registry.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(what) => {
+                    let ev = Event::default().event(what).data(what);
+                    return Some((Ok::<_, std::convert::Infallible>(ev), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
 }
 
 /// A dashboard file, or the API's 404.
@@ -292,6 +314,7 @@ async fn create_token(
     let limits = TokenLimits { max_tunnels: req.max_tunnels, max_connections: req.max_connections };
     let record = st.store.create_token(name, digest(&secret), limits, unix_now())?;
     tracing::info!(id = %record.id, name = %record.name, "token created through the API");
+    st.shared.registry.changed("tokens");
     let mut out = token_json(&record);
     out["token"] = Value::String(secret);
     Ok((StatusCode::CREATED, Json(out)))
@@ -306,6 +329,7 @@ async fn revoke_token(
     let t = st.store.revoke_token(&id, unix_now())?.ok_or_else(|| ApiError::not_found("token"))?;
     let ended = st.shared.registry.end_token(&t.id, "the token was revoked");
     tracing::info!(id = %t.id, sessions_ended = ended, "token revoked through the API");
+    st.shared.registry.changed("tokens");
     let mut out = token_json(&t);
     out["sessions_ended"] = json!(ended);
     Ok(Json(out))
@@ -369,6 +393,7 @@ async fn disconnect_agent(
     let who = caller(&st, &headers)?;
     let s = session_for(&st, &who, &id)?;
     st.shared.registry.end(s.id, ErrorCode::ShuttingDown, "disconnected through the relay's API");
+    st.shared.registry.changed("agents");
     tracing::info!(session = s.id, agent = %s.agent, "agent disconnected through the API");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -548,6 +573,8 @@ async fn create_forward(
     match crate::forwards::open(&st.shared.router, &session.handle, &record).await {
         Ok(bound) => {
             tracing::info!(forward = %record.id, agent = %record.agent, url = %bound.url, "forward created through the API");
+            st.shared.registry.changed("forwards");
+            st.shared.registry.changed("tunnels");
             Ok((StatusCode::CREATED, Json(forward_json(&record, Some(&bound.url)))))
         }
         Err(e) => {
@@ -573,6 +600,7 @@ async fn delete_forward(
         .find(|f| f.id == id)
         .ok_or_else(|| ApiError::not_found("forward"))?;
     st.store.delete_forward(&f.id)?;
+    st.shared.registry.changed("forwards");
     if let (Some(token), Ok(agent)) =
         (TokenId::parse_hex(&f.token), warren_proto::AgentId::parse(&f.agent))
     {
@@ -851,6 +879,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
             );
         }
     }
+    crate::metrics::global().render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

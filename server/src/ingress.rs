@@ -150,6 +150,7 @@ async fn accept(
         }
     };
     let Some(guard) = edge.conns.enter(peer.ip()) else {
+        crate::metrics::global().error("conn_limit_per_ip");
         debug!(%peer, "too many connections from this address; closed");
         return None;
     };
@@ -555,7 +556,10 @@ impl ConnState {
     /// [`ConnState::handle`], with one access-log line per request when `--access-log` is on.
     async fn handle_logged(&self, req: Request<Incoming>) -> Response<Body> {
         if !self.ingress.edge.config.access_log {
-            return self.handle(req).await;
+            let started = std::time::Instant::now();
+            let resp = self.handle(req).await;
+            crate::metrics::global().request.observe(started.elapsed());
+            return resp;
         }
         let started = std::time::Instant::now();
         let method = req.method().clone();
@@ -575,6 +579,7 @@ impl ConnState {
             self.ingress.edge.config.client_ip(self.peer.ip(), xff)
         };
         let resp = self.handle(req).await;
+        crate::metrics::global().request.observe(started.elapsed());
         info!(
             target: "warren_server::access",
             visitor = %visitor,
@@ -950,6 +955,15 @@ fn escape(s: &str) -> String {
 
 /// An error answer from the relay itself: a small HTML page, or JSON when the visitor asks.
 pub fn error_page(status: StatusCode, title: &str, detail: &str, json: bool) -> Response<Body> {
+    crate::metrics::global().error(match status.as_u16() {
+        401 => "http_401_unauthorized",
+        403 => "http_403_forbidden",
+        404 => "http_404_unknown_host",
+        413 => "http_413_too_large",
+        429 => "http_429_rate_limited",
+        502 => "http_502_bad_gateway",
+        _ => "http_other",
+    });
     let (ctype, body) = if json {
         let j = format!(
             "{{\"error\":{{\"status\":{},\"title\":{:?},\"message\":{:?}}}}}\n",

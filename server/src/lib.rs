@@ -34,6 +34,7 @@ pub mod config;
 pub mod edge;
 pub mod forwards;
 pub mod ingress;
+pub mod metrics;
 pub mod policy;
 pub mod pool;
 pub mod registry;

@@ -40,10 +40,21 @@ pub struct SessionInfo {
 }
 
 /// The live sessions, and the shared stream limits of tokens that have one.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     sessions: Mutex<HashMap<u64, SessionInfo>>,
     token_streams: Mutex<HashMap<TokenId, (u32, Arc<Semaphore>)>>,
+    changes: tokio::sync::broadcast::Sender<&'static str>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            sessions: Mutex::default(),
+            token_streams: Mutex::default(),
+            changes: tokio::sync::broadcast::channel(64).0,
+        }
+    }
 }
 
 impl Registry {
@@ -54,11 +65,23 @@ impl Registry {
     /// Records a session; [`Registry::remove`] it when it ends.
     pub fn insert(&self, info: SessionInfo) {
         self.lock().insert(info.id, info);
+        self.changed("agents");
     }
 
     /// Forgets a session.
     pub fn remove(&self, id: u64) {
         self.lock().remove(&id);
+        self.changed("agents");
+    }
+
+    /// Tells the dashboards that `what` (`agents`, `tunnels`, `forwards`, `tokens`) changed.
+    pub fn changed(&self, what: &'static str) {
+        let _ = self.changes.send(what);
+    }
+
+    /// Changes as they happen, for server-sent events.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<&'static str> {
+        self.changes.subscribe()
     }
 
     /// Every live session, oldest first.

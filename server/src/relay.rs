@@ -268,12 +268,17 @@ impl BoundRelay {
         }
 
         let router = self.shared.router.clone();
+        let changes = self.shared.clone();
         let stop = self.shared.shutdown.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => { router.expire(Instant::now()); }
+                    _ = tick.tick() => {
+                        if router.expire(Instant::now()) > 0 {
+                            changes.registry.changed("tunnels");
+                        }
+                    }
                     () = stop.cancelled() => break,
                 }
             }

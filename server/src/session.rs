@@ -146,6 +146,7 @@ async fn run_session(
         return Err(SessionError::Refused("no Hello".into()));
     };
     let Some(accepted) = shared.auth.check(&hello.token) else {
+        crate::metrics::global().error("bad_token");
         refuse(&mut writer, ErrorCode::Unauthorized, "the relay does not accept this token".into())
             .await;
         return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
@@ -161,6 +162,7 @@ async fn run_session(
             lease_grace_secs: shared.lease_grace.as_secs() as u32,
         }))
         .await?;
+    crate::metrics::global().handshake.observe(Instant::now() - (deadline - HANDSHAKE_TIMEOUT));
     info!(
         agent = %owner.agent,
         token = %owner.token,
@@ -308,6 +310,7 @@ async fn run_session(
         let reply = match msg {
             Message::Bind(req) => match shared.router.bind(&owner, &req, &ctx) {
                 Ok(bound) => {
+                    shared.registry.changed("tunnels");
                     info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
                     if let (Some(acme), Some(sub), warren_proto::Protocol::Http) =
                         (&shared.acme, &bound.subdomain, req.protocol)
@@ -320,12 +323,14 @@ async fn run_session(
                     Message::Bound(bound)
                 }
                 Err(e) => {
+                    crate::metrics::global().error("bind_refused");
                     info!(tunnel = %req.name, code = %e.code, reason = %e.message, "bind refused");
                     Message::Error { req: req.req, code: e.code, message: e.message }
                 }
             },
             Message::Unbind { req, tunnel } => {
                 if shared.router.unbind(&owner, id, tunnel) {
+                    shared.registry.changed("tunnels");
                     Message::Unbound { req, tunnel }
                 } else {
                     Message::Error {

@@ -291,3 +291,41 @@ async fn forwards_are_opened_kept_and_closed() {
     assert_eq!(status, 404);
     agent.assert_running();
 }
+
+/// `/metrics` carries the handshake and request latency histograms and errors by kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_have_histograms_and_errors() {
+    let tmp = TempDir::new("metrics");
+    let relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let mut agent =
+        spawn(&relay, &tmp, "metrics-agent", relay.token(), &["http", &backend.port().to_string()]);
+    let url = agent.http_url().await;
+    within(IO_TIMEOUT, "GET", expect_get(url.addr(), &url.host(), &backend.greeting()))
+        .await
+        .expect("GET");
+    let resp =
+        within(IO_TIMEOUT, "GET", warren_tests::http_get(relay.http_addr, "nobody.localhost", "/"))
+            .await
+            .expect("GET unknown");
+    assert_eq!(resp.status, http::StatusCode::NOT_FOUND);
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{}/metrics", relay.api_addr)])
+        .output()
+        .await
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    assert!(value("warren_handshake_seconds_count") >= 1.0);
+    assert!(value("warren_handshake_seconds_bucket{le=\"+Inf\"}") >= 1.0);
+    assert!(value("warren_http_request_seconds_count") >= 2.0);
+    assert!(value("warren_errors_total{kind=\"http_404_unknown_host\"}") >= 1.0);
+    assert!(text.contains("# TYPE warren_http_request_seconds histogram"), "{text}");
+    agent.assert_running();
+}

@@ -71,5 +71,33 @@ $("#token-form").addEventListener("submit", async e => {
   refresh();
 });
 
-if (token()) enter();
-setInterval(() => { if (token()) refresh().catch(() => {}); }, 3000);
+// Live: server-sent events (read with fetch, which can send the token) reload what changed;
+// traffic counters are also refreshed every few seconds.
+async function live() {
+  while (token()) {
+    try {
+      const r = await fetch("/api/v1/events", { headers: { Authorization: "Bearer " + token() } });
+      if (!r.ok || !r.body) throw new Error(r.statusText);
+      $("#who").textContent = "admin · live";
+      const reader = r.body.getReader(), dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          if (/^event: /m.test(block)) refresh().catch(() => {});
+        }
+      }
+    } catch (_) { /* reconnect below */ }
+    $("#who").textContent = "admin · reconnecting…";
+    await new Promise(res => setTimeout(res, 2000));
+  }
+}
+
+if (token()) { enter(); live(); }
+$("#login-form").addEventListener("submit", () => setTimeout(() => { if (token()) live(); }, 500));
+setInterval(() => { if (token()) refresh().catch(() => {}); }, 5000);
