@@ -129,12 +129,37 @@ pub struct AgentState {
     connected: std::sync::atomic::AtomicBool,
     /// Keeps HTTP exchanges of inspected tunnels, when the local API runs.
     inspector: std::sync::OnceLock<Arc<crate::inspect::Inspector>>,
+    /// Traffic per tunnel name, kept across reconnects.
+    traffic: std::sync::Mutex<HashMap<TunnelName, Arc<Traffic>>>,
+}
+
+/// Bytes and streams through one tunnel since the agent started.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Visitor to target.
+    pub bytes_in: std::sync::atomic::AtomicU64,
+    /// Target to visitor.
+    pub bytes_out: std::sync::atomic::AtomicU64,
+    /// Streams (connections, upstream HTTP connections, UDP flows over TCP) open now.
+    pub open: std::sync::atomic::AtomicU64,
+    /// Streams in all.
+    pub total: std::sync::atomic::AtomicU64,
 }
 
 impl AgentState {
     /// Every tunnel, by name.
     pub fn tunnels(&self) -> Vec<TunnelStatus> {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// The traffic counters of tunnel `name`.
+    pub fn traffic(&self, name: &TunnelName) -> Arc<Traffic> {
+        self.traffic
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
     /// Turns the inspector on for tunnels that ask for it.
@@ -484,7 +509,7 @@ async fn serve_session(
             s = session.accept() => match s {
                 Ok(stream) => {
                     while streams.try_join_next().is_some() {}
-                    streams.spawn(forward::handle(stream, tunnels.clone(), state.inspector()));
+                    streams.spawn(forward::handle(stream, tunnels.clone(), state.clone()));
                 }
                 Err(e) => return Ok(End::Lost(format!("session closed: {e}"))),
             },

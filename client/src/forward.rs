@@ -1,7 +1,10 @@
 //! One data stream from the relay: read its header, connect the tunnel's target, splice.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -40,11 +43,8 @@ pub async fn connect_target(target: &Target) -> std::io::Result<TcpStream> {
 }
 
 /// Serves one data stream until both directions end.
-pub async fn handle(
-    mut stream: Stream,
-    tunnels: Tunnels,
-    inspector: Option<Arc<crate::inspect::Inspector>>,
-) {
+pub async fn handle(stream: Stream, tunnels: Tunnels, state: Arc<crate::agent::AgentState>) {
+    let mut stream = stream;
     let header = match tokio::time::timeout(SETUP_TIMEOUT, read_stream_header(&mut stream)).await {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {
@@ -64,7 +64,10 @@ pub async fn handle(
         debug!(tunnel = %tunnel.name, "data stream of another protocol than its tunnel's");
         return;
     }
-    if let (Protocol::Http, true, Some(inspector)) = (header.protocol, tunnel.inspect, inspector) {
+    let mut stream = Counted::new(stream, state.traffic(&tunnel.name));
+    if let (Protocol::Http, true, Some(inspector)) =
+        (header.protocol, tunnel.inspect, state.inspector())
+    {
         // Boxed, like UDP: the plain splice's future stays small.
         return Box::pin(crate::inspect::serve(stream, tunnel, inspector)).await;
     }
@@ -98,7 +101,10 @@ pub async fn handle(
     }
 }
 
-async fn refuse(mut stream: Stream, tunnel: &TunnelSpec, why: &str, protocol: Protocol) {
+async fn refuse<S>(mut stream: S, tunnel: &TunnelSpec, why: &str, protocol: Protocol)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     warn!(tunnel = %tunnel.name, target = %tunnel.target, reason = %why, "cannot reach the target");
     if protocol != Protocol::Http {
         let _ = stream.shutdown().await;
@@ -157,4 +163,82 @@ pub(crate) fn bad_gateway_page(tunnel: &TunnelSpec, why: &str) -> (String, Strin
         why = why.replace('<', "&lt;"),
     );
     (html, json)
+}
+
+pin_project_lite::pin_project! {
+    /// A data stream that counts its bytes and its life into a tunnel's [`Traffic`].
+    #[derive(Debug)]
+    pub struct Counted<S> {
+        #[pin]
+        inner: S,
+        traffic: Arc<crate::agent::Traffic>,
+    }
+
+    impl<S> PinnedDrop for Counted<S> {
+        fn drop(this: Pin<&mut Self>) {
+            this.traffic.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S> Counted<S> {
+    /// Counts `inner` into `traffic` from now on.
+    pub fn new(inner: S, traffic: Arc<crate::agent::Traffic>) -> Self {
+        traffic.open.fetch_add(1, Ordering::Relaxed);
+        traffic.total.fetch_add(1, Ordering::Relaxed);
+        Self { inner, traffic }
+    }
+}
+
+impl<S: tokio::io::AsyncRead> tokio::io::AsyncRead for Counted<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let r = this.inner.poll_read(cx, buf);
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            this.traffic.bytes_in.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite> tokio::io::AsyncWrite for Counted<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write(cx, b);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.traffic.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let r = this.inner.poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = &r {
+            this.traffic.bytes_out.fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }

@@ -24,7 +24,6 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tracing::debug;
-use warren_transport::Stream;
 
 use crate::forward::connect_target;
 use crate::tunnel::TunnelSpec;
@@ -333,7 +332,10 @@ fn failed(ex: &Exchange, spec: &TunnelSpec, why: &str, json: bool) -> Response<P
 }
 
 /// Serves one data stream of an inspected HTTP tunnel until it ends.
-pub async fn serve(stream: Stream, spec: Arc<TunnelSpec>, inspector: Arc<Inspector>) {
+pub async fn serve<S>(stream: S, spec: Arc<TunnelSpec>, inspector: Arc<Inspector>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let upstream = Arc::new(tokio::sync::Mutex::new(None::<Upstream>));
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (spec, inspector, upstream) = (spec.clone(), inspector.clone(), upstream.clone());

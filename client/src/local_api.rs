@@ -56,8 +56,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn tunnel_json(t: &TunnelStatus) -> Value {
+fn tunnel_json(t: &TunnelStatus, traffic: &crate::agent::Traffic) -> Value {
+    use std::sync::atomic::Ordering::Relaxed;
     json!({
+        "metrics": {
+            "bytes_in": traffic.bytes_in.load(Relaxed),
+            "bytes_out": traffic.bytes_out.load(Relaxed),
+            "conns_open": traffic.open.load(Relaxed),
+            "conns_total": traffic.total.load(Relaxed),
+        },
         "name": t.spec.name.as_str(),
         "uri": format!("/api/tunnels/{}", t.spec.name),
         "public_url": t.url,
@@ -74,6 +81,7 @@ pub fn router(handle: AgentHandle) -> Router {
         .route("/api/tunnels/{name}", get(one).delete(remove))
         .route("/api/status", get(status))
         .route("/api/events", get(events))
+        .route("/metrics", get(metrics))
         .route("/", get(|| async { page("agent.html") }))
         .route("/static/{file}", get(|Path(file): Path<String>| async move { page(&file) }))
         .route("/api/requests/http", get(list_requests).post(replay_request).delete(clear_requests))
@@ -94,7 +102,8 @@ pub async fn serve(listener: TcpListener, handle: AgentHandle, shutdown: Cancell
 }
 
 async fn list(State(h): State<AgentHandle>) -> Json<Value> {
-    let tunnels: Vec<Value> = h.state.tunnels().iter().map(tunnel_json).collect();
+    let tunnels: Vec<Value> =
+        h.state.tunnels().iter().map(|t| tunnel_json(t, &h.state.traffic(&t.spec.name))).collect();
     Json(json!({ "tunnels": tunnels, "uri": "/api/tunnels" }))
 }
 
@@ -114,7 +123,8 @@ async fn one(
     State(h): State<AgentHandle>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(tunnel_json(&find(&h, &name)?)))
+    let t = find(&h, &name)?;
+    Ok(Json(tunnel_json(&t, &h.state.traffic(&t.spec.name))))
 }
 
 async fn remove(
@@ -139,6 +149,39 @@ async fn remove(
             "the agent did not answer in time".into(),
         )),
     }
+}
+
+/// Prometheus text: the session, and traffic and requests per tunnel.
+async fn metrics(State(h): State<AgentHandle>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP warren_agent_connected Whether a session to the relay is up.");
+    let _ = writeln!(out, "# TYPE warren_agent_connected gauge");
+    let _ = writeln!(out, "warren_agent_connected {}", u8::from(h.state.connected()));
+    let tunnels = h.state.tunnels();
+    let _ = writeln!(out, "# HELP warren_agent_tunnels Tunnels served or to be served.");
+    let _ = writeln!(out, "# TYPE warren_agent_tunnels gauge");
+    let _ = writeln!(out, "warren_agent_tunnels {}", tunnels.len());
+    type Read = fn(&crate::agent::Traffic) -> u64;
+    let series: [(&str, &str, Read); 4] = [
+        ("warren_agent_tunnel_bytes_in_total", "counter", |t| t.bytes_in.load(Relaxed)),
+        ("warren_agent_tunnel_bytes_out_total", "counter", |t| t.bytes_out.load(Relaxed)),
+        ("warren_agent_tunnel_streams_open", "gauge", |t| t.open.load(Relaxed)),
+        ("warren_agent_tunnel_streams_total", "counter", |t| t.total.load(Relaxed)),
+    ];
+    for (name, kind, read) in series {
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for t in &tunnels {
+            let traffic = h.state.traffic(&t.spec.name);
+            let _ = writeln!(out, "{name}{{tunnel=\"{}\"}} {}", t.spec.name, read(&traffic));
+        }
+    }
+    if let Some(i) = h.state.inspector() {
+        let _ = writeln!(out, "# TYPE warren_agent_requests_kept gauge");
+        let _ = writeln!(out, "warren_agent_requests_kept {}", i.list().len());
+    }
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 /// A dashboard file.
@@ -425,8 +468,9 @@ async fn create(
     })?;
     match tokio::time::timeout(Duration::from_secs(15), rx).await {
         Ok(Ok(Ok(url))) => {
+            let traffic = h.state.traffic(&spec.name);
             let t = TunnelStatus { spec: std::sync::Arc::new(spec), url, forwarded: false };
-            Ok((StatusCode::CREATED, Json(tunnel_json(&t))))
+            Ok((StatusCode::CREATED, Json(tunnel_json(&t, &traffic))))
         }
         Ok(Ok(Err(e))) if e.contains("exists") => {
             Err(ApiError(StatusCode::CONFLICT, "conflict", e))

@@ -20,7 +20,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, warn};
 use warren_proto::datagram::{DATAGRAM_HEADER_LEN, DatagramHeader, decode_record, encode_record};
 use warren_proto::{Protocol, TunnelId};
-use warren_transport::{Session, Stream};
+use warren_transport::Session;
 
 use crate::forward::Tunnels;
 use crate::tunnel::Target;
@@ -158,7 +158,10 @@ async fn reply_pump(
 }
 
 /// Serves one flow that arrived as a data stream (TCP transport) until it ends or idles out.
-pub async fn serve_stream(stream: Stream, target: &Target, idle: Duration) -> io::Result<()> {
+pub async fn serve_stream<S>(stream: S, target: &Target, idle: Duration) -> io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
+{
     let socket =
         tokio::time::timeout(Duration::from_secs(2), target_socket(target)).await.map_err(
             |_| io::Error::new(io::ErrorKind::TimedOut, "resolving the udp target timed out"),

@@ -426,7 +426,18 @@ async fn list_tunnels(State(st): State<ApiState>, headers: HeaderMap) -> ApiResu
         st.shared.router.tunnels().into_iter().filter(|t| who.sees(t.owner.token)).collect();
     views.sort_by_key(tunnel_id);
     let tunnels: Vec<Value> = views.iter().map(tunnel_json).collect();
-    Ok(Json(json!({ "tunnels": tunnels })))
+    let all = st.shared.router.tunnels();
+    let leased = |p: warren_proto::Protocol| all.iter().filter(|t| t.protocol == p).count();
+    let range = st.shared.router.pool_range();
+    Ok(Json(json!({
+        "tunnels": tunnels,
+        "pool": {
+            "range": range.to_string(),
+            "size": range.len(),
+            "tcp_leased": leased(warren_proto::Protocol::Tcp),
+            "udp_leased": leased(warren_proto::Protocol::Udp),
+        },
+    })))
 }
 
 async fn get_tunnel(

@@ -86,6 +86,18 @@ async fn tunnels_through_the_local_api_and_cli() {
     within(IO_TIMEOUT, "echo", tcp_echo(addr, 10_000)).await.expect("the new tunnel carries data");
     let (status, one) = call(api, "GET", "/api/tunnels/extra", None).await;
     assert_eq!((status, one["public_url"].as_str()), (200, Some(url.as_str())), "{one}");
+    // Traffic is counted per tunnel, in the API and in /metrics.
+    assert_eq!(one["metrics"]["bytes_in"], 10_000, "{one}");
+    assert_eq!(one["metrics"]["bytes_out"], 10_000, "{one}");
+    assert!(one["metrics"]["conns_total"].as_u64() >= Some(1), "{one}");
+    let metrics = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", &format!("http://{api}/metrics")])
+        .output()
+        .await
+        .expect("curl");
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    assert!(text.contains("warren_agent_connected 1"), "{text}");
+    assert!(text.contains("warren_agent_tunnel_bytes_in_total{tunnel=\"extra\"} 10000"), "{text}");
     // The agent printed its URL too, like its first tunnel's.
     eventually(IO_TIMEOUT, || {
         let printed = agent.stdout().iter().any(|l| l.trim() == url);

@@ -11,7 +11,9 @@ async function loadTunnels() {
     body.replaceChildren(...v.tunnels.map(t => el("tr", {},
       el("td", {}, t.name),
       el("td", {}, t.public_url ? el("a", { href: t.public_url }, t.public_url) : el("span", { class: "muted" }, "binding…")),
-      el("td", {}, el("code", {}, t.config.addr)))));
+      el("td", {}, el("code", {}, t.config.addr)),
+      el("td", {}, bytes(t.metrics.bytes_in)), el("td", {}, bytes(t.metrics.bytes_out)),
+      el("td", {}, String(t.metrics.conns_open)))));
   } catch (e) { $("#conn").textContent = "agent unreachable: " + e.message; }
 }
 

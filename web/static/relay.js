@@ -25,8 +25,9 @@ async function refresh() {
     el("td", {}, a.agent_id), el("td", {}, a.addr), el("td", {}, a.transport), el("td", {}, a.connected_since), el("td", {}, String(a.tunnels)),
     el("td", {}, el("button", { class: "plain", type: "button", onclick: async () => { await call("DELETE", "/api/v1/agents/" + a.id); refresh(); } }, "Disconnect")))));
   const series = Object.fromEntries(stats.tunnels.map(t => [t.tunnel, t.points]));
-  const ports = tunnels.tunnels.filter(t => t.protocol === "tcp" || t.protocol === "udp").length;
-  $("#pool").textContent = tunnels.tunnels.length + " tunnels, " + ports + " of them on pool ports";
+  const p = tunnels.pool;
+  $("#pool").textContent = tunnels.tunnels.length + " tunnels · port pool " + p.range + ": " +
+    p.tcp_leased + " of " + p.size + " TCP ports and " + p.udp_leased + " of " + p.size + " UDP ports leased";
   $("#tunnels tbody").replaceChildren(...tunnels.tunnels.map(t => el("tr", {},
     el("td", {}, t.name, el("div", { class: "muted" }, t.agent_id + " · " + t.protocol)),
     el("td", {}, el("code", {}, t.url)), el("td", { class: t.status === "online" ? "s2" : "s5" }, t.status),
