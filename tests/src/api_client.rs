@@ -179,3 +179,29 @@ impl ApiResponse {
         message
     }
 }
+
+/// `curl` as a client of a JSON API: `method url`, extra `-H` headers, an optional body sent
+/// as is (`--data`). Returns the status and the body as JSON (`Null` when it is not JSON).
+pub async fn curl_json(
+    method: &str,
+    url: &str,
+    headers: &[String],
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data", b]);
+    }
+    let out = cmd.arg(url).output().await.expect("run curl");
+    assert!(out.status.success(), "curl {method} {url}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
+    )
+}

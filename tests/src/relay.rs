@@ -246,6 +246,28 @@ impl Relay {
         ]
     }
 
+    /// Spawns `warren PROTO TARGET --name NAME --config-dir TMP/NAME EXTRA...` against this
+    /// relay.
+    pub fn spawn_tunnel(
+        &self,
+        tmp: &TempDir,
+        proto: &str,
+        name: &str,
+        target: u16,
+        extra: &[&str],
+    ) -> Agent {
+        let mut args = vec![
+            proto.to_owned(),
+            target.to_string(),
+            "--name".into(),
+            name.to_owned(),
+            "--config-dir".into(),
+            tmp.dir(name).display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        self.spawn_agent(name, args)
+    }
+
     /// Spawns `warren ARGS... --relay ... --token ... --relay-ca ...`.
     ///
     /// `args` starts with the subcommand (`http`, `tcp`, `start`). The caller passes

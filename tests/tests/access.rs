@@ -15,27 +15,6 @@ use warren_tests::{
     RelayOpts, TempDir, Transport, parse_headers, random_bytes, tcp_echo, within,
 };
 
-/// Spawns `warren PROTO TARGET --name NAME --config-dir ... EXTRA...` against `relay`.
-fn spawn(
-    relay: &Relay,
-    tmp: &TempDir,
-    proto: &str,
-    name: &str,
-    target: u16,
-    extra: &[&str],
-) -> Agent {
-    let mut args = vec![
-        proto.to_owned(),
-        target.to_string(),
-        "--name".into(),
-        name.to_owned(),
-        "--config-dir".into(),
-        tmp.dir(name).display().to_string(),
-    ];
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    relay.spawn_agent(name, args)
-}
-
 /// `GET path` with `Host: host` and extra headers, on a fresh connection.
 async fn get_with(
     addr: SocketAddr,
@@ -197,8 +176,7 @@ async fn proxy_protocol(t: Transport, version: u8) {
     let relay = Relay::start_default().await;
     let backend = ProxyBackend::start().await.expect("proxy backend");
     let v = format!("v{version}");
-    let mut agent = spawn(
-        &relay,
+    let mut agent = relay.spawn_tunnel(
         &tmp,
         "tcp",
         "pp",
@@ -244,8 +222,7 @@ async fn basic_auth() {
     let tmp = TempDir::new("basic-auth");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(
-        &relay,
+    let mut agent = relay.spawn_tunnel(
         &tmp,
         "http",
         "auth",
@@ -314,7 +291,7 @@ async fn allow_deny_http() {
     ];
     let mut agents = Vec::new();
     for (name, flags, want) in cases {
-        let mut agent = spawn(&relay, &tmp, "http", name, backend.port(), flags);
+        let mut agent = relay.spawn_tunnel(&tmp, "http", name, backend.port(), flags);
         let host = agent.http_url().await.host();
         let resp = get_with(relay.http_addr, &host, "/", &[]).await;
         assert_eq!(resp.status, want, "{name} {flags:?}: body {:?}", resp.text());
@@ -344,7 +321,7 @@ async fn allow_deny_tcp() {
     let mut keep = Vec::new();
     for (name, flags, allowed) in cases {
         let backend = EchoBackend::start().await;
-        let mut agent = spawn(&relay, &tmp, "tcp", name, backend.port(), flags);
+        let mut agent = relay.spawn_tunnel(&tmp, "tcp", name, backend.port(), flags);
         let url = agent.tcp_url().await;
         if allowed {
             tcp_echo(url.addr(), 4096).await.unwrap_or_else(|e| panic!("{name} {flags:?}: {e:#}"));
@@ -390,7 +367,8 @@ async fn rate_limit() {
     let tmp = TempDir::new("rate");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "rate", backend.port(), &["--rate-limit", "5/s"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "rate", backend.port(), &["--rate-limit", "5/s"]);
     let host = agent.http_url().await.host();
     let mut statuses = Vec::new();
     let mut limited = Vec::new();
@@ -428,8 +406,7 @@ async fn header_rewrites() {
     let tmp = TempDir::new("headers");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(
-        &relay,
+    let mut agent = relay.spawn_tunnel(
         &tmp,
         "http",
         "rewrite",
@@ -479,7 +456,8 @@ async fn max_body() {
     let tmp = TempDir::new("max-body");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "body", backend.port(), &["--max-body", "64KiB"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "body", backend.port(), &["--max-body", "64KiB"]);
     let host = agent.http_url().await.host();
     let addr = relay.http_addr;
 
@@ -546,7 +524,7 @@ async fn trusted_http(
     };
     let relay = Relay::start(opts).await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "lb", backend.port(), agent_flags);
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "lb", backend.port(), agent_flags);
     let host = agent.http_url().await.host();
     (relay, backend, agent, host, tmp)
 }
@@ -680,7 +658,8 @@ async fn trusted_proxy_header_tcp_reaches_target() {
     let tmp = TempDir::new("trust-tcp");
     let relay = Relay::start(RelayOpts::default().args(&["--trust-proxy", "127.0.0.1/32"])).await;
     let backend = ProxyBackend::start().await.expect("proxy backend");
-    let mut agent = spawn(&relay, &tmp, "tcp", "pp", backend.port(), &["--proxy-protocol", "v2"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "tcp", "pp", backend.port(), &["--proxy-protocol", "v2"]);
     let url = agent.tcp_url().await;
     let fut = async {
         let mut s = TcpStream::connect(url.addr()).await?;
@@ -708,7 +687,7 @@ async fn access_log_names_the_real_visitor() {
         Relay::start(RelayOpts::default().args(&["--access-log", "--trust-proxy", "127.0.0.1/32"]))
             .await;
     let backend = HttpBackend::start().await;
-    let mut web = spawn(&relay, &tmp, "http", "logged", backend.port(), &[]);
+    let mut web = relay.spawn_tunnel(&tmp, "http", "logged", backend.port(), &[]);
     let host = web.http_url().await.host();
     let resp =
         get_with(relay.http_addr, &host, "/headers?q=1", &[("x-forwarded-for", "203.0.113.9")])
@@ -717,7 +696,7 @@ async fn access_log_names_the_real_visitor() {
     let resp = get_with(relay.http_addr, "nobody.localhost", "/x", &[]).await;
     assert_eq!(resp.status, StatusCode::NOT_FOUND);
     let echo = EchoBackend::start().await;
-    let mut tcp = spawn(&relay, &tmp, "tcp", "logged-tcp", echo.port(), &[]);
+    let mut tcp = relay.spawn_tunnel(&tmp, "tcp", "logged-tcp", echo.port(), &[]);
     let url = tcp.tcp_url().await;
     within(IO_TIMEOUT, "tcp echo", tcp_echo(url.addr(), 1000)).await.expect("echo");
 

@@ -19,18 +19,7 @@ async fn call(
     body: Option<&str>,
 ) -> (u16, Value) {
     let url = format!("http://{}{path}", relay.api_addr);
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", "-X", method, "-w", "\n%{http_code}"])
-        .args(["-H", &format!("Authorization: Bearer {token}")]);
-    if let Some(b) = body {
-        cmd.args(["-H", "content-type: application/json", "--data", b]);
-    }
-    let out = cmd.arg(&url).output().await.expect("run curl");
-    assert!(out.status.success(), "curl {method} {path}: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    let status: u16 = code.trim().parse().expect("status code");
-    (status, serde_json::from_str(json).unwrap_or(Value::Null))
+    warren_tests::curl_json(method, &url, &[format!("Authorization: Bearer {token}")], body).await
 }
 
 fn spawn(relay: &Relay, tmp: &TempDir, label: &str, token: &str, args: &[&str]) -> Agent {

@@ -12,31 +12,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use warren_tests::client::request;
 use warren_tests::{
-    Agent, EchoBackend, HttpBackend, HttpConn, HttpResponse, HttpSetup, IO_TIMEOUT, Relay,
-    RelayOpts, TempDir, Transport, closed_port, eventually, expect_get, tcp_echo, tls_connect,
-    within,
+    EchoBackend, HttpBackend, HttpConn, HttpResponse, HttpSetup, IO_TIMEOUT, Relay, RelayOpts,
+    TempDir, Transport, closed_port, eventually, expect_get, tcp_echo, tls_connect, within,
 };
-
-/// Spawns `warren PROTO TARGET --name NAME --config-dir ... EXTRA...` against `relay`.
-fn spawn(
-    relay: &Relay,
-    tmp: &TempDir,
-    proto: &str,
-    name: &str,
-    target: u16,
-    extra: &[&str],
-) -> Agent {
-    let mut args = vec![
-        proto.to_owned(),
-        target.to_string(),
-        "--name".into(),
-        name.to_owned(),
-        "--config-dir".into(),
-        tmp.dir(name).display().to_string(),
-    ];
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    relay.spawn_agent(name, args)
-}
 
 /// Reads until the peer closes (EOF or reset) and returns what it sent before, or `None` if
 /// it is still open at `until`.
@@ -345,7 +323,7 @@ async fn max_conns_per_ip() {
     .await;
     let echo = EchoBackend::start().await;
     let mut tcp_agent =
-        spawn(&s.relay, &s.tmp, "tcp", "echo", echo.port(), &["--transport", "tcp"]);
+        s.relay.spawn_tunnel(&s.tmp, "tcp", "echo", echo.port(), &["--transport", "tcp"]);
     let tcp_url = tcp_agent.tcp_url().await;
     let host = s.host();
     let greeting = s.backend.greeting();
@@ -513,7 +491,7 @@ async fn error_page_tunnel_offline() {
 async fn error_page_target_unreachable() {
     let tmp = TempDir::new("err-target");
     let relay = Relay::start_default().await;
-    let mut agent = spawn(&relay, &tmp, "http", "down", closed_port(), &[]);
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "down", closed_port(), &[]);
     let host = agent.http_url().await.host();
     for resp in
         check_both("target refused", relay.http_addr, &host, StatusCode::BAD_GATEWAY, "").await
@@ -530,7 +508,8 @@ async fn error_page_rate_limited() {
     let tmp = TempDir::new("err-rate");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "rate", backend.port(), &["--rate-limit", "1/s"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "rate", backend.port(), &["--rate-limit", "1/s"]);
     let host = agent.http_url().await.host();
     for json in [false, true] {
         let mut limited = None;
@@ -556,7 +535,8 @@ async fn error_page_forbidden() {
     let tmp = TempDir::new("err-deny");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "deny", backend.port(), &["--deny", "127.0.0.0/8"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "deny", backend.port(), &["--deny", "127.0.0.0/8"]);
     let host = agent.http_url().await.host();
     check_both("forbidden", relay.http_addr, &host, StatusCode::FORBIDDEN, "").await;
     agent.assert_running();
@@ -568,7 +548,8 @@ async fn error_page_unauthorized() {
     let tmp = TempDir::new("err-auth");
     let relay = Relay::start_default().await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(&relay, &tmp, "http", "auth", backend.port(), &["--basic-auth", "u:p"]);
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "auth", backend.port(), &["--basic-auth", "u:p"]);
     let host = agent.http_url().await.host();
     for resp in
         check_both("unauthorized", relay.http_addr, &host, StatusCode::UNAUTHORIZED, "").await

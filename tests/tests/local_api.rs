@@ -13,15 +13,7 @@ use warren_tests::{
 
 /// `curl` against an agent's API: (status, JSON or Null).
 async fn call(api: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let mut cmd = tokio::process::Command::new("curl");
-    cmd.args(["-sS", "--max-time", "20", "-X", method, "-w", "\n%{http_code}"]);
-    if let Some(b) = body {
-        cmd.args(["--data", b]);
-    }
-    let out = cmd.arg(format!("http://{api}{path}")).output().await.expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (json, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.trim().parse().unwrap_or(0), serde_json::from_str(json).unwrap_or(Value::Null))
+    warren_tests::curl_json(method, &format!("http://{api}{path}"), &[], body).await
 }
 
 /// Runs `warren ARGS` to completion: (exit code, stdout, stderr).
