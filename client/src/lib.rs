@@ -4,8 +4,8 @@
 //! splices every data stream the relay opens to the tunnel's local target. It reconnects forever
 //! with backoff and gets the same subdomains and ports back (leases).
 //!
-//! Not here yet: the local API and dashboard, the request inspector, networks, DNS and Docker
-//! (each has its own issue).
+//! It also serves a local API and dashboard with a request inspector. Not here yet: networks,
+//! DNS and Docker (each has its own issue).
 //!
 //! # Layout
 //! - [`tunnel`]: what a tunnel is on the agent side: name, protocol, target, wishes, and the

@@ -6,7 +6,8 @@
 //! address, many ports). Each visitor connection (or UDP flow) becomes one stream, or datagrams,
 //! to the agent that holds the tunnel, after the tunnel's access rules have let it in.
 //!
-//! Not here yet: the REST API and persistence (their own issue).
+//! It also serves a REST API and dashboard, keeps tokens, reservations, forwards and traffic
+//! history in SQLite, and exposes Prometheus metrics.
 //!
 //! # Layout
 //! - [`config`]: the validated runtime configuration and its small parsers.
@@ -22,6 +23,9 @@
 //! - [`ingress`]: the public HTTP and HTTPS listeners and the TCP tunnel listeners.
 //! - [`udp`]: UDP tunnels.
 //! - [`relay`]: wiring it all together: bind, run, shut down.
+//! - [`store`]: the SQLite database.
+//! - [`api`]: the REST API, dashboard and metrics; [`registry`]: live sessions;
+//!   [`forwards`]: tunnels opened on an agent's behalf; [`metrics`]: counters and histograms.
 //! - [`util`]: small helpers the relay and the agent binary share (random names, private files,
 //!   logging).
 

@@ -4,7 +4,7 @@
 //! SHA-256 digest, never the secret itself, so a leaked database file does not leak usable
 //! tokens.
 //!
-//! The schema is versioned: [`MIGRATIONS`] lists SQL batches in order, and the database's
+//! The schema is versioned: `MIGRATIONS` lists SQL batches in order, and the database's
 //! `PRAGMA user_version` records how many of them have run. [`Store::open`] runs the missing
 //! ones, each in its own transaction, and refuses a database written by a newer build rather
 //! than guess at a schema it does not know.
