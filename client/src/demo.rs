@@ -42,6 +42,10 @@ pub struct DemoUrls {
     pub sample: SocketAddr,
     /// The HTTP tunnel over the relay's HTTPS listener.
     pub https: Option<String>,
+    /// The relay's dashboard and API.
+    pub dashboard: Option<String>,
+    /// The relay API's admin token.
+    pub admin_token: String,
     /// The development CA that signs the HTTPS certificates.
     pub ca_path: std::path::PathBuf,
 }
@@ -67,10 +71,12 @@ async fn run_in(
     let token = warren_server::util::random_alnum(24);
     let mut config = RelayConfig::loopback(dir.to_path_buf(), &token, opts.ports);
     config.http = opts.http;
+    let admin_token = config.admin_token.expose().to_owned();
     let relay = Relay::bind(config).await?;
     let control = relay.control_addr;
     let ca = relay.ca_der.clone();
     let https_port = relay.https_addr.map(|a| a.port());
+    let dashboard = relay.api_addr.map(|a| format!("http://{a}/"));
     let ca_path = relay.ca_path.clone();
 
     let sample = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -118,6 +124,8 @@ async fn run_in(
                 sample: sample_addr,
                 https,
                 ca_path: ca_path.clone(),
+                dashboard: dashboard.clone(),
+                admin_token: admin_token.clone(),
             });
         }
     }

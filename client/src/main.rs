@@ -671,6 +671,13 @@ async fn run_demo(opts: DemoOptions) -> anyhow::Result<()> {
             ),
             None => String::new(),
         };
+        let dashboard = match &urls.dashboard {
+            Some(d) => format!(
+                "  Dashboard    {d}   (relay API and dashboard; admin token {})\n",
+                urls.admin_token
+            ),
+            None => String::new(),
+        };
         let mut out = std::io::stdout().lock();
         let _ = writeln!(
             out,
@@ -678,7 +685,8 @@ async fn run_demo(opts: DemoOptions) -> anyhow::Result<()> {
              HTTP tunnel  {http}\n               try: curl {http}/   (or open it in a browser)\n\
              {https}  \
              TCP tunnel   {tcp}\n               try: curl http://127.0.0.1:{tcp_port}/\n  \
-             Sample page  http://{sample}  (the service behind both tunnels)\n\n\
+             Sample page  http://{sample}  (the service behind both tunnels)\n\
+             {dashboard}\n\
              Press Ctrl-C to stop.",
             http = urls.http,
             tcp = urls.tcp,
