@@ -609,6 +609,11 @@ async fn serve_session(
                     adding.insert(req, (spec, reply));
                 }
                 Control::Remove(name, reply) => {
+                    if state.tunnels().iter().any(|t| t.spec.name == name && t.forwarded) {
+                        // The relay would open it again at the next connection.
+                        let _ = reply.send(false);
+                        continue;
+                    }
                     let id = tunnels
                         .read()
                         .unwrap_or_else(|p| p.into_inner())

@@ -133,6 +133,15 @@ async fn remove(
 ) -> Result<StatusCode, ApiError> {
     let name = TunnelName::parse(&name)
         .map_err(|_| ApiError(StatusCode::NOT_FOUND, "not_found", format!("no tunnel {name}")))?;
+    if h.state.tunnels().iter().any(|t| t.spec.name == name && t.forwarded) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "forward",
+            format!(
+                "{name} is a forward of the relay's API; delete it there (DELETE /api/v1/forwards/ID)"
+            ),
+        ));
+    }
     let (tx, rx) = oneshot::channel();
     let gone = match h.control.send(Control::Remove(name.clone(), tx)).await {
         Ok(()) => tokio::time::timeout(Duration::from_secs(10), rx).await.ok().and_then(Result::ok),

@@ -586,6 +586,11 @@ async fn create_forward(
             tracing::info!(forward = %record.id, agent = %record.agent, url = %bound.url, "forward created through the API");
             st.shared.registry.changed("forwards");
             st.shared.registry.changed("tunnels");
+            if let (Some(acme), Some(sub), warren_proto::Protocol::Http) =
+                (&st.shared.acme, &bound.subdomain, protocol)
+            {
+                acme.ensure(&format!("{sub}.{}", st.shared.domain));
+            }
             Ok((StatusCode::CREATED, Json(forward_json(&record, Some(&bound.url)))))
         }
         Err(e) => {

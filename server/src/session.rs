@@ -230,6 +230,7 @@ async fn run_session(
     // through this very loop.
     let _reopen = {
         let (handle, router, store) = (handle.clone(), shared.router.clone(), shared.store.clone());
+        let (acme, domain) = (shared.acme.clone(), shared.domain.clone());
         let (token, agent) = (owner.token.to_string(), owner.agent.to_string());
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             let Some(store) = store else { return };
@@ -242,7 +243,14 @@ async fn run_session(
             };
             for f in mine {
                 match crate::forwards::open(&router, &handle, &f).await {
-                    Ok(b) => info!(forward = %f.id, url = %b.url, "forward opened again"),
+                    Ok(b) => {
+                        info!(forward = %f.id, url = %b.url, "forward opened again");
+                        if let (Some(acme), Some(sub), "http") =
+                            (&acme, &b.subdomain, f.proto.as_str())
+                        {
+                            acme.ensure(&format!("{sub}.{domain}"));
+                        }
+                    }
                     Err(e) => warn!(forward = %f.id, reason = %e, "forward not opened"),
                 }
             }
