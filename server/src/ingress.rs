@@ -472,6 +472,16 @@ async fn read_client_hello(
     }
 }
 
+/// The host a request is for: its `Host` header, or the authority of its URI (HTTP/2).
+fn request_host<B>(req: &Request<B>) -> String {
+    req.headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default()
+}
+
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -553,6 +563,22 @@ impl ConnState {
         }
     }
 
+    /// The `X-Forwarded-For` to send on (a trusted proxy's chain, then the connection's
+    /// visitor) and the real visitor it names.
+    fn forwarded_for(&self, headers: &http::HeaderMap) -> (String, std::net::IpAddr) {
+        let edge = &self.ingress.edge.config;
+        let prior = edge
+            .trusted(self.peer.ip())
+            .then(|| headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()))
+            .flatten();
+        let xff = match prior {
+            Some(prev) => format!("{prev}, {}", self.conn_addr.ip()),
+            None => self.conn_addr.ip().to_string(),
+        };
+        let real = edge.client_ip(self.peer.ip(), Some(&xff));
+        (xff, real)
+    }
+
     /// [`ConnState::handle`], with one access-log line per request when `--access-log` is on.
     async fn handle_logged(&self, req: Request<Incoming>) -> Response<Body> {
         if !self.ingress.edge.config.access_log {
@@ -565,19 +591,8 @@ impl ConnState {
         let method = req.method().clone();
         let version = req.version();
         let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
-        let host = req
-            .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let visitor = if self.conn_addr.ip() != self.peer.ip() {
-            self.conn_addr.ip()
-        } else {
-            self.ingress.edge.config.client_ip(self.peer.ip(), xff)
-        };
+        let host = request_host(&req);
+        let (_, visitor) = self.forwarded_for(req.headers());
         let resp = self.handle(req).await;
         crate::metrics::global().request.observe(started.elapsed());
         info!(
@@ -601,13 +616,7 @@ impl ConnState {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
-        let host = req
-            .headers()
-            .get(HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        let host = request_host(&req);
         let ingress = &self.ingress;
         if !self.https
             && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
@@ -652,16 +661,7 @@ impl ConnState {
         // Who the visitor is: a trusted proxy's word is taken, nobody else's.
         let edge = &ingress.edge.config;
         let trusted = edge.trusted(self.peer.ip());
-        let prior_xff = if trusted {
-            req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned)
-        } else {
-            None
-        };
-        let xff = match prior_xff {
-            Some(prev) => format!("{prev}, {}", self.conn_addr.ip()),
-            None => self.conn_addr.ip().to_string(),
-        };
-        let real = edge.client_ip(self.peer.ip(), Some(&xff));
+        let (xff, real) = self.forwarded_for(req.headers());
         let visitor =
             if real == self.conn_addr.ip() { self.conn_addr } else { SocketAddr::new(real, 0) };
 
