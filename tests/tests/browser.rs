@@ -121,17 +121,7 @@ async fn agent_dashboard_shows_and_replays_requests_live() {
     let tmp = TempDir::new("browser-agent");
     let relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "dash-agent",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--name".into(),
-            "shop".into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "shop", backend.port(), &[]);
     let url = agent.http_url().await;
     let api = agent.api_addr().await;
     let browser = Browser::start(&tmp).await;

@@ -41,17 +41,7 @@ async fn capture_list_show_replay_clear() {
     let tmp = TempDir::new("inspector");
     let relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "inspected",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--name".into(),
-            "shop".into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "shop", backend.port(), &[]);
     let url = agent.http_url().await;
     let api = agent.api_addr().await;
 
@@ -148,17 +138,8 @@ async fn inspect_off_keeps_nothing() {
     let tmp = TempDir::new("inspector-off");
     let relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "uninspected",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--inspect".into(),
-            "false".into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent =
+        relay.spawn_tunnel(&tmp, "http", "uninspected", backend.port(), &["--inspect", "false"]);
     let url = agent.http_url().await;
     let api = agent.api_addr().await;
     let resp =

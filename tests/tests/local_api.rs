@@ -47,17 +47,7 @@ async fn tunnels_through_the_local_api_and_cli() {
     let relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
     let echo = EchoBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "api-agent",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--name".into(),
-            "web".into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "web", backend.port(), &[]);
     let web_url = agent.http_url().await;
     let api = agent.api_addr().await;
 
