@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -95,6 +95,9 @@ pub struct Inspector {
     pub budget: usize,
     /// Told about every new exchange (the dashboard's live view).
     pub events: tokio::sync::broadcast::Sender<String>,
+    /// Bytes the ring holds now, kept up to date as exchanges come and bodies stream in, so
+    /// recording one exchange does not walk the whole ring.
+    used: Arc<AtomicUsize>,
 }
 
 impl Inspector {
@@ -106,17 +109,21 @@ impl Inspector {
             body_limit,
             budget,
             events: tokio::sync::broadcast::channel(256).0,
+            used: Arc::default(),
         })
     }
 
     fn record(&self, ex: Exchange) -> Arc<Exchange> {
         let ex = Arc::new(ex);
         let mut ring = lock(&self.ring);
+        self.used.fetch_add(ex.weight(), Ordering::Relaxed);
         ring.push_back(ex.clone());
-        let mut total: usize = ring.iter().map(|e| e.weight()).sum();
-        while total > self.budget && ring.len() > 1 {
+        while self.used.load(Ordering::Relaxed) > self.budget && ring.len() > 1 {
             if let Some(old) = ring.pop_front() {
-                total -= old.weight();
+                let w = old.weight();
+                let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(w))
+                });
             }
         }
         drop(ring);
@@ -136,7 +143,9 @@ impl Inspector {
 
     /// Forgets every exchange.
     pub fn clear(&self) {
-        lock(&self.ring).clear();
+        let mut ring = lock(&self.ring);
+        ring.clear();
+        self.used.store(0, Ordering::Relaxed);
     }
 
     fn new_exchange(
@@ -172,6 +181,7 @@ pin_project_lite::pin_project! {
         inner: B,
         into: Arc<Mutex<Captured>>,
         limit: usize,
+        used: Arc<AtomicUsize>,
     }
 }
 
@@ -194,8 +204,9 @@ where
                 let mut c = lock(this.into);
                 if let Some(data) = frame.data_ref() {
                     c.size += data.len() as u64;
-                    let room = this.limit.saturating_sub(c.bytes.len());
-                    c.bytes.extend_from_slice(&data[..room.min(data.len())]);
+                    let kept = this.limit.saturating_sub(c.bytes.len()).min(data.len());
+                    c.bytes.extend_from_slice(&data[..kept]);
+                    this.used.fetch_add(kept, Ordering::Relaxed);
                 }
                 // Bodies of known length are not polled past their last frame.
                 if this.inner.is_end_stream() {
@@ -217,12 +228,18 @@ where
     }
 }
 
-fn tee<B>(body: B, into: &Arc<Mutex<Captured>>, limit: usize) -> ProxyBody
+fn tee<B>(body: B, into: &Arc<Mutex<Captured>>, inspector: &Inspector) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    Tee { inner: body, into: into.clone(), limit }.boxed()
+    Tee {
+        inner: body,
+        into: into.clone(),
+        limit: inspector.body_limit,
+        used: inspector.used.clone(),
+    }
+    .boxed()
 }
 
 /// A connection to the tunnel's target, HTTP/1.1 or h2c.
@@ -304,7 +321,7 @@ async fn exchange(
             *lock(&ex.response) =
                 Some((parts.status, parts.headers.clone(), started.elapsed().as_micros() as u64));
             let _ = inspector.events.send(ex.id.clone());
-            let body = tee(body, &ex.response_body, inspector.body_limit);
+            let body = tee(body, &ex.response_body, inspector);
             Response::from_parts(parts, body)
         }
         Err(e) => {
@@ -347,7 +364,7 @@ where
                 .then(|| hyper::upgrade::on(&mut req));
             let (parts, body) = req.into_parts();
             let ex = inspector.new_exchange(spec.name.as_str(), &parts, None);
-            let req_body = tee(body, &ex.request_body, inspector.body_limit);
+            let req_body = tee(body, &ex.request_body, &inspector);
             let req = Request::from_parts(parts, req_body);
             let mut up = upstream.lock().await;
             let (_, mut resp) = exchange(&inspector, &spec, &mut up, req, ex).await;
@@ -417,10 +434,36 @@ pub async fn replay(
         .map_err(|e| e.to_string())?;
     let (parts, body) = req.into_parts();
     let ex = inspector.new_exchange(spec.name.as_str(), &parts, Some(original.id.clone()));
-    let req = Request::from_parts(parts, tee(body, &ex.request_body, inspector.body_limit));
+    let req = Request::from_parts(parts, tee(body, &ex.request_body, inspector));
     let mut upstream = None;
     let (ex, resp) = exchange(inspector, spec, &mut upstream, req, ex).await;
     // Read the whole response so the record is complete.
     let _ = resp.into_body().collect().await;
     Ok(ex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_stays_within_its_budget_and_clear_empties_it() {
+        let insp = Inspector::new(4_000, 1024);
+        let (parts, ()) = Request::builder().uri("/x").body(()).unwrap().into_parts();
+        for _ in 0..50 {
+            // As a request's body streams in after its exchange is recorded.
+            let ex = insp.record(insp.new_exchange("t", &parts, None));
+            lock(&ex.request_body).bytes.extend_from_slice(&[0; 100]);
+            insp.used.fetch_add(100, Ordering::Relaxed);
+        }
+        let kept = insp.list();
+        let total: usize = kept.iter().map(|e| e.weight()).sum();
+        assert!(kept.len() > 1 && kept.len() < 50, "{} kept", kept.len());
+        assert!(total <= 4_000, "{total} bytes kept");
+        assert_eq!(insp.used.load(Ordering::Relaxed), total);
+        assert_eq!(kept[0].id, "req_00000050", "newest first");
+        insp.clear();
+        assert!(insp.list().is_empty());
+        assert_eq!(insp.used.load(Ordering::Relaxed), 0);
+    }
 }
