@@ -242,7 +242,7 @@ impl Router {
     pub fn holder(&self, sub: Option<&str>, port: Option<PortKey>) -> Option<TokenId> {
         let st = self.lock();
         let key = match (sub, port) {
-            (Some(s), _) => st.by_sub.iter().find(|(k, _)| k.as_str() == s).map(|(_, v)| v),
+            (Some(s), _) => Subdomain::parse(s).ok().and_then(|sub| st.by_sub.get(&sub)),
             (None, Some(p)) => st.by_port.get(&p),
             _ => None,
         }?;
