@@ -213,6 +213,13 @@ pub struct AgentInbox {
     control: mpsc::Receiver<Control>,
 }
 
+impl AgentInbox {
+    /// The next request from the local API (for an agent that serves them without a relay).
+    pub async fn next_control(&mut self) -> Option<Control> {
+        self.control.recv().await
+    }
+}
+
 /// A handle for the local API and the inbox [`run_with`] serves it from, with `tunnels` to
 /// start with.
 pub fn channel(tunnels: Vec<TunnelSpec>) -> (AgentHandle, AgentInbox) {

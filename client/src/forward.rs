@@ -32,14 +32,48 @@ pub fn lookup(tunnels: &Tunnels, id: TunnelId) -> Option<Arc<TunnelSpec>> {
     tunnels.read().unwrap_or_else(|p| p.into_inner()).get(&id).cloned()
 }
 
-/// Connects to a target, trying every address a host name resolves to.
+static NETWORKS: std::sync::OnceLock<Arc<crate::net::NetManager>> = std::sync::OnceLock::new();
+
+/// Lets targets named `NAME.NETWORK` resolve through this process's networks.
+pub fn set_name_resolver(m: Arc<crate::net::NetManager>) {
+    let _ = NETWORKS.set(m);
+}
+
+/// Connects to a target, trying every address a host name resolves to. A name of one of the
+/// agent's networks (`api.web`) resolves through the networks (this process's, or those of
+/// the agent at `WARREN_AGENT_API` / 127.0.0.1:4040) when the system resolver does not know
+/// it.
 pub async fn connect_target(target: &Target) -> std::io::Result<TcpStream> {
     let tcp = match target.socket_addr() {
         Some(addr) => TcpStream::connect(addr).await?,
-        None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+        None => {
+            let local = NETWORKS.get().and_then(|m| m.resolve(&target.host));
+            match local {
+                Some(ips) => connect_any(&ips, target.port).await?,
+                None => match TcpStream::connect((target.host.as_str(), target.port)).await {
+                    Ok(t) => t,
+                    Err(e) if target.host.contains('.') => {
+                        let ips = crate::net::api::ask_agent(&target.host).await.ok_or(e)?;
+                        connect_any(&ips, target.port).await?
+                    }
+                    Err(e) => return Err(e),
+                },
+            }
+        }
     };
     let _ = tcp.set_nodelay(true);
     Ok(tcp)
+}
+
+async fn connect_any(ips: &[std::net::Ipv4Addr], port: u16) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for ip in ips {
+        match TcpStream::connect((*ip, port)).await {
+            Ok(t) => return Ok(t),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Serves one data stream until both directions end.

@@ -25,6 +25,7 @@ pub mod forward;
 pub mod identity;
 pub mod inspect;
 pub mod local_api;
+pub mod net;
 pub mod tunnel;
 pub mod udp;
 

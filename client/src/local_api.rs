@@ -90,9 +90,15 @@ pub fn router(handle: AgentHandle) -> Router {
         .with_state(handle)
 }
 
-/// Serves the API until `shutdown`.
-pub async fn serve(listener: TcpListener, handle: AgentHandle, shutdown: CancellationToken) {
-    let app = router(handle);
+/// Serves the API until `shutdown`;
+/// `networks` serves `/api/networks` (see [`crate::net::api`]).
+pub async fn serve(
+    listener: TcpListener,
+    handle: AgentHandle,
+    networks: Router,
+    shutdown: CancellationToken,
+) {
+    let app = networks.merge(router(handle));
     if let Err(e) = axum::serve(listener, app.into_make_service())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -18,6 +18,8 @@ use warren_proto::{AgentId, Protocol, Subdomain, TunnelName};
 use warren_server::config::PortRange;
 use warren_transport::{Mode, RelayAddr, Trust};
 
+mod net_cli;
+
 /// warren: put a local service on a public address, through a relay you run yourself.
 ///
 /// Start a relay on a public host (`warren-server --domain example.com --token s3cret`), then
@@ -139,6 +141,27 @@ enum Command {
         config: Option<PathBuf>,
         #[command(flatten)]
         conn: ConnOpts,
+        #[command(flatten)]
+        net: net_cli::NetOpts,
+    },
+    /// Networks of a running agent: bridges with IPAM, NAT, published ports and DNS, for the
+    /// services you expose (needs `warren agent` running as root).
+    #[command(
+        after_help = "Examples:\n  sudo warren agent &                          manages networks; no relay needed for them\n  warren net create web --subnet 10.213.5.0/24\n  warren net run web --name api -- python3 -m http.server 8000\n  warren net publish web api 8080:8000\n  warren net run web --name job -- curl -s http://api:8000/\n  warren net ls"
+    )]
+    Net {
+        /// The running agent's local API.
+        #[arg(long, value_name = "ADDR", env = "WARREN_AGENT_API", default_value = warren_client::local_api::DEFAULT_ADDR, global = true)]
+        agent_api: SocketAddr,
+        #[command(subcommand)]
+        cmd: net_cli::NetCmd,
+    },
+    /// (internal) The process `warren net run` starts in a new namespace.
+    #[command(name = "net-sandbox-child", hide = true)]
+    NetSandboxChild {
+        network: String,
+        #[arg(last = true)]
+        cmd: Vec<String>,
     },
     /// List the tunnels of a running agent (through its local API).
     #[command(after_help = "Examples:\n  warren ls\n  warren ls --agent-api 127.0.0.1:4041")]
@@ -355,6 +378,10 @@ struct ConnOpts {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::NetSandboxChild { network, cmd } = &cli.command {
+        // Before any thread exists: unshare() of the mount namespace needs that.
+        return warren_client::net::sandbox::child_main(network, cmd);
+    }
     let demo = matches!(cli.command, Command::Demo { .. });
     warren_server::util::init_logging(if demo { "warn" } else { "info" });
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -370,8 +397,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+    let result = match cli.command {
+        Command::Net { agent_api, cmd } => rt.block_on(net_cli::run(agent_api, cmd)),
+        other => rt.block_on(run(other)).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -443,12 +474,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             run_agent(conn, file).await
         }
-        Command::Agent { config, conn } => {
+        Command::Agent { config, conn, net } => {
             let file = match config {
                 Some(path) => config::load(&path)?,
                 None => FileConfig::default(),
             };
-            run_agent(conn, file).await
+            run_daemon(conn, file, net).await
+        }
+        Command::Net { .. } | Command::NetSandboxChild { .. } => {
+            unreachable!("handled in main")
         }
         Command::Demo { http, ports } => run_demo(DemoOptions { http, ports }).await,
         Command::Ls { api } => {
@@ -602,6 +636,7 @@ async fn agent_api(
         .method(method)
         .uri(path)
         .header(http::header::HOST, addr.to_string())
+        .header(http::header::CONTENT_TYPE, "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
     let resp = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
         .await
@@ -617,10 +652,89 @@ async fn agent_api(
 }
 
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
+    let networks = warren_client::net::api::absent_router();
+    run_agent_with(conn, file, networks, shutdown_on_signal()).await
+}
+
+/// `warren agent`: networks (when root), the local API, and a relay session when a relay is
+/// given.
+async fn run_daemon(conn: ConnOpts, file: FileConfig, net: net_cli::NetOpts) -> anyhow::Result<()> {
+    let shutdown = shutdown_on_signal();
+    let networks = if net.no_networks {
+        warren_client::net::api::absent_router()
+    } else {
+        let dir = conn.config_dir.clone().unwrap_or_else(identity::default_config_dir);
+        let mut cfg = warren_client::net::NetConfig::new(&dir);
+        cfg.pool = net.net_pool;
+        cfg.ttl = net.dns_ttl;
+        if !net.dns_upstream.is_empty() {
+            cfg.upstreams = net.dns_upstream;
+        }
+        let m = warren_client::net::NetManager::start(cfg, shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("networks: {e}"))?;
+        warren_client::forward::set_name_resolver(m.clone());
+        warren_client::net::api::router(m)
+    };
+    if conn.relay.is_none() && file.relay.is_none() && conn.token.is_none() && file.token.is_none()
+    {
+        return run_local(conn, networks, shutdown).await;
+    }
+    run_agent_with(conn, file, networks, shutdown).await
+}
+
+/// An agent without a relay: the local API and networks only.
+async fn run_local(
+    conn: ConnOpts,
+    networks: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !conn.no_api,
+        "with neither a relay nor a local API this agent would do nothing"
+    );
+    tracing::info!(
+        "no relay given: serving networks and the local API only (add --relay and --token for tunnels)"
+    );
+    let (handle, mut inbox) = agent::channel(Vec::new());
+    let listener = warren_client::local_api::bind(conn.api).await.map_err(|e| {
+        anyhow::anyhow!("cannot serve the local API on {}: {e} (use --api ADDR)", conn.api)
+    })?;
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(name = %"api", addr = %addr, "listening");
+    }
+    let api =
+        tokio::spawn(warren_client::local_api::serve(listener, handle, networks, shutdown.clone()));
+    let refuse = tokio::spawn(async move {
+        while let Some(c) = inbox.next_control().await {
+            match c {
+                agent::Control::Add(_, reply) => {
+                    let _ = reply.send(Err(
+                        "this agent has no relay: start it with --relay and --token to open tunnels"
+                            .into(),
+                    ));
+                }
+                agent::Control::Remove(_, reply) => {
+                    let _ = reply.send(false);
+                }
+            }
+        }
+    });
+    shutdown.cancelled().await;
+    refuse.abort();
+    let _ = api.await;
+    Ok(())
+}
+
+async fn run_agent_with(
+    conn: ConnOpts,
+    file: FileConfig,
+    networks: axum::Router,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (api_addr, no_api) = (conn.api, conn.no_api);
     let cfg = agent_config(conn, file)?;
     tracing::info!(agent = %cfg.agent_id, relay = %cfg.relay, tunnels = cfg.tunnels.len(), "starting agent");
-    let shutdown = shutdown_on_signal();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let printer = tokio::spawn(async move {
         while let Some(event) = rx.recv().await {
@@ -646,7 +760,12 @@ async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
                     INSPECT_BUDGET,
                     INSPECT_BODY_LIMIT,
                 ));
-                tokio::spawn(warren_client::local_api::serve(listener, handle, shutdown.clone()));
+                tokio::spawn(warren_client::local_api::serve(
+                    listener,
+                    handle,
+                    networks,
+                    shutdown.clone(),
+                ));
             }
             Err(e) => {
                 tracing::warn!(addr = %api_addr, error = %e, "no local API: cannot listen (use --api ADDR or --no-api)")

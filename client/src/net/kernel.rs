@@ -1,0 +1,459 @@
+//! Bridges, veth pairs, addresses and routes through rtnetlink, and network namespaces.
+//!
+//! A netlink socket talks to the namespace it was created in, so work inside a sandbox opens
+//! a new socket from a short-lived thread that first enters the sandbox's namespace; tokio's
+//! own threads never change namespace.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::unix::fs::MetadataExt;
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use super::model::NetError;
+
+/// A link as the kernel lists it.
+#[derive(Clone, Debug)]
+pub struct Link {
+    /// Its index.
+    pub index: u32,
+    /// Its name.
+    pub name: String,
+    /// Administratively up.
+    pub up: bool,
+    /// Its bridge, if it is a bridge port.
+    pub master: Option<u32>,
+    /// Its MTU.
+    pub mtu: u32,
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        name: String::new(),
+        up: m.header.flags.contains(LinkFlags::Up),
+        master: None,
+        mtu: 0,
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name.clone_from(n),
+            LinkAttribute::Controller(c) => l.master = Some(*c),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            _ => {}
+        }
+    }
+    l
+}
+
+fn sys(what: &str, e: rtnetlink::Error) -> NetError {
+    if let rtnetlink::Error::NetlinkError(m) = &e
+        && m.code.map(|c| c.get()) == Some(-1)
+    {
+        return NetError::Unavailable(format!(
+            "{what}: operation not permitted; the agent needs CAP_NET_ADMIN (run it as root)"
+        ));
+    }
+    NetError::System(format!("{what}: {e}"))
+}
+
+/// A netlink connection to one network namespace.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    handle: Handle,
+}
+
+impl Kernel {
+    /// Connects to the agent's own namespace.
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetError::Unavailable(format!("cannot open a netlink socket: {e}")))?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Connects to the namespace `ns` (an open namespace file).
+    pub fn connect_in(ns: &File) -> Result<Self, NetError> {
+        let fd = ns.try_clone().map_err(|e| NetError::System(format!("namespace file: {e}")))?;
+        let rt = tokio::runtime::Handle::current();
+        let made = std::thread::spawn(move || {
+            let _in_runtime = rt.enter();
+            nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                NetError::Unavailable(format!(
+                    "cannot enter the sandbox's network namespace: {e} (the agent needs \
+                     CAP_SYS_ADMIN for that)"
+                ))
+            })?;
+            rtnetlink::new_connection()
+                .map(|(c, h, _)| (c, h))
+                .map_err(|e| NetError::System(format!("netlink socket in the sandbox: {e}")))
+        })
+        .join()
+        .map_err(|_| NetError::System("the namespace thread failed".into()))?;
+        let (conn, handle) = made?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// Every link.
+    pub async fn links(&self) -> Result<Vec<Link>, NetError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing links", e))?;
+        Ok(msgs.iter().map(link_of).collect())
+    }
+
+    /// The link called `name`.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, NetError> {
+        Ok(self.links().await?.into_iter().find(|l| l.name == name))
+    }
+
+    /// Deletes the link called `name`, if it exists.
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        if let Some(l) = self.link(name).await? {
+            self.handle
+                .link()
+                .del(l.index)
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("deleting {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// The IPv4 addresses on link `index`.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing addresses", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            for a in &m.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = a {
+                    out.push((*ip, m.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure bridge `name` exists, is up, has `addr/prefix` and MTU `mtu`; returns its
+    /// index.
+    pub async fn ensure_bridge(
+        &self,
+        name: &str,
+        addr: Ipv4Addr,
+        prefix: u8,
+        mtu: u32,
+    ) -> Result<u32, NetError> {
+        let link = match self.link(name).await? {
+            Some(l) => l,
+            None => {
+                self.handle
+                    .link()
+                    .add(LinkBridge::new(name).mtu(mtu).build())
+                    .execute()
+                    .await
+                    .map_err(|e| sys(&format!("creating bridge {name}"), e))?;
+                self.link(name).await?.ok_or_else(|| {
+                    NetError::System(format!("bridge {name} vanished right after creation"))
+                })?
+            }
+        };
+        if !self.addresses(link.index).await?.contains(&(addr, prefix)) {
+            self.handle
+                .address()
+                .add(link.index, IpAddr::V4(addr), prefix)
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("adding {addr}/{prefix} to {name}"), e))?;
+        }
+        if !link.up || link.mtu != mtu {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).up().build())
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("bringing {name} up"), e))?;
+        }
+        Ok(link.index)
+    }
+
+    /// Adds `ip/prefix` to link `name` (a service's virtual address on its bridge).
+    pub async fn ensure_address(
+        &self,
+        name: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetError> {
+        let Some(l) = self.link(name).await? else {
+            return Err(NetError::System(format!("link {name} is missing")));
+        };
+        if !self.addresses(l.index).await?.iter().any(|(a, _)| *a == ip) {
+            self.handle
+                .address()
+                .add(l.index, IpAddr::V4(ip), prefix)
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("adding {ip}/{prefix} to {name}"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every address of link `name` that is not in `keep`.
+    pub async fn prune_addresses(&self, name: &str, keep: &[Ipv4Addr]) -> Result<(), NetError> {
+        let Some(l) = self.link(name).await? else { return Ok(()) };
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(l.index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing addresses", e))?;
+        for m in msgs {
+            let stale = m.attributes.iter().any(
+                |a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if !keep.contains(ip)),
+            );
+            if stale {
+                self.handle
+                    .address()
+                    .del(m)
+                    .execute()
+                    .await
+                    .map_err(|e| sys(&format!("removing an address from {name}"), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The host's IPv4 routes in the main table with a destination (not default routes), and
+    /// the device each goes through.
+    pub async fn routes(&self) -> Result<Vec<(Ipv4Net, String)>, NetError> {
+        let links = self.links().await?;
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing routes", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            let len = m.header.destination_prefix_length;
+            if len == 0 || m.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut dst = None;
+            let mut dev = String::new();
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = Some(*ip),
+                    RouteAttribute::Oif(i) => {
+                        dev = links
+                            .iter()
+                            .find(|l| l.index == *i)
+                            .map_or_else(|| format!("#{i}"), |l| l.name.clone());
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(net) = dst.and_then(|d| Ipv4Net::new(d, len).ok()) {
+                out.push((net.trunc(), dev));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Creates veth `host` (a port of bridge `bridge`, up) with its peer `peer` moved into the
+    /// namespace `ns`. On failure nothing is left behind.
+    pub async fn add_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        bridge: u32,
+        mtu: u32,
+        ns: &File,
+    ) -> Result<(), NetError> {
+        use std::os::fd::AsRawFd;
+        self.handle
+            .link()
+            .add(LinkVeth::new(host, peer).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| sys(&format!("creating veth {host}"), e))?;
+        let done = async {
+            let p = self
+                .link(peer)
+                .await?
+                .ok_or_else(|| NetError::System(format!("veth peer {peer} is missing")))?;
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(p.index)
+                        .mtu(mtu)
+                        .setns_by_fd(ns.as_raw_fd())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("moving {peer} into the sandbox"), e))?;
+            let h = self
+                .link(host)
+                .await?
+                .ok_or_else(|| NetError::System(format!("veth {host} is missing")))?;
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(h.index).controller(bridge).up().build())
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("attaching {host} to its bridge"), e))
+        }
+        .await;
+        if done.is_err() {
+            let _ = self.delete_link(host).await;
+        }
+        done
+    }
+
+    /// Inside a sandbox: renames `peer` to a free `ethN`, gives it `mac`, `ip/prefix` and MTU,
+    /// brings it and `lo` up, and adds a default route via `gateway` unless one exists.
+    /// Returns the interface's name.
+    pub async fn setup_sandbox_end(
+        &self,
+        peer: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+        mtu: u32,
+    ) -> Result<String, NetError> {
+        let links = self.links().await?;
+        let p = links
+            .iter()
+            .find(|l| l.name == peer)
+            .ok_or_else(|| NetError::System(format!("{peer} did not arrive in the sandbox")))?;
+        let ifname = (0..100)
+            .map(|i| format!("eth{i}"))
+            .find(|n| !links.iter().any(|l| &l.name == n))
+            .unwrap_or_else(|| peer.to_owned());
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(p.index)
+                    .name(ifname.clone())
+                    .address(mac.to_vec())
+                    .mtu(mtu)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| sys("configuring the sandbox interface", e))?;
+        self.handle
+            .address()
+            .add(p.index, IpAddr::V4(ip), prefix)
+            .execute()
+            .await
+            .map_err(|e| sys(&format!("adding {ip}/{prefix} in the sandbox"), e))?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(p.index).up().build())
+            .execute()
+            .await
+            .map_err(|e| sys("bringing the sandbox interface up", e))?;
+        if let Some(lo) = links.iter().find(|l| l.name == "lo" && !l.up) {
+            self.handle
+                .link()
+                .set(LinkUnspec::new_with_index(lo.index).up().build())
+                .execute()
+                .await
+                .map_err(|e| sys("bringing lo up in the sandbox", e))?;
+        }
+        if !self.has_default_route().await? {
+            self.handle
+                .route()
+                .add(
+                    RouteMessageBuilder::<Ipv4Addr>::new()
+                        .gateway(gateway)
+                        .output_interface(p.index)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| sys("adding the sandbox's default route", e))?;
+        }
+        Ok(ifname)
+    }
+
+    async fn has_default_route(&self) -> Result<bool, NetError> {
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing routes", e))?;
+        Ok(msgs.iter().any(|m| {
+            m.header.destination_prefix_length == 0 && m.header.kind == RouteType::Unicast
+        }))
+    }
+}
+
+/// The identity (inode) of a network namespace file.
+pub fn netns_ino(path: &str) -> Option<u64> {
+    std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Opens a sandbox's namespace file, checking it is the namespace it was (`ino`, 0 = any).
+pub fn open_netns(path: &str, ino: u64) -> Result<(File, u64), NetError> {
+    let f = File::open(path).map_err(|e| {
+        NetError::NotFound(format!("the sandbox's network namespace {path} cannot be opened: {e}"))
+    })?;
+    let got = f.metadata().map_err(|e| NetError::System(format!("{path}: {e}")))?.ino();
+    // A network namespace file lives on nsfs; anything else (a plain file) is refused.
+    let own = netns_ino("/proc/self/ns/net").unwrap_or(0);
+    if ino != 0 && got != ino {
+        return Err(NetError::NotFound(format!("{path} is no longer the sandbox's namespace")));
+    }
+    if got == own {
+        return Err(NetError::BadInput(format!(
+            "{path} is the agent's own network namespace; give a sandbox's"
+        )));
+    }
+    let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| NetError::System(format!("{path}: {e}")))?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC
+        && fs.filesystem_type() != nix::sys::statfs::PROC_SUPER_MAGIC
+    {
+        return Err(NetError::BadInput(format!("{path} is not a network namespace file")));
+    }
+    Ok((f, got))
+}
+
+/// Turns on IPv4 forwarding in the agent's namespace (routing for its bridges).
+pub fn enable_forwarding() -> Result<(), NetError> {
+    let p = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read_to_string(p).map(|s| s.trim() == "1").unwrap_or(false) {
+        return Ok(());
+    }
+    std::fs::write(p, "1")
+        .map_err(|e| NetError::Unavailable(format!("cannot turn on IPv4 forwarding ({p}): {e}")))
+}
