@@ -127,6 +127,8 @@ pub struct AgentState {
     status: std::sync::Mutex<std::collections::BTreeMap<TunnelName, TunnelStatus>>,
     /// Whether a session to the relay is up.
     connected: std::sync::atomic::AtomicBool,
+    /// This agent has no relay (networks and the local API only).
+    no_relay: std::sync::atomic::AtomicBool,
     /// Keeps HTTP exchanges of inspected tunnels, when the local API runs.
     inspector: std::sync::OnceLock<Arc<crate::inspect::Inspector>>,
     /// Traffic per tunnel name, kept across reconnects.
@@ -170,6 +172,16 @@ impl AgentState {
     /// The inspector, if on.
     pub fn inspector(&self) -> Option<Arc<crate::inspect::Inspector>> {
         self.inspector.get().cloned()
+    }
+
+    /// Marks this agent as one without a relay.
+    pub fn set_no_relay(&self) {
+        self.no_relay.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this agent runs without a relay.
+    pub fn no_relay(&self) -> bool {
+        self.no_relay.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether the agent has a session to the relay now.

@@ -114,7 +114,11 @@ async fn list(State(h): State<AgentHandle>) -> Json<Value> {
 }
 
 async fn status(State(h): State<AgentHandle>) -> Json<Value> {
-    Json(json!({ "connected": h.state.connected(), "tunnels": h.state.tunnels().len() }))
+    Json(json!({
+        "connected": h.state.connected(),
+        "relay": !h.state.no_relay(),
+        "tunnels": h.state.tunnels().len(),
+    }))
 }
 
 fn find(h: &AgentHandle, name: &str) -> Result<TunnelStatus, ApiError> {

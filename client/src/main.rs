@@ -697,6 +697,7 @@ async fn run_local(
         "no relay given: serving networks and the local API only (add --relay and --token for tunnels)"
     );
     let (handle, mut inbox) = agent::channel(Vec::new());
+    handle.state.set_no_relay();
     let listener = warren_client::local_api::bind(conn.api).await.map_err(|e| {
         anyhow::anyhow!("cannot serve the local API on {}: {e} (use --api ADDR)", conn.api)
     })?;

@@ -5,7 +5,7 @@ let selected = null;
 async function loadTunnels() {
   try {
     const s = await api("GET", "/api/status");
-    $("#conn").textContent = s.connected ? "connected to the relay" : "reconnecting to the relay…";
+    $("#conn").textContent = s.connected ? "connected to the relay" : (s.relay === false ? "no relay: networks only" : "reconnecting to the relay…");
     const v = await api("GET", "/api/tunnels");
     const body = $("#tunnels tbody");
     body.replaceChildren(...v.tunnels.map(t => el("tr", {},
@@ -15,6 +15,25 @@ async function loadTunnels() {
       el("td", {}, bytes(t.metrics.bytes_in)), el("td", {}, bytes(t.metrics.bytes_out)),
       el("td", {}, String(t.metrics.conns_open)))));
   } catch (e) { $("#conn").textContent = "agent unreachable: " + e.message; }
+}
+
+async function loadNetworks() {
+  const note = $("#networks-note");
+  try {
+    const v = await api("GET", "/api/networks");
+    note.textContent = v.networks.length ? "" : "No networks yet: warren net create NAME";
+    $("#networks tbody").replaceChildren(...v.networks.map(n => el("tr", {},
+      el("td", {}, el("strong", {}, n.name), el("div", { class: "muted" }, n.bridge + " · DNS " + n.dns)),
+      el("td", {}, el("code", {}, n.subnet), el("div", { class: "muted" }, "gateway " + n.gateway)),
+      el("td", {}, ...n.endpoints.map(e => el("div", { class: e.healthy ? "" : "s5" },
+        e.name + " ", el("code", {}, e.ip), e.aliases.length ? " (" + e.aliases.join(", ") + ")" : "", e.healthy ? "" : " — down"))),
+      el("td", {}, ...n.ports.map(p => el("div", {}, el("code", {}, (p.host_ip || "*") + ":" + p.host_port + "/" + p.proto), " → " + p.endpoint + ":" + p.port))),
+      el("td", {}, ...n.services.map(s => el("div", {}, s.name + " ", el("span", { class: "muted" }, s.mode + (s.vip ? " " + s.vip : "") + " → " + s.endpoints.join(", ")))))
+    )));
+  } catch (e) {
+    $("#networks tbody").replaceChildren();
+    note.textContent = e.message;
+  }
 }
 
 function requestRow(r) {
@@ -84,5 +103,5 @@ function live() {
   es.onerror = () => { $("#live").textContent = "(reconnecting…)"; };
 }
 
-loadTunnels(); loadRequests(); live();
-setInterval(loadTunnels, 3000);
+loadTunnels(); loadNetworks(); loadRequests(); live();
+setInterval(() => { loadTunnels(); loadNetworks(); }, 3000);
