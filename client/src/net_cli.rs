@@ -419,7 +419,7 @@ async fn run_sandboxed(
     )
     .await;
     if let Err(e) = gone
-        && !e.to_string().contains("404")
+        && !e.to_string().contains(" 404 Not Found")
     {
         eprintln!("warning: endpoint {} not removed: {e:#}", ep.name);
     }

@@ -24,6 +24,7 @@ pub mod api_client;
 pub mod backend;
 pub mod client;
 pub mod grpc;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod proxy_backend;

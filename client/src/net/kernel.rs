@@ -121,12 +121,13 @@ impl Kernel {
     /// Deletes the link called `name`, if it exists.
     pub async fn delete_link(&self, name: &str) -> Result<(), NetError> {
         if let Some(l) = self.link(name).await? {
-            self.handle
-                .link()
-                .del(l.index)
-                .execute()
-                .await
-                .map_err(|e| sys(&format!("deleting {name}"), e))?;
+            match self.handle.link().del(l.index).execute().await {
+                Ok(()) => {}
+                // Gone in the meantime (its namespace ended, taking the pair with it).
+                Err(rtnetlink::Error::NetlinkError(m))
+                    if m.code.map(|c| c.get()) == Some(-libc_enodev()) => {}
+                Err(e) => return Err(sys(&format!("deleting {name}"), e)),
+            }
         }
         Ok(())
     }
@@ -416,6 +417,10 @@ impl Kernel {
             m.header.destination_prefix_length == 0 && m.header.kind == RouteType::Unicast
         }))
     }
+}
+
+fn libc_enodev() -> i32 {
+    nix::errno::Errno::ENODEV as i32
 }
 
 /// The identity (inode) of a network namespace file.

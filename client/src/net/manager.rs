@@ -286,12 +286,14 @@ impl NetManager {
 
     /// Every network, as shown.
     pub async fn list(&self) -> Result<Vec<NetworkView>, NetError> {
+        self.usable()?;
         let live = self.live.lock().await;
         self.store.networks()?.into_iter().map(|n| self.view(&live, n, Vec::new())).collect()
     }
 
     /// One network, as shown.
     pub async fn inspect(&self, name: &str) -> Result<NetworkView, NetError> {
+        self.usable()?;
         let n = self.network(name)?;
         let live = self.live.lock().await;
         self.view(&live, n, Vec::new())
