@@ -299,6 +299,12 @@ fn create_attach_and_reach() {
 
     let net = host.inspect("web");
     assert_eq!(endpoint_names(&net), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    // The bridge has a MAC of its own (from the gateway address): a bridge that borrows its
+    // lowest port's would change it as endpoints come and go, and stale gateway entries in
+    // the endpoints' neighbour tables would cut them off.
+    let bridge = net["bridge"].as_str().expect("bridge").to_owned();
+    let link = host.h.ip_ok(&["-j", "link", "show", &bridge]);
+    assert!(link.contains("\"address\":\"02:42:0a:d5:05:01\""), "bridge MAC: {link}");
     for (name, ns, ip) in [("a", &a_ns, a), ("b", &b_ns, b)] {
         let ep = host.endpoint("web", name);
         assert_eq!(ip_of(&ep["ip"], "ip"), ip, "{ep:#}");

@@ -15,7 +15,7 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
-use super::model::NetError;
+use super::model::{NetError, mac_for};
 
 /// A link as the kernel lists it.
 #[derive(Clone, Debug)]
@@ -30,6 +30,8 @@ pub struct Link {
     pub master: Option<u32>,
     /// Its MTU.
     pub mtu: u32,
+    /// Its MAC address (zeros when it has none).
+    pub mac: [u8; 6],
 }
 
 fn link_of(m: &LinkMessage) -> Link {
@@ -39,12 +41,14 @@ fn link_of(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         master: None,
         mtu: 0,
+        mac: [0; 6],
     };
     for a in &m.attributes {
         match a {
             LinkAttribute::IfName(n) => l.name.clone_from(n),
             LinkAttribute::Controller(c) => l.master = Some(*c),
             LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::Address(a) if a.len() == 6 => l.mac.copy_from_slice(a),
             _ => {}
         }
     }
@@ -154,8 +158,10 @@ impl Kernel {
         Ok(out)
     }
 
-    /// Makes sure bridge `name` exists, is up, has `addr/prefix` and MTU `mtu`; returns its
-    /// index.
+    /// Makes sure bridge `name` exists, is up, has `addr/prefix`, MTU `mtu` and a fixed MAC
+    /// derived from `addr`; returns its index. (A bridge without a MAC of its own takes its
+    /// lowest port's, and changes it when ports come and go: endpoints would keep a stale
+    /// gateway MAC and lose the gateway.)
     pub async fn ensure_bridge(
         &self,
         name: &str,
@@ -168,7 +174,7 @@ impl Kernel {
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(name).mtu(mtu).build())
+                    .add(LinkBridge::new(name).mtu(mtu).address(mac_for(addr).to_vec()).build())
                     .execute()
                     .await
                     .map_err(|e| sys(&format!("creating bridge {name}"), e))?;
@@ -185,10 +191,16 @@ impl Kernel {
                 .await
                 .map_err(|e| sys(&format!("adding {addr}/{prefix} to {name}"), e))?;
         }
-        if !link.up || link.mtu != mtu {
+        if !link.up || link.mtu != mtu || link.mac != mac_for(addr) {
             self.handle
                 .link()
-                .set(LinkUnspec::new_with_index(link.index).mtu(mtu).up().build())
+                .set(
+                    LinkUnspec::new_with_index(link.index)
+                        .mtu(mtu)
+                        .address(mac_for(addr).to_vec())
+                        .up()
+                        .build(),
+                )
                 .execute()
                 .await
                 .map_err(|e| sys(&format!("bringing {name} up"), e))?;
