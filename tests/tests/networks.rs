@@ -20,6 +20,7 @@ use warren_tests::netns::{
     api_call, api_error_message, dns_upstream, require, retry, tcp_ask, tcp_whoami, tcp_whoami_ask,
     udp_whoami, udp_whoami_ask,
 };
+use warren_tests::process::binary;
 use warren_tests::which;
 
 /// How long a path that should work may take to start working (a new veth, new rules).
@@ -1287,4 +1288,89 @@ fn without_cap_net_admin_networks_are_refused() {
     out.fail_mentioning(&["CAP_NET_ADMIN"]);
     assert_eq!(host.wr_links(), BTreeSet::new(), "an unprivileged agent created links");
     assert!(agent.exited().is_none(), "the agent should keep running:\n{}", agent.log());
+}
+
+// =====================================================================================
+// 14. a tunnel whose target is an endpoint's name
+
+/// `warren tcp api.web:80`: a tunnel process resolves `NAME.NETWORK` through the agent's API
+/// and reaches the endpoint; a relay and the tunnel run inside the host namespace.
+#[test]
+fn tunnel_to_an_endpoint_by_name() {
+    let Some(host) = HostNs::start(HostOpts::default()) else { return };
+    host.net_ok(&["create", "web", "--subnet", "10.213.5.0/24"]);
+    let a_ns = Netns::new("a");
+    let a = host.attach("web", &a_ns, "api", &[]);
+    let _srv = tcp_whoami(&a_ns, any(80));
+    let data = host.tmp().dir("relay");
+    let relay_args: Vec<String> = [
+        "--domain",
+        "localhost",
+        "--control",
+        "127.0.0.1:7443",
+        "--http",
+        "127.0.0.1:8000",
+        "--no-https",
+        "--no-api",
+        "--ports",
+        "127.0.0.1:21000-21010",
+        "--token",
+        "t0ken",
+        "--data",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([data.display().to_string()])
+    .collect();
+    let _relay = NsDaemon::spawn(&host.h, "relay", &binary("warren-server"), &relay_args, &[]);
+    let tunnel_args: Vec<String> = [
+        "tcp",
+        "api.web:80",
+        "--remote-port",
+        "21005",
+        "--relay",
+        "127.0.0.1:7443",
+        "--token",
+        "t0ken",
+        "--insecure",
+        "--no-api",
+        "--config-dir",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain([host.tmp().dir("tunnel").display().to_string()])
+    .collect();
+    let _tunnel = NsDaemon::spawn(&host.h, "tunnel", &binary("warren"), &tunnel_args, &[]);
+    let w = retry(REACH, "the tunnel to api.web:80", || {
+        tcp_whoami_ask(&host.h, "127.0.0.1:21005".parse().expect("addr"), Duration::from_secs(3))
+    });
+    assert_eq!(w.local, sa(a, 80), "the tunnel reached {w:?}");
+    // The agent's API answers the name, and only names of its networks.
+    let (status, v) = host.api("GET", "/api/networks/resolve/api.web", None);
+    assert_eq!((status, v["addresses"].clone()), (200, json!([a.to_string()])));
+    let (status, _) = host.api("GET", "/api/networks/resolve/api.nowhere", None);
+    assert_eq!(status, 404);
+}
+
+/// A network of more than 256 addresses is created, with a warning that says why it is a bad
+/// idea and what to do instead; a /24 gets none.
+#[test]
+fn big_networks_warn() {
+    let Some(host) = HostNs::start(HostOpts::default()) else { return };
+    let out = host.net(&["create", "big", "--subnet", "10.220.0.0/22"]);
+    out.ok();
+    assert!(out.stderr.contains("warning:"), "no warning for a /22: {out:?}");
+    for needle in ["1021 addresses", "256", "dnsrr", "several networks"] {
+        assert!(out.stderr.contains(needle), "the warning lacks {needle:?}: {}", out.stderr);
+    }
+    let (status, v) = host.api(
+        "POST",
+        "/api/networks",
+        Some(&json!({"name": "big2", "subnet": "10.221.0.0/23"})),
+    );
+    assert_eq!(status, 201, "{v}");
+    assert!(v["warnings"][0].as_str().is_some_and(|w| w.contains("509 addresses")), "{v}");
+    let out = host.net(&["create", "small", "--subnet", "10.222.0.0/24"]);
+    out.ok();
+    assert!(!out.stderr.contains("warning"), "a /24 warned: {}", out.stderr);
 }
