@@ -194,3 +194,65 @@ async fn relay_dashboard_logs_in_and_creates_a_forward() {
     browser.client.close().await.expect("close the browser");
     agent.assert_running();
 }
+
+/// The agent dashboard's networks: a network with an endpoint, a published port and a service
+/// shows up, and a detached endpoint disappears without a reload. The agent manages networks
+/// inside a namespace of its own; the WebDriver, the browser and this test's sockets enter it
+/// too (a thread that joined the namespace starts them).
+#[test]
+fn agent_dashboard_shows_networks() {
+    use warren_tests::netns::{HostNs, HostOpts, Netns};
+    let Some(host) = HostNs::start(HostOpts::default()) else { return };
+    host.net_ok(&["create", "web", "--subnet", "10.213.5.0/24"]);
+    let a_ns = Netns::new("a");
+    host.attach("web", &a_ns, "api", &["--alias", "backend"]);
+    let b_ns = Netns::new("b");
+    host.attach("web", &b_ns, "worker", &[]);
+    host.net_ok(&["publish", "web", "api", "8080:80"]);
+    host.net_ok(&[
+        "service",
+        "create",
+        "web",
+        "shop",
+        "--mode",
+        "dnsrr",
+        "--endpoints",
+        "api,worker",
+    ]);
+    let ns_path = host.h.path();
+    let tmp = TempDir::new("browser-networks");
+    let detach = || host.net_ok(&["detach", "web", "worker"]);
+    std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let ui = scope.spawn(move || {
+            let f = std::fs::File::open(&ns_path).expect("open the namespace");
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter it");
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+            rt.block_on(async {
+                let browser = Browser::start(&tmp).await;
+                browser.client.goto("http://127.0.0.1:4040/").await.expect("open the dashboard");
+                let shown = browser.wait_text("#networks", "10.213.5.0/24").await;
+                for needle in ["web", "api", "backend", "worker", "*:8080/tcp", "shop", "dnsrr"] {
+                    assert!(shown.contains(needle), "the networks table lacks {needle:?}: {shown}");
+                }
+                browser.screenshot("agent-dashboard-networks").await;
+                tx.send(()).expect("ask for the detach");
+                let deadline = tokio::time::Instant::now() + UI_TIMEOUT;
+                loop {
+                    let now = browser.wait_text("#networks", "api").await;
+                    if !now.contains("worker") {
+                        break;
+                    }
+                    assert!(tokio::time::Instant::now() < deadline, "worker still shown: {now}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                browser.client.close().await.expect("close the browser");
+            });
+        });
+        if rx.recv_timeout(Duration::from_secs(90)).is_ok() {
+            detach();
+        }
+        ui.join().expect("the browser thread");
+    });
+}
