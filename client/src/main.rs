@@ -699,10 +699,9 @@ async fn run_local(
     );
     let (handle, mut inbox) = agent::channel(Vec::new());
     handle.state.set_no_relay();
-    handle.state.set_inspector(warren_client::inspect::Inspector::new(
-        INSPECT_BUDGET,
-        INSPECT_BODY_LIMIT,
-    ));
+    handle
+        .state
+        .set_inspector(warren_client::inspect::Inspector::new(INSPECT_BUDGET, INSPECT_BODY_LIMIT));
     let listener = warren_client::local_api::bind(conn.api).await.map_err(|e| {
         anyhow::anyhow!("cannot serve the local API on {}: {e} (use --api ADDR)", conn.api)
     })?;
