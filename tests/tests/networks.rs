@@ -1374,3 +1374,30 @@ fn big_networks_warn() {
     out.ok();
     assert!(!out.stderr.contains("warning"), "a /24 warned: {}", out.stderr);
 }
+
+/// Another network's endpoints can use neither a network's virtual addresses nor its DNS
+/// server.
+#[test]
+fn vips_and_dns_stay_inside_their_network() {
+    let Some(host) = HostNs::start(HostOpts::default()) else { return };
+    if !require(&["dig"]) {
+        return;
+    }
+    host.net_ok(&["create", "web", "--subnet", "10.213.5.0/24"]);
+    host.net_ok(&["create", "other", "--subnet", "10.213.6.0/24"]);
+    let (a_ns, c_ns, x_ns) = (Netns::new("a"), Netns::new("c"), Netns::new("x"));
+    let a = host.attach("web", &a_ns, "a", &[]);
+    host.attach("web", &c_ns, "c", &[]);
+    host.attach("other", &x_ns, "x", &[]);
+    let _srv = tcp_whoami(&a_ns, any(80));
+    let out = host.net_ok(&["service", "create", "web", "lb", "--mode", "vip", "--endpoints", "a"]);
+    let vip: Ipv4Addr =
+        out.trim().rsplit(' ').next().and_then(|s| s.parse().ok()).expect("vip in the output");
+    // From its own network the VIP works ...
+    assert_eq!(reach(&c_ns, sa(vip, 80)).local, sa(a, 80));
+    // ... from another network it does not, and neither does that network's DNS.
+    blocked(&x_ns, sa(vip, 80), "a VIP of another network");
+    let gw = v4(10, 213, 5, 1);
+    assert_eq!(dig_status(&x_ns, gw, &["-q", "a"]), "REFUSED", "DNS of another network");
+    assert_eq!(dig_status(&c_ns, gw, &["-q", "a"]), "NOERROR");
+}

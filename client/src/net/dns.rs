@@ -52,6 +52,8 @@ pub type Zones = Arc<RwLock<HashMap<String, Zone>>>;
 #[derive(Debug)]
 struct Handler {
     network: String,
+    /// Only clients in this subnet are answered (other networks get REFUSED).
+    subnet: ipnet::Ipv4Net,
     zones: Zones,
     upstreams: Arc<Vec<SocketAddr>>,
     ttl: u32,
@@ -188,6 +190,17 @@ impl RequestHandler for Handler {
                 counts: Default::default(),
             })
         };
+        let inside = match request.src().ip() {
+            IpAddr::V4(ip) => self.subnet.contains(&ip),
+            IpAddr::V6(_) => false,
+        };
+        if !inside {
+            let resp = builder.error_msg(&request.metadata, ResponseCode::Refused);
+            return response_handle
+                .send_response(resp)
+                .await
+                .unwrap_or_else(|_| fail(ResponseCode::Refused));
+        }
         let Ok(info) = request.request_info() else {
             let resp = builder.error_msg(&request.metadata, ResponseCode::FormErr);
             return response_handle
@@ -252,6 +265,13 @@ pub struct DnsServer {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl DnsServer {
+    /// Whether it stopped (and should be started again).
+    pub fn finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
 impl Drop for DnsServer {
     fn drop(&mut self) {
         self.task.abort();
@@ -262,6 +282,7 @@ impl Drop for DnsServer {
 pub async fn serve(
     network: &str,
     addr: Ipv4Addr,
+    subnet: ipnet::Ipv4Net,
     zones: Zones,
     upstreams: Arc<Vec<SocketAddr>>,
     ttl: u32,
@@ -269,7 +290,7 @@ pub async fn serve(
     let sa = SocketAddr::new(IpAddr::V4(addr), 53);
     let udp = UdpSocket::bind(sa).await?;
     let tcp = TcpListener::bind(sa).await?;
-    let handler = Handler { network: network.to_owned(), zones, upstreams, ttl };
+    let handler = Handler { network: network.to_owned(), subnet, zones, upstreams, ttl };
     let mut server = hickory_server::Server::new(handler);
     server.register_socket(udp);
     server.register_listener(tcp, Duration::from_secs(10), 64 * 1024);
@@ -317,6 +338,7 @@ mod tests {
         zones.insert("db".to_owned(), Zone::default());
         Handler {
             network: "web".into(),
+            subnet: "10.0.0.0/24".parse().expect("subnet"),
             zones: Arc::new(RwLock::new(zones)),
             upstreams: Arc::new(Vec::new()),
             ttl: 7,

@@ -442,9 +442,21 @@ pub fn netns_ino(path: &str) -> Option<u64> {
 
 /// Opens a sandbox's namespace file, checking it is the namespace it was (`ino`, 0 = any).
 pub fn open_netns(path: &str, ino: u64) -> Result<(File, u64), NetError> {
-    let f = File::open(path).map_err(|e| {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let cannot = |e: std::io::Error| {
         NetError::NotFound(format!("the sandbox's network namespace {path} cannot be opened: {e}"))
-    })?;
+    };
+    // Never open devices, FIFOs or sockets (opening one may block or have effects), and never
+    // block on open.
+    let kind = std::fs::metadata(path).map_err(cannot)?.file_type();
+    if kind.is_fifo() || kind.is_char_device() || kind.is_block_device() || kind.is_socket() {
+        return Err(NetError::BadInput(format!("{path} is not a network namespace file")));
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(cannot)?;
     let got = f.metadata().map_err(|e| NetError::System(format!("{path}: {e}")))?.ino();
     // A network namespace file lives on nsfs; anything else (a plain file) is refused.
     let own = netns_ino("/proc/self/ns/net").unwrap_or(0);
@@ -457,9 +469,7 @@ pub fn open_netns(path: &str, ino: u64) -> Result<(File, u64), NetError> {
         )));
     }
     let fs = nix::sys::statfs::fstatfs(&f).map_err(|e| NetError::System(format!("{path}: {e}")))?;
-    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC
-        && fs.filesystem_type() != nix::sys::statfs::PROC_SUPER_MAGIC
-    {
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
         return Err(NetError::BadInput(format!("{path} is not a network namespace file")));
     }
     Ok((f, got))

@@ -430,12 +430,13 @@ impl NetManager {
     }
 
     async fn start_dns(&self, live: &mut Live, n: &Network) -> Result<(), NetError> {
-        if live.dns.contains_key(&n.name) {
+        if live.dns.get(&n.name).is_some_and(|d| !d.finished()) {
             return Ok(());
         }
         let server = dns::serve(
             &n.name,
             n.gateway,
+            n.subnet,
             self.zones.clone(),
             Arc::new(self.cfg.upstreams.clone()),
             self.cfg.ttl,
@@ -879,7 +880,7 @@ impl NetManager {
                     .filter(|e| live.healthy.contains(&(n.name.clone(), (*e).clone())))
                     .filter_map(|e| ip_of.get(&(n.name.clone(), e.clone())).copied())
                     .collect();
-                rules.vips.push((vip, healthy));
+                rules.vips.push((n.bridge(), vip, healthy));
             }
             kernel.prune_addresses(&n.bridge(), &keep).await?;
         }

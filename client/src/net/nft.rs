@@ -37,8 +37,9 @@ pub struct Rules {
     pub networks: Vec<(String, Ipv4Net)>,
     /// Published ports: (proto, host address, host port, endpoint address, endpoint port).
     pub ports: Vec<(Proto, Option<Ipv4Addr>, u16, Ipv4Addr, u16)>,
-    /// Virtual addresses and the endpoint addresses behind them.
-    pub vips: Vec<(Ipv4Addr, Vec<Ipv4Addr>)>,
+    /// Virtual addresses (with their network's bridge) and the endpoint addresses behind
+    /// them.
+    pub vips: Vec<(String, Ipv4Addr, Vec<Ipv4Addr>)>,
 }
 
 fn m(left: Value, op: &str, right: Value) -> Value {
@@ -71,7 +72,7 @@ impl Rules {
         let mut r = self.clone();
         r.networks.sort();
         r.ports.sort();
-        for (_, eps) in &mut r.vips {
+        for (_, _, eps) in &mut r.vips {
             eps.sort();
         }
         r.vips.sort();
@@ -147,7 +148,7 @@ impl Rules {
                 m(field("ip", "daddr"), "!=", json!({"prefix": {"addr": "127.0.0.0", "len": 8}}));
             out.push(rule("output", vec![local, not_lo, dport, dnat]));
         }
-        for (vip, eps) in &self.vips {
+        for (bridge, vip, eps) in &self.vips {
             if eps.is_empty() {
                 continue;
             }
@@ -157,7 +158,9 @@ impl Rules {
                 "key": {"numgen": {"mode": "inc", "mod": eps.len(), "offset": 0}},
                 "data": {"set": map}}}}});
             let daddr = m(field("ip", "daddr"), "==", json!(vip.to_string()));
-            out.push(rule("prerouting", vec![daddr.clone(), dnat.clone()]));
+            // Only from its own network: another network's endpoints must not get in by it.
+            let from = m(meta("iifname"), "==", json!(bridge));
+            out.push(rule("prerouting", vec![from, daddr.clone(), dnat.clone()]));
             out.push(rule("output", vec![daddr, dnat]));
         }
         out
@@ -287,6 +290,7 @@ mod tests {
             networks: vec![("wrb-1".into(), "10.213.5.0/24".parse().expect("net"))],
             ports: vec![(Proto::Tcp, None, 8080, Ipv4Addr::new(10, 213, 5, 2), 80)],
             vips: vec![(
+                "wrb-1".into(),
                 Ipv4Addr::new(10, 213, 5, 9),
                 vec![Ipv4Addr::new(10, 213, 5, 3), Ipv4Addr::new(10, 213, 5, 2)],
             )],
@@ -297,7 +301,7 @@ mod tests {
     fn the_digest_ignores_order_and_follows_content() {
         let a = sample();
         let mut b = sample();
-        b.vips[0].1.reverse();
+        b.vips[0].2.reverse();
         assert_eq!(a.digest(), b.digest());
         b.ports[0].2 = 8081;
         assert_ne!(a.digest(), b.digest());
