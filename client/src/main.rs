@@ -646,10 +646,31 @@ async fn agent_api(
     let body = resp.into_body().collect().await?.to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
-        let msg = v["error"]["message"].as_str().unwrap_or("no message");
-        anyhow::bail!("the agent at {addr} answered {status}: {msg}");
+        let message = v["error"]["message"].as_str().unwrap_or("no message").to_owned();
+        return Err(AgentRefused { addr, status, message }.into());
     }
     Ok(v)
+}
+
+/// The agent answered a request of [`agent_api`] with an error status.
+#[derive(Debug)]
+struct AgentRefused {
+    addr: SocketAddr,
+    status: http::StatusCode,
+    message: String,
+}
+
+impl std::fmt::Display for AgentRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the agent at {} answered {}: {}", self.addr, self.status, self.message)
+    }
+}
+
+impl std::error::Error for AgentRefused {}
+
+/// Whether `e` is the agent answering 404 (the thing asked for does not exist).
+fn is_not_found(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<AgentRefused>().is_some_and(|r| r.status == http::StatusCode::NOT_FOUND)
 }
 
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {

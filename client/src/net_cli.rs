@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::agent_api;
+use crate::{agent_api, is_not_found};
 
 /// Options of the agent's networks (`warren agent`).
 #[derive(Debug, Args)]
@@ -419,7 +419,7 @@ async fn run_sandboxed(
     )
     .await;
     if let Err(e) = gone
-        && !e.to_string().contains(" 404 Not Found")
+        && !is_not_found(&e)
     {
         eprintln!("warning: endpoint {} not removed: {e:#}", ep.name);
     }

@@ -174,6 +174,24 @@ async fn ask_tcp(up: SocketAddr, raw: &[u8]) -> std::io::Result<Vec<u8>> {
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 4 s"))?
 }
 
+/// What is reported for a response that could not be sent.
+fn unsent(request: &Request, code: ResponseCode) -> ResponseInfo {
+    let mut metadata = Metadata::response_from_request(&request.metadata);
+    metadata.response_code = code;
+    ResponseInfo::from(hickory_proto::op::Header { metadata, counts: Default::default() })
+}
+
+/// Answers `request` with `code` and no records.
+async fn send_error<R: ResponseHandler>(
+    request: &Request,
+    mut response_handle: R,
+    code: ResponseCode,
+) -> ResponseInfo {
+    let resp =
+        MessageResponseBuilder::from_message_request(request).error_msg(&request.metadata, code);
+    response_handle.send_response(resp).await.unwrap_or_else(|_| unsent(request, code))
+}
+
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
     async fn handle_request<R: ResponseHandler, T: Time>(
@@ -181,32 +199,15 @@ impl RequestHandler for Handler {
         request: &Request,
         mut response_handle: R,
     ) -> ResponseInfo {
-        let builder = MessageResponseBuilder::from_message_request(request);
-        let fail = |code| {
-            let mut h = Metadata::response_from_request(&request.metadata);
-            h.response_code = code;
-            ResponseInfo::from(hickory_proto::op::Header {
-                metadata: h,
-                counts: Default::default(),
-            })
-        };
         let inside = match request.src().ip() {
             IpAddr::V4(ip) => self.subnet.contains(&ip),
             IpAddr::V6(_) => false,
         };
         if !inside {
-            let resp = builder.error_msg(&request.metadata, ResponseCode::Refused);
-            return response_handle
-                .send_response(resp)
-                .await
-                .unwrap_or_else(|_| fail(ResponseCode::Refused));
+            return send_error(request, response_handle, ResponseCode::Refused).await;
         }
         let Ok(info) = request.request_info() else {
-            let resp = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-            return response_handle
-                .send_response(resp)
-                .await
-                .unwrap_or_else(|_| fail(ResponseCode::FormErr));
+            return send_error(request, response_handle, ResponseCode::FormErr).await;
         };
         let qname: Name = info.query.name().into();
         let qtype = info.query.query_type();
@@ -222,11 +223,17 @@ impl RequestHandler for Handler {
                         Vec::new()
                     }
                 };
-                let resp = builder.build(meta, records.iter(), [], [], []);
+                let resp = MessageResponseBuilder::from_message_request(request).build(
+                    meta,
+                    records.iter(),
+                    [],
+                    [],
+                    [],
+                );
                 response_handle
                     .send_response(resp)
                     .await
-                    .unwrap_or_else(|_| fail(ResponseCode::ServFail))
+                    .unwrap_or_else(|_| unsent(request, ResponseCode::ServFail))
             }
             Decision::Forward => {
                 let tcp = request.protocol() == Protocol::Tcp;
@@ -234,7 +241,7 @@ impl RequestHandler for Handler {
                     Some(up) => {
                         meta.response_code = up.metadata.response_code;
                         meta.truncation = up.metadata.truncation;
-                        let resp = builder.build(
+                        let resp = MessageResponseBuilder::from_message_request(request).build(
                             meta,
                             up.answers.iter(),
                             up.authorities.iter(),
@@ -244,15 +251,9 @@ impl RequestHandler for Handler {
                         response_handle
                             .send_response(resp)
                             .await
-                            .unwrap_or_else(|_| fail(ResponseCode::ServFail))
+                            .unwrap_or_else(|_| unsent(request, ResponseCode::ServFail))
                     }
-                    None => {
-                        let resp = builder.error_msg(&request.metadata, ResponseCode::ServFail);
-                        response_handle
-                            .send_response(resp)
-                            .await
-                            .unwrap_or_else(|_| fail(ResponseCode::ServFail))
-                    }
+                    None => send_error(request, response_handle, ResponseCode::ServFail).await,
                 }
             }
         }

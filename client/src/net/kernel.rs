@@ -55,10 +55,16 @@ fn link_of(m: &LinkMessage) -> Link {
     l
 }
 
+/// The errno the kernel answered a netlink request with, if it refused it.
+fn errno(e: &rtnetlink::Error) -> Option<nix::errno::Errno> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| nix::errno::Errno::from_raw(-c.get())),
+        _ => None,
+    }
+}
+
 fn sys(what: &str, e: rtnetlink::Error) -> NetError {
-    if let rtnetlink::Error::NetlinkError(m) = &e
-        && m.code.map(|c| c.get()) == Some(-1)
-    {
+    if errno(&e) == Some(nix::errno::Errno::EPERM) {
         return NetError::Unavailable(format!(
             "{what}: operation not permitted; the agent needs CAP_NET_ADMIN (run it as root)"
         ));
@@ -128,8 +134,7 @@ impl Kernel {
             match self.handle.link().del(l.index).execute().await {
                 Ok(()) => {}
                 // Gone in the meantime (its namespace ended, taking the pair with it).
-                Err(rtnetlink::Error::NetlinkError(m))
-                    if m.code.map(|c| c.get()) == Some(-libc_enodev()) => {}
+                Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV) => {}
                 Err(e) => return Err(sys(&format!("deleting {name}"), e)),
             }
         }
@@ -169,12 +174,13 @@ impl Kernel {
         prefix: u8,
         mtu: u32,
     ) -> Result<u32, NetError> {
+        let mac = mac_for(addr);
         let link = match self.link(name).await? {
             Some(l) => l,
             None => {
                 self.handle
                     .link()
-                    .add(LinkBridge::new(name).mtu(mtu).address(mac_for(addr).to_vec()).build())
+                    .add(LinkBridge::new(name).mtu(mtu).address(mac.to_vec()).build())
                     .execute()
                     .await
                     .map_err(|e| sys(&format!("creating bridge {name}"), e))?;
@@ -191,13 +197,13 @@ impl Kernel {
                 .await
                 .map_err(|e| sys(&format!("adding {addr}/{prefix} to {name}"), e))?;
         }
-        if !link.up || link.mtu != mtu || link.mac != mac_for(addr) {
+        if !link.up || link.mtu != mtu || link.mac != mac {
             self.handle
                 .link()
                 .set(
                     LinkUnspec::new_with_index(link.index)
                         .mtu(mtu)
-                        .address(mac_for(addr).to_vec())
+                        .address(mac.to_vec())
                         .up()
                         .build(),
                 )
@@ -429,10 +435,6 @@ impl Kernel {
             m.header.destination_prefix_length == 0 && m.header.kind == RouteType::Unicast
         }))
     }
-}
-
-fn libc_enodev() -> i32 {
-    nix::errno::Errno::ENODEV as i32
 }
 
 /// The identity (inode) of a network namespace file.
