@@ -46,7 +46,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::process::{binary, which};
+use crate::process::{binary, daemon_env, scrub_env, which};
 use crate::util::TempDir;
 
 /// The agent's API inside H (the CLI's default, so `warren net` needs no flag).
@@ -69,18 +69,6 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long the agent may take to answer its API after start.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Environment variables of `warren` that a developer's shell might set; removed so every
-/// command gets its configuration explicitly.
-const SCRUBBED_ENV: &[&str] = &[
-    "RUST_LOG",
-    "WARREN_RELAY",
-    "WARREN_TOKEN",
-    "WARREN_AGENT_ID",
-    "WARREN_CONFIG_DIR",
-    "WARREN_API",
-    "WARREN_AGENT_API",
-];
 
 /// Tools every networks test needs.
 const BASE_TOOLS: &[&str] = &["ip", "nft", "curl"];
@@ -656,43 +644,12 @@ fn serve_dns_tcp(mut s: TcpStream, ctx: &ServeCtx) {
 /// The answer to one DNS query, with the name asked (lower case, trailing dot); `None` for
 /// what is not a one-question query.
 fn dns_answer(q: &[u8]) -> Option<(String, Vec<u8>)> {
-    if q.len() < 12 || q[2] & 0x80 != 0 || u16::from_be_bytes([q[4], q[5]]) != 1 {
-        return None;
-    }
-    let mut i = 12;
-    let mut labels = Vec::new();
-    loop {
-        let len = usize::from(*q.get(i)?);
-        i += 1;
-        if len == 0 {
-            break;
-        }
-        if len & 0xC0 != 0 {
-            return None;
-        }
-        labels.push(String::from_utf8_lossy(q.get(i..i + len)?).to_ascii_lowercase());
-        i += len;
-    }
-    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
-    let question_end = i + 4;
-    if question_end > q.len() {
-        return None;
-    }
-    let name = format!("{}.", labels.join("."));
+    let (question, question_end) = crate::udp::dns_question(q)?;
+    let name = format!("{}.", question.name.to_ascii_lowercase());
     let known = name == UPSTREAM_TEST_NAME;
-    let with_a = known && qtype == 1;
-    let mut r = Vec::with_capacity(64);
-    r.extend_from_slice(&q[0..2]);
-    // QR, the query's opcode, AA, the query's RD; then RA and the rcode.
-    r.push(0x80 | (q[2] & 0x78) | 0x04 | (q[2] & 0x01));
-    r.push(0x80 | if known { 0 } else { 3 });
-    r.extend_from_slice(&[0, 1, 0, u8::from(with_a), 0, 0, 0, 0]);
-    r.extend_from_slice(&q[12..question_end]);
-    if with_a {
-        r.extend_from_slice(&[0xC0, 0x0C, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
-        r.extend_from_slice(&UPSTREAM_TEST_ADDR.octets());
-    }
-    Some((name, r))
+    let a = (known && question.qtype == 1).then_some(UPSTREAM_TEST_ADDR);
+    let reply = crate::udp::dns_reply(q, question_end, true, if known { 0 } else { 3 }, a);
+    Some((name, reply))
 }
 
 /// Lines printed by a child, shared with its reader threads.
@@ -720,16 +677,7 @@ impl NsDaemon {
     ) -> Self {
         let mut cmd = Command::new(program);
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        if let Some(level) = std::env::var_os("WARREN_TEST_RUST_LOG") {
-            cmd.env("RUST_LOG", level);
-        }
-        cmd.env("NO_COLOR", "1");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
+        daemon_env(&mut cmd, envs.iter().copied());
         let mut child = spawn_in(Some(&ns.path()), &mut cmd)
             .unwrap_or_else(|e| panic!("cannot start {label} ({}): {e:#}", program.display()));
         let lines = SharedLines::default();
@@ -1043,13 +991,7 @@ impl HostNs {
     ) -> CliOut {
         let mut cmd = Command::new(binary("warren"));
         cmd.args(args);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        cmd.env("NO_COLOR", "1");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
+        scrub_env(&mut cmd, envs.iter().copied());
         let out = output_in(Some(&self.h.path()), cmd, timeout);
         CliOut::from_output(format!("warren {}", args.join(" ")), out)
     }

@@ -12,8 +12,46 @@ use tokio::time::Instant;
 
 /// Environment variables of the binaries that a developer's shell might set; they are removed so
 /// every test passes its configuration explicitly.
-const SCRUBBED_ENV: &[&str] =
-    &["RUST_LOG", "WARREN_RELAY", "WARREN_TOKEN", "WARREN_AGENT_ID", "WARREN_CONFIG_DIR"];
+const SCRUBBED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "WARREN_RELAY",
+    "WARREN_TOKEN",
+    "WARREN_AGENT_ID",
+    "WARREN_CONFIG_DIR",
+    "WARREN_API",
+    "WARREN_AGENT_API",
+];
+
+/// A child's environment without [`SCRUBBED_ENV`], without colours, plus `envs`.
+pub(crate) fn scrub_env<K, V>(
+    cmd: &mut std::process::Command,
+    envs: impl IntoIterator<Item = (K, V)>,
+) where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    for var in SCRUBBED_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.env("NO_COLOR", "1");
+    cmd.envs(envs);
+}
+
+/// [`scrub_env`] for a long-running binary, which also logs at `WARREN_TEST_RUST_LOG` when the
+/// test run sets it.
+pub(crate) fn daemon_env<K, V>(
+    cmd: &mut std::process::Command,
+    envs: impl IntoIterator<Item = (K, V)>,
+) where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
+    scrub_env(cmd, std::iter::empty::<(&str, &str)>());
+    if let Some(level) = std::env::var_os("WARREN_TEST_RUST_LOG") {
+        cmd.env("RUST_LOG", level);
+    }
+    cmd.envs(envs);
+}
 
 /// Finds a binary of the workspace in the cargo target dir.
 ///
@@ -151,16 +189,7 @@ impl Proc {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        for var in SCRUBBED_ENV {
-            cmd.env_remove(var);
-        }
-        if let Some(level) = std::env::var_os("WARREN_TEST_RUST_LOG") {
-            cmd.env("RUST_LOG", level);
-        }
-        cmd.env("NO_COLOR", "1");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
+        daemon_env(cmd.as_std_mut(), envs.iter().map(|(k, v)| (k, v)));
         let mut child =
             cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let out = child.stdout.take().expect("piped stdout");

@@ -148,6 +148,14 @@ impl DnsBackend {
 /// The response to `query`, or `None` if it is not a well-formed standard query with exactly
 /// one question. Sans-IO so it can be tested without sockets.
 fn dns_answer(query: &[u8], answer: Ipv4Addr) -> Option<(Vec<u8>, DnsQuestion)> {
+    let (question, question_end) = dns_question(query)?;
+    let a = question.qtype == DNS_TYPE_A && question.qclass == DNS_CLASS_IN;
+    let reply = dns_reply(query, question_end, false, 0, a.then_some(answer));
+    Some((reply, question))
+}
+
+/// The one question of a standard query, and where it ends; `None` for anything else.
+pub(crate) fn dns_question(query: &[u8]) -> Option<(DnsQuestion, usize)> {
     let header = query.get(..12)?;
     let flags = header[2];
     let is_response = flags & 0x80 != 0;
@@ -177,27 +185,36 @@ fn dns_answer(query: &[u8], answer: Ipv4Addr) -> Option<(Vec<u8>, DnsQuestion)> 
     let fixed = query.get(pos..pos + 4)?;
     let qtype = u16::from_be_bytes([fixed[0], fixed[1]]);
     let qclass = u16::from_be_bytes([fixed[2], fixed[3]]);
-    let question_end = pos + 4;
-    let answers = u16::from(qtype == DNS_TYPE_A && qclass == DNS_CLASS_IN);
+    Some((DnsQuestion { name: labels.join("."), qtype, qclass }, pos + 4))
+}
 
+/// The response to `query` (whose question ends at `question_end`): authoritative, RD copied,
+/// `rcode`, and one A record (TTL [`DNS_TTL`]) when `answer` is given.
+pub(crate) fn dns_reply(
+    query: &[u8],
+    question_end: usize,
+    recursion_available: bool,
+    rcode: u8,
+    answer: Option<Ipv4Addr>,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(question_end + 16);
-    out.extend_from_slice(&header[..2]); // ID
-    out.push(0x80 | 0x04 | (flags & 0x01)); // QR, AA, RD copied; opcode QUERY; TC 0
-    out.push(0); // RA 0, Z 0, RCODE NOERROR
+    out.extend_from_slice(&query[..2]); // ID
+    out.push(0x80 | 0x04 | (query[2] & 0x01)); // QR, AA, RD copied; opcode QUERY; TC 0
+    out.push(if recursion_available { 0x80 } else { 0 } | rcode); // RA, Z 0, RCODE
     out.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
-    out.extend_from_slice(&answers.to_be_bytes()); // ANCOUNT
+    out.extend_from_slice(&u16::from(answer.is_some()).to_be_bytes()); // ANCOUNT
     out.extend_from_slice(&0u16.to_be_bytes()); // NSCOUNT
     out.extend_from_slice(&0u16.to_be_bytes()); // ARCOUNT
     out.extend_from_slice(&query[12..question_end]);
-    if answers == 1 {
+    if let Some(ip) = answer {
         out.extend_from_slice(&[0xc0, 12]); // pointer to the question's name
         out.extend_from_slice(&DNS_TYPE_A.to_be_bytes());
         out.extend_from_slice(&DNS_CLASS_IN.to_be_bytes());
         out.extend_from_slice(&DNS_TTL.to_be_bytes());
         out.extend_from_slice(&4u16.to_be_bytes());
-        out.extend_from_slice(&answer.octets());
+        out.extend_from_slice(&ip.octets());
     }
-    Some((out, DnsQuestion { name: labels.join("."), qtype, qclass }))
+    out
 }
 
 /// How long [`udp_roundtrip`] waits before resending a packet.
