@@ -14,6 +14,7 @@
 //! - [`message`]: control messages and error codes.
 //! - [`stream`]: the data-stream header.
 //! - [`options`]: per-tunnel access control and HTTP options carried in a bind.
+//! - [`overlay`]: overlay networks: their control messages and the relay path of their frames.
 //! - [`datagram`]: how UDP tunnels carry packets (QUIC datagrams or stream records).
 //! - [`proxy`]: the PROXY protocol (v1, v2) that carries a visitor's address to a target.
 //! - [`preface`]: the session preface that carries the protocol version.
@@ -23,13 +24,14 @@ pub mod frame;
 pub mod message;
 pub mod names;
 pub mod options;
+pub mod overlay;
 pub mod preface;
 pub mod proxy;
 pub mod stream;
 
 pub use frame::{DecodeError, MAX_FRAME_LEN};
 pub use message::{Bind, Bound, ErrorCode, Forward, Hello, Message, Protocol, Welcome};
-pub use names::{AgentId, Subdomain, TunnelId, TunnelName};
+pub use names::{AgentId, Label, Subdomain, TunnelId, TunnelName};
 pub use options::{BasicAuth, Cidr, TunnelOptions};
 pub use preface::{PROTOCOL_VERSION, Preface, SUPPORTED_VERSIONS};
 pub use stream::StreamHeader;

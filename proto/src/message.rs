@@ -7,6 +7,7 @@ use bytes::BufMut;
 use crate::frame::{DecodeError, Reader, Writer, split_frame, write_frame};
 use crate::names::{AgentId, Subdomain, TunnelId, TunnelName};
 use crate::options::TunnelOptions;
+use crate::overlay::NetMessage;
 
 /// A tunnel's protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -93,6 +94,11 @@ pub enum ErrorCode {
     Internal,
     /// The tunnel was removed through the relay's API; the agent keeps running.
     Removed,
+    /// An overlay network, endpoint or service that does not exist.
+    NotFound,
+    /// An overlay name or address that is taken, a subnet that overlaps, a pool that is
+    /// exhausted, a network still in use.
+    Conflict,
     /// A code this version does not know.
     Other(u16),
 }
@@ -116,6 +122,8 @@ impl ErrorCode {
             Self::Timeout => 13,
             Self::Internal => 14,
             Self::Removed => 15,
+            Self::NotFound => 16,
+            Self::Conflict => 17,
             Self::Other(c) => c,
         }
     }
@@ -138,6 +146,8 @@ impl ErrorCode {
             13 => Self::Timeout,
             14 => Self::Internal,
             15 => Self::Removed,
+            16 => Self::NotFound,
+            17 => Self::Conflict,
             c => Self::Other(c),
         }
     }
@@ -154,6 +164,8 @@ impl ErrorCode {
                 | Self::PortOutOfRange
                 | Self::InvalidRequest
                 | Self::Replaced
+                | Self::NotFound
+                | Self::Conflict
         )
     }
 }
@@ -176,6 +188,8 @@ impl fmt::Display for ErrorCode {
             Self::Timeout => "timeout",
             Self::Internal => "internal error",
             Self::Removed => "removed",
+            Self::NotFound => "not found",
+            Self::Conflict => "conflict",
             Self::Other(c) => return write!(f, "error {c}"),
         };
         f.write_str(s)
@@ -358,6 +372,8 @@ pub enum Message {
         /// The [`Forward`] this answers.
         req: u32,
     },
+    /// Overlay networks (types 0x10 to 0x22): requests, answers and pushes.
+    Net(NetMessage),
     /// A message type this version does not know; its payload was skipped.
     Unknown {
         /// The type number.
@@ -466,6 +482,7 @@ impl Message {
                 b.string(&f.url);
             }),
             Self::ForwardOk { req } => write_frame(dst, kind::FORWARD_OK, |b| b.put_u32(*req)),
+            Self::Net(n) => n.encode(dst),
             // An unknown message cannot be re-encoded meaningfully; it is sent as an empty frame
             // of its type so round trips stay lossless for what was decoded.
             Self::Unknown { kind } => write_frame(dst, *kind, |_| {}),
@@ -554,6 +571,9 @@ impl Message {
                 url: p.string("url")?,
             }),
             kind::FORWARD_OK => Self::ForwardOk { req: p.u32_("request id")? },
+            k @ crate::overlay::kind::FIRST..=crate::overlay::kind::LAST => {
+                Self::Net(NetMessage::decode(k, p)?)
+            }
             other => Self::Unknown { kind: other },
         };
         Ok((msg, used))

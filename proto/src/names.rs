@@ -130,6 +130,37 @@ impl Subdomain {
     }
 }
 
+/// A name in an overlay network (the network's own, an endpoint's, an alias, a service's): one
+/// DNS label, 1 to 63 characters from `a-z 0-9 -`, not starting or ending with `-`. Upper case
+/// is refused, not folded: these names are also DNS names that agents answer for.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Label(String);
+
+impl Label {
+    /// Longest DNS label.
+    pub const MAX_LEN: usize = 63;
+
+    /// Parses a label.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        check_chars(
+            "name",
+            s,
+            Self::MAX_LEN,
+            |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-',
+            "a name is one DNS label: a-z, 0-9 and '-' only",
+        )?;
+        if s.starts_with('-') || s.ends_with('-') {
+            return Err(NameError::new("name", s, "must not start or end with '-'"));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    /// The label as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// A tunnel's number within one relay, chosen by the relay.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
 pub struct TunnelId(pub u32);
@@ -154,7 +185,7 @@ macro_rules! text_impls {
         }
     )*};
 }
-text_impls!(AgentId, TunnelName, Subdomain);
+text_impls!(AgentId, TunnelName, Subdomain, Label);
 
 impl fmt::Display for TunnelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -185,6 +216,10 @@ mod tests {
         assert!(TunnelName::parse("a b").is_err());
         assert!(AgentId::parse("laptop.01_x").is_ok());
         assert!(AgentId::parse("é").is_err());
+        assert!(Label::parse("db-1").is_ok());
+        assert!(Label::parse("Db").is_err());
+        assert!(Label::parse("a.b").is_err());
+        assert!(Label::parse("-a").is_err());
         let e = Subdomain::parse("bad_name").unwrap_err();
         assert!(e.to_string().contains("bad_name"), "{e}");
     }

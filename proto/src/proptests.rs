@@ -7,8 +7,12 @@ use proptest::prelude::*;
 
 use crate::frame::{DecodeError, HEADER_LEN, MAX_FRAME_LEN, MAX_STR_LEN, truncate};
 use crate::message::{Bind, Bound, ErrorCode, Hello, Message, Protocol, Token, Welcome, kind};
-use crate::names::{AgentId, Subdomain, TunnelId, TunnelName};
+use crate::names::{AgentId, Label, Subdomain, TunnelId, TunnelName};
 use crate::options::{BasicAuth, Cidr, TunnelOptions};
+use crate::overlay::{
+    self, Endpoint, NetDef, NetMessage, PathKind, PathReport, Peer, Service, ServiceMode, Subnet,
+    Vni,
+};
 use crate::preface::{MAGIC, PREFACE_LEN, Preface, SUPPORTED_VERSIONS, mismatch_message};
 use crate::stream::StreamHeader;
 
@@ -52,7 +56,7 @@ fn protocol() -> impl Strategy<Value = Protocol> {
 /// Codes as they come out of `from_code`: `Other` never holds a known number.
 fn error_code() -> impl Strategy<Value = ErrorCode> {
     prop_oneof![
-        3 => (1u16..=15).prop_map(ErrorCode::from_code),
+        3 => (1u16..=17).prop_map(ErrorCode::from_code),
         1 => any::<u16>().prop_map(ErrorCode::from_code),
     ]
 }
@@ -194,6 +198,107 @@ fn message() -> impl Strategy<Value = Message> {
             }
         ),
         any::<u32>().prop_map(|req| Message::ForwardOk { req }),
+        net_message().prop_map(Message::Net),
+    ]
+}
+
+fn label() -> impl Strategy<Value = Label> {
+    "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?".prop_map(|s| Label::parse(&s).unwrap())
+}
+
+fn labels(max: usize) -> impl Strategy<Value = Vec<Label>> {
+    vec(label(), 0..max)
+}
+
+fn ipv4() -> impl Strategy<Value = Ipv4Addr> {
+    any::<u32>().prop_map(Ipv4Addr::from)
+}
+
+fn subnet() -> impl Strategy<Value = Subnet> {
+    (any::<u32>(), 0u8..=32).prop_map(|(a, p)| {
+        let mask = if p == 0 { 0 } else { u32::MAX << (32 - u32::from(p)) };
+        Subnet::new(Ipv4Addr::from(a & mask), p).unwrap()
+    })
+}
+
+fn vni() -> impl Strategy<Value = Vni> {
+    (0..=Vni::MAX).prop_map(|v| Vni::new(v).unwrap())
+}
+
+fn net_def() -> impl Strategy<Value = NetDef> {
+    (label(), vni(), subnet(), ipv4(), any::<u16>())
+        .prop_map(|(name, vni, subnet, gateway, mtu)| NetDef { name, vni, subnet, gateway, mtu })
+}
+
+fn service_mode() -> impl Strategy<Value = ServiceMode> {
+    prop_oneof![Just(ServiceMode::Vip), Just(ServiceMode::Dnsrr)]
+}
+
+fn path_report() -> impl Strategy<Value = PathReport> {
+    (ipv4(), prop_oneof![Just(PathKind::Direct), Just(PathKind::Relay)], any::<u32>())
+        .prop_map(|(peer, path, rtt_us)| PathReport { peer, path, rtt_us })
+}
+
+/// Every overlay message.
+fn net_message() -> impl Strategy<Value = NetMessage> {
+    prop_oneof![
+        (any::<u32>(), label(), proptest::option::of(subnet()), proptest::option::of(any::<u16>()))
+            .prop_map(|(req, name, subnet, mtu)| NetMessage::Create { req, name, subnet, mtu }),
+        (any::<u32>(), label()).prop_map(|(req, name)| NetMessage::Delete { req, name }),
+        (any::<u32>(), label(), ipv4(), labels(40)).prop_map(|(req, name, vtep, endpoints)| {
+            NetMessage::Join { req, name, vtep, endpoints }
+        }),
+        (any::<u32>(), label(), label(), proptest::option::of(ipv4()), labels(8)).prop_map(
+            |(req, network, name, ip, aliases)| NetMessage::Attach {
+                req,
+                network,
+                name,
+                ip,
+                aliases
+            }
+        ),
+        (any::<u32>(), label(), label()).prop_map(|(req, network, name)| NetMessage::Detach {
+            req,
+            network,
+            name
+        }),
+        (any::<u32>(), label(), label(), service_mode(), labels(16)).prop_map(
+            |(req, network, name, mode, endpoints)| NetMessage::ServiceCreate {
+                req,
+                network,
+                name,
+                mode,
+                endpoints
+            }
+        ),
+        (any::<u32>(), label(), label())
+            .prop_map(|(req, network, name)| NetMessage::ServiceDelete { req, network, name }),
+        (label(), vec(path_report(), 0..16))
+            .prop_map(|(network, paths)| NetMessage::Paths { network, paths }),
+        any::<u32>().prop_map(|req| NetMessage::Ok { req }),
+        (any::<u32>(), ipv4()).prop_map(|(req, ip)| NetMessage::Address { req, ip }),
+        (any::<u32>(), net_def(), proptest::option::of(ipv4()))
+            .prop_map(|(req, def, host_addr)| NetMessage::Info { req, def, host_addr }),
+        net_def().prop_map(NetMessage::Defined),
+        label().prop_map(|name| NetMessage::Removed { name }),
+        (label(), ipv4(), agent_id(), ipv4(), any::<bool>()).prop_map(
+            |(network, addr, agent, vtep, online)| {
+                NetMessage::Peer(Peer { network, addr, agent, vtep, online })
+            }
+        ),
+        (label(), ipv4()).prop_map(|(network, peer)| NetMessage::PeerGone { network, peer }),
+        (label(), label(), ipv4(), ipv4(), labels(8)).prop_map(
+            |(network, name, ip, peer, aliases)| {
+                NetMessage::Endpoint(Endpoint { network, name, ip, peer, aliases })
+            }
+        ),
+        (label(), label()).prop_map(|(network, name)| NetMessage::EndpointGone { network, name }),
+        (label(), label(), service_mode(), proptest::option::of(ipv4()), labels(16)).prop_map(
+            |(network, name, mode, vip, endpoints)| {
+                NetMessage::Service(Service { network, name, mode, vip, endpoints })
+            }
+        ),
+        (label(), label()).prop_map(|(network, name)| NetMessage::ServiceGone { network, name }),
     ]
 }
 
@@ -211,6 +316,7 @@ fn preface() -> impl Strategy<Value = Preface> {
 
 fn is_known_kind(k: u16) -> bool {
     (kind::HELLO..=kind::FORWARD_OK).contains(&k)
+        || (overlay::kind::FIRST..=overlay::kind::LAST).contains(&k)
 }
 
 fn encoded(msg: &Message) -> Vec<u8> {

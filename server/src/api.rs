@@ -164,6 +164,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/forwards", get(list_forwards).post(create_forward))
         .route("/api/v1/forwards/{id}", get(get_forward).delete(delete_forward))
+        .route("/api/v1/networks", get(list_networks).post(create_network))
+        .route("/api/v1/networks/{name}", get(get_network).delete(delete_network))
         .route("/metrics", get(metrics))
         .route("/api/v1/events", get(events))
         .route("/", get(|| async { page("relay.html") }))
@@ -759,6 +761,156 @@ fn resolve_token(st: &ApiState, t: &str) -> ApiResult<TokenId> {
     }
     TokenId::parse_hex(t)
         .ok_or_else(|| invalid("token: an API token id (tok_…) or a token's 16 hex digits"))
+}
+
+/// `POST /api/v1/networks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateNetwork {
+    name: String,
+    subnet: Option<String>,
+    mtu: Option<u16>,
+    /// The account (a token: `tok_…` or its 16 hex digits); the admin must give it.
+    token: Option<String>,
+}
+
+/// `?token=` naming the account, for the admin.
+#[derive(Debug, Deserialize)]
+struct AccountQuery {
+    token: Option<String>,
+}
+
+impl From<crate::overlay::OverlayError> for ApiError {
+    fn from(e: crate::overlay::OverlayError) -> Self {
+        use crate::overlay::OverlayError as E;
+        match &e {
+            E::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+            E::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            E::Invalid(_) => invalid(e.to_string()),
+            E::Store(_) => {
+                tracing::warn!(error = %e, "store error in the API");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the store failed")
+            }
+        }
+    }
+}
+
+/// The account a request is about: the caller's own, or (admin) the one named.
+fn account_of(
+    st: &ApiState,
+    who: &Caller,
+    named: Option<&str>,
+) -> ApiResult<Option<crate::overlay::Account>> {
+    use crate::overlay::Account;
+    match (who, named) {
+        (Caller::Agent(a), None) => Ok(Some(Account::of(a.id))),
+        (Caller::Agent(a), Some(t)) => {
+            if resolve_token(st, t)? != a.id {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "an agent token sees only its own account's networks",
+                ));
+            }
+            Ok(Some(Account::of(a.id)))
+        }
+        (Caller::Admin, Some(t)) => Ok(Some(Account::of(resolve_token(st, t)?))),
+        (Caller::Admin, None) => Ok(None),
+    }
+}
+
+async fn list_networks(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<AccountQuery>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    let account = account_of(&st, &who, q.token.as_deref())?;
+    let relay = &st.shared.overlays.counters;
+    Ok(Json(json!({
+        "networks": st.shared.overlays.list(account.as_ref()),
+        "relay_path": {
+            "frames": relay.frames.load(Ordering::Relaxed),
+            "bytes": relay.bytes.load(Ordering::Relaxed),
+            "dropped": relay.dropped.load(Ordering::Relaxed),
+        },
+    })))
+}
+
+/// The one network called `name` the caller may see.
+fn one_network(
+    st: &ApiState,
+    who: &Caller,
+    name: &str,
+    named: Option<&str>,
+) -> ApiResult<crate::overlay::NetworkView> {
+    let account = account_of(st, who, named)?;
+    let mut found: Vec<_> =
+        st.shared.overlays.list(account.as_ref()).into_iter().filter(|n| n.name == name).collect();
+    match found.len() {
+        0 => Err(ApiError::not_found("overlay network")),
+        1 => Ok(found.remove(0)),
+        _ => Err(invalid(format!(
+            "several accounts have a network named {name}: add ?token=TOKEN_ID"
+        ))),
+    }
+}
+
+async fn get_network(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<AccountQuery>,
+) -> ApiResult<Json<Value>> {
+    let who = caller(&st, &headers)?;
+    Ok(Json(json!(one_network(&st, &who, &name, q.token.as_deref())?)))
+}
+
+async fn create_network(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    payload: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let who = caller(&st, &headers)?;
+    let req: CreateNetwork = body(payload).await?;
+    let account = account_of(&st, &who, req.token.as_deref())?
+        .ok_or_else(|| invalid("name the account: \"token\": \"tok_…\" (or its 16 hex digits)"))?;
+    let name = warren_proto::Label::parse(&req.name).map_err(|e| invalid(e.to_string()))?;
+    let subnet = match req.subnet.as_deref() {
+        None => None,
+        Some(s) => {
+            let net: ipnet::Ipv4Net = s.parse().map_err(|_| {
+                invalid(format!("subnet {s:?} is not an IPv4 CIDR such as 10.214.5.0/24"))
+            })?;
+            if net != net.trunc() {
+                return Err(invalid(format!(
+                    "subnet {net} has host bits set; did you mean {}?",
+                    net.trunc()
+                )));
+            }
+            warren_proto::overlay::Subnet::new(net.network(), net.prefix_len())
+        }
+    };
+    let def = st.shared.overlays.create(&account, name, subnet, req.mtu)?;
+    st.shared.registry.changed("networks");
+    let view = one_network(&st, &Caller::Admin, def.name.as_str(), Some(account.as_str()))?;
+    Ok((StatusCode::CREATED, Json(json!(view))))
+}
+
+async fn delete_network(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<AccountQuery>,
+) -> ApiResult<StatusCode> {
+    let who = caller(&st, &headers)?;
+    let n = one_network(&st, &who, &name, q.token.as_deref())?;
+    let account = crate::overlay::Account::parse(&n.account)
+        .ok_or_else(|| ApiError::not_found("overlay network"))?;
+    let label = warren_proto::Label::parse(&n.name).map_err(|e| invalid(e.to_string()))?;
+    st.shared.overlays.delete(&account, &label)?;
+    st.shared.registry.changed("networks");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn delete_reservation(

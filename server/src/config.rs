@@ -44,6 +44,13 @@ pub struct RelayConfig {
     pub admin_token: Token,
     /// How often tunnel traffic is sampled into the history the API serves.
     pub stats_interval: Duration,
+    /// Where overlay networks created without a subnet get their /24.
+    pub overlay_pool: ipnet::Ipv4Net,
+}
+
+/// The default overlay pool: 10.214.0.0/16 (agents' local networks default to 10.213.0.0/16).
+pub fn default_overlay_pool() -> ipnet::Ipv4Net {
+    ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 214, 0, 0), 16).unwrap_or_default()
 }
 
 impl RelayConfig {
@@ -68,6 +75,7 @@ impl RelayConfig {
             api: Some(any),
             admin_token: Token::new(format!("{token}-admin")),
             stats_interval: Duration::from_secs(60),
+            overlay_pool: default_overlay_pool(),
         }
     }
 }

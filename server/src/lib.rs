@@ -22,6 +22,8 @@
 //! - [`session`]: one agent session: handshake, control loop, heartbeats.
 //! - [`ingress`]: the public HTTP and HTTPS listeners and the TCP tunnel listeners.
 //! - [`udp`]: UDP tunnels.
+//! - [`overlay`]: overlay networks: their definitions, global IPAM, members, the state pushed
+//!   to agents, and the relay path of their frames.
 //! - [`relay`]: wiring it all together: bind, run, shut down.
 //! - [`store`]: the SQLite database.
 //! - [`api`]: the REST API, dashboard and metrics; [`registry`]: live sessions;
@@ -39,6 +41,7 @@ pub mod edge;
 pub mod forwards;
 pub mod ingress;
 pub mod metrics;
+pub mod overlay;
 pub mod policy;
 pub mod pool;
 pub mod registry;

@@ -58,8 +58,13 @@ struct Args {
     )]
     tokens: Vec<String>,
     /// How long a disconnected agent's subdomains and ports stay reserved for it (e.g. 30s, 5m).
+    /// Overlay networks: a member agent that disconnected keeps its place for this long too;
+    /// then its endpoints are withdrawn from the other members.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
+    /// Overlay networks created without --subnet get a free /24 of this pool (per account).
+    #[arg(long, value_name = "CIDR", default_value = "10.214.0.0/16")]
+    overlay_pool: ipnet::Ipv4Net,
     /// Worker threads for the relay's runtime (default: half the CPUs, at least 1: most of a
     /// relay's work is the kernel's network stack, which needs the other cores).
     #[arg(long, value_name = "N", env = "WARREN_THREADS")]
@@ -248,6 +253,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         api: (!args.no_api).then_some(args.api),
         admin_token: Token::new(admin_token),
         stats_interval: args.stats_interval,
+        overlay_pool: args.overlay_pool,
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
             email,
             directory: args.acme_directory,

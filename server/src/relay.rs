@@ -194,6 +194,9 @@ impl Relay {
         let reserved = crate::api::reserved_index(&store)
             .map_err(|source| RelayError::Store { path: db_path.clone(), source })?;
         router.set_reserved(reserved);
+        let overlays =
+            crate::overlay::Overlays::load(store.clone(), config.overlay_pool, config.lease_grace)
+                .map_err(|source| RelayError::Store { path: db_path.clone(), source })?;
         let shared = Arc::new(Shared {
             auth: Auth::new(Tokens::new(&config.tokens), Some(store.clone())),
             registry: Default::default(),
@@ -204,6 +207,7 @@ impl Relay {
             edge: Arc::new(config.edge.clone()),
             acme,
             store: Some(store.clone()),
+            overlays: Arc::new(overlays),
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),
@@ -277,6 +281,9 @@ impl BoundRelay {
                     _ = tick.tick() => {
                         if router.expire(Instant::now()) > 0 {
                             changes.registry.changed("tunnels");
+                        }
+                        if changes.overlays.expire(Instant::now()) > 0 {
+                            changes.registry.changed("networks");
                         }
                     }
                     () = stop.cancelled() => break,

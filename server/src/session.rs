@@ -47,6 +47,8 @@ pub struct Shared {
     pub acme: Option<Arc<crate::acme::Acme>>,
     /// The relay's database (forwards are reopened from it when their agent connects).
     pub store: Option<Arc<crate::store::Store>>,
+    /// Overlay networks: their control plane and relay path.
+    pub overlays: Arc<crate::overlay::Overlays>,
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
@@ -62,6 +64,7 @@ pub async fn serve(accepted: Accepted, shared: Arc<Shared>) {
             Err(e) => info!(reason = %e, "session ended"),
         }
         shared.router.session_ended(id);
+        shared.overlays.session_ended(id);
     }
     .instrument(span)
     .await;
@@ -207,8 +210,18 @@ async fn run_session(
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::read_datagrams(
             session.clone(),
             ctx.datagrams.clone(),
+            Some((shared.overlays.clone(), id)),
         )))
     });
+    let caller = crate::overlay::Caller {
+        account: crate::overlay::Account::of(owner.token),
+        agent: owner.agent.clone(),
+        session: id,
+    };
+    let mut overlay_changes = shared.overlays.subscribe();
+    let mut overlay_sent = crate::overlay::View::new();
+    // The relay path over TLS + yamux: one stream, opened at the first join.
+    let mut _overlay_stream = None;
 
     let handle = crate::forwards::SessionHandle::new(ctx.clone(), owner.clone());
     let ended = CancellationToken::new();
@@ -264,6 +277,16 @@ async fn run_session(
     }
     let _unregister = Unregister(&shared.registry, id);
 
+    // The account's overlay networks, before anything else.
+    overlay_changes.mark_unchanged();
+    let first = shared.overlays.view(&caller.account, &caller.agent);
+    for m in crate::overlay::diff(&overlay_sent, &first) {
+        if out_tx.send(Message::Net(m)).await.is_err() {
+            return Ok(());
+        }
+    }
+    overlay_sent = first;
+
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,6 +310,16 @@ async fn run_session(
                 return Err(SessionError::Shutdown);
             }
             () = session.closed() => return Ok(()),
+            Ok(()) = overlay_changes.changed() => {
+                let now = shared.overlays.view(&caller.account, &caller.agent);
+                for m in crate::overlay::diff(&overlay_sent, &now) {
+                    if out_tx.send(Message::Net(m)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                overlay_sent = now;
+                continue;
+            }
             () = ended.cancelled() => {
                 let (code, message) = reason
                     .lock()
@@ -363,6 +396,32 @@ async fn run_session(
                     warn!(%code, %message, "agent reported an error");
                 }
                 continue;
+            }
+            Message::Net(n) => {
+                let joining = matches!(n, warren_proto::overlay::NetMessage::Join { .. });
+                let req = n.request().unwrap_or(0);
+                let Some(answer) = shared.overlays.handle(&caller, n) else { continue };
+                if joining && answer.is_ok() && !shared.overlays.has_sink(id) {
+                    match session.kind() {
+                        warren_transport::TransportKind::Quic => shared
+                            .overlays
+                            .set_sink(id, crate::overlay::Sink::Quic(session.clone())),
+                        warren_transport::TransportKind::Tcp => {
+                            _overlay_stream = Some(crate::overlay::relay_path::open_stream(
+                                shared.overlays.clone(),
+                                session.clone(),
+                                id,
+                            ));
+                        }
+                    }
+                }
+                match answer {
+                    Ok(m) => Message::Net(m),
+                    Err(e) => {
+                        info!(code = %e.code(), reason = %e, "overlay request refused");
+                        Message::Error { req, code: e.code(), message: e.to_string() }
+                    }
+                }
             }
             Message::Unknown { kind } => Message::Error {
                 req: 0,

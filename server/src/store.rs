@@ -1,8 +1,9 @@
 //! The relay's embedded SQLite store: state that must outlive a restart.
 //!
-//! For now that is the agent tokens managed through the API. The store keeps only a token's
-//! SHA-256 digest, never the secret itself, so a leaked database file does not leak usable
-//! tokens.
+//! That is the agent tokens managed through the API, reservations, forwards, traffic history,
+//! and overlay networks with their address claims and services (`crate::overlay::store`). The
+//! store keeps only a token's SHA-256 digest, never the secret itself, so a leaked database file
+//! does not leak usable tokens.
 //!
 //! The schema is versioned: `MIGRATIONS` lists SQL batches in order, and the database's
 //! `PRAGMA user_version` records how many of them have run. [`Store::open`] runs the missing
@@ -65,6 +66,33 @@ const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL
     );
     CREATE INDEX forwards_by_agent ON forwards (token, agent);",
+    // 4: overlay networks, their global address claims and their services.
+    "CREATE TABLE overlay_networks (
+        account TEXT NOT NULL,
+        name TEXT NOT NULL,
+        vni INTEGER NOT NULL UNIQUE,
+        subnet TEXT NOT NULL,
+        gateway TEXT NOT NULL,
+        mtu INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (account, name)
+    );
+    CREATE TABLE overlay_claims (
+        vni INTEGER NOT NULL,
+        ip TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        PRIMARY KEY (vni, ip),
+        UNIQUE (vni, owner)
+    );
+    CREATE TABLE overlay_services (
+        vni INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        vip TEXT,
+        endpoints TEXT NOT NULL,
+        PRIMARY KEY (vni, name)
+    );",
 ];
 
 /// How long a statement waits for another process's lock before failing with `SQLITE_BUSY`.
@@ -257,7 +285,7 @@ impl Store {
         Ok(Self { conn: Mutex::new(conn), path })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -579,7 +607,7 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// If `e` is a UNIQUE or PRIMARY KEY constraint failure, the `table.column` it names.
-fn unique_violation(e: &rusqlite::Error) -> Option<&str> {
+pub(crate) fn unique_violation(e: &rusqlite::Error) -> Option<&str> {
     match e {
         rusqlite::Error::SqliteFailure(err, Some(msg))
             if err.code == rusqlite::ErrorCode::ConstraintViolation =>

@@ -43,9 +43,20 @@ struct Flow {
     stream: Option<(mpsc::Sender<Bytes>, AbortOnDropHandle<()>)>,
 }
 
-/// Reads datagrams from a QUIC session and hands each to its tunnel. Ends with the session.
-pub async fn read_datagrams(session: Session, routes: DatagramRoutes) {
+/// Reads datagrams from a QUIC session and hands each to its tunnel, or overlay datagrams to
+/// the relay path. Ends with the session.
+pub async fn read_datagrams(
+    session: Session,
+    routes: DatagramRoutes,
+    overlay: Option<(std::sync::Arc<crate::overlay::Overlays>, u64)>,
+) {
     while let Ok(d) = session.read_datagram().await {
+        if warren_proto::overlay::FrameHeader::is_overlay(&d) {
+            if let Some((overlays, id)) = &overlay {
+                overlays.forward(*id, d);
+            }
+            continue;
+        }
         let Some((h, _)) = DatagramHeader::decode(&d) else {
             debug!("datagram too short for its header; dropped");
             continue;
