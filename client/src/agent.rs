@@ -12,9 +12,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_proto::message::Token;
+use warren_proto::overlay::NetMessage;
 use warren_proto::{AgentId, Bind, ErrorCode, Hello, Message, Preface, Subdomain, TunnelName};
 use warren_transport::{
-    ControlError, ControlReader, ControlWriter, Mode, RelayAddr, Session, Trust,
+    ControlError, ControlReader, ControlWriter, Mode, RelayAddr, Session, Stream, Trust,
 };
 
 use crate::forward::{self, Tunnels};
@@ -102,6 +103,56 @@ pub enum Control {
     Add(Box<TunnelSpec>, AddReply),
     /// Close a tunnel (its own, or a forward); answered with whether it existed.
     Remove(TunnelName, oneshot::Sender<bool>),
+    /// An overlay request to the relay, answered with the relay's answer.
+    Net(NetCall),
+    /// An overlay message the relay does not answer (path reports); dropped while
+    /// disconnected.
+    NetSend(NetMessage),
+}
+
+/// An overlay request: the message (given the request number the session loop picks) and
+/// where its answer goes.
+pub struct NetCall {
+    /// Builds the request with its number.
+    pub make: Box<dyn FnOnce(u32) -> NetMessage + Send>,
+    /// The relay's answer, or why there is none.
+    pub reply: oneshot::Sender<Result<NetMessage, NetCallError>>,
+}
+
+impl std::fmt::Debug for NetCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NetCall")
+    }
+}
+
+/// Why an overlay request got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum NetCallError {
+    /// There is no session to the relay now.
+    #[error("this agent has no session to the relay now")]
+    Disconnected,
+    /// The relay refused it.
+    #[error("{message}")]
+    Refused {
+        /// Why, as a code.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+}
+
+/// What the agent's overlay networks need from its relay sessions; the session loop calls it.
+pub trait OverlayHooks: Send + Sync + std::fmt::Debug {
+    /// A session is up and its tunnels are bound.
+    fn session_up(&self, session: &Session);
+    /// The session ended.
+    fn session_down(&self);
+    /// An overlay push from the relay.
+    fn push(&self, msg: NetMessage);
+    /// An overlay datagram (QUIC).
+    fn datagram(&self, d: bytes::Bytes);
+    /// The relay opened the overlay stream (TLS + yamux); serves it until it ends.
+    fn stream(&self, s: Stream) -> futures::future::BoxFuture<'static, ()>;
 }
 
 /// The answer to [`Control::Add`]: the URL (`None` while disconnected) or the refusal.
@@ -133,6 +184,8 @@ pub struct AgentState {
     inspector: std::sync::OnceLock<Arc<crate::inspect::Inspector>>,
     /// Traffic per tunnel name, kept across reconnects.
     traffic: std::sync::Mutex<HashMap<TunnelName, Arc<Traffic>>>,
+    /// The overlay networks, when this agent manages networks.
+    overlay: std::sync::OnceLock<Arc<dyn OverlayHooks>>,
 }
 
 /// Bytes and streams through one tunnel since the agent started.
@@ -172,6 +225,16 @@ impl AgentState {
     /// The inspector, if on.
     pub fn inspector(&self) -> Option<Arc<crate::inspect::Inspector>> {
         self.inspector.get().cloned()
+    }
+
+    /// Lets the overlay networks use the relay sessions.
+    pub fn set_overlay(&self, hooks: Arc<dyn OverlayHooks>) {
+        let _ = self.overlay.set(hooks);
+    }
+
+    /// The overlay networks' hooks, if any.
+    pub fn overlay(&self) -> Option<Arc<dyn OverlayHooks>> {
+        self.overlay.get().cloned()
     }
 
     /// Marks this agent as one without a relay.
@@ -306,6 +369,10 @@ pub async fn run_with(
                 Control::Remove(name, reply) => {
                     let _ = reply.send(inbox.state.forget(&name));
                 }
+                Control::Net(call) => {
+                    let _ = call.reply.send(Err(NetCallError::Disconnected));
+                }
+                Control::NetSend(_) => {}
             }
         }
         match outcome {
@@ -470,6 +537,11 @@ async fn serve_session(
                     return Err(Failure::Retry("the relay did not answer a bind in time".into()));
                 }
                 Ok(Ok(Message::Ping { nonce })) => writer.send(&Message::Pong { nonce }).await?,
+                Ok(Ok(Message::Net(push))) => {
+                    if let Some(h) = state.overlay() {
+                        h.push(push);
+                    }
+                }
                 Ok(r) => break r?,
             }
         };
@@ -510,13 +582,30 @@ async fn serve_session(
     let mut adding: HashMap<u32, (TunnelSpec, AddReply)> = HashMap::new();
     let domain = welcome.domain.clone();
     // UDP tunnels may also arrive later as forwards: datagrams are always served over QUIC.
+    let overlay = state.overlay();
     let _datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
             session.clone(),
             tunnels.clone(),
             crate::udp::FLOW_IDLE,
+            overlay.clone(),
         )))
     });
+    // The overlay networks use this session until it ends.
+    struct Down(Option<Arc<dyn OverlayHooks>>);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if let Some(h) = &self.0 {
+                h.session_down();
+            }
+        }
+    }
+    if let Some(h) = &overlay {
+        h.session_up(session);
+    }
+    let _down = Down(overlay.clone());
+    let mut net_calls: HashMap<u32, oneshot::Sender<Result<NetMessage, NetCallError>>> =
+        HashMap::new();
 
     let mut streams = JoinSet::new();
     let mut last_seen = Instant::now();
@@ -588,6 +677,20 @@ async fn serve_session(
                         }
                     }
                     Message::Unbound { .. } => {}
+                    Message::Net(m) => match m.answers().and_then(|req| net_calls.remove(&req)) {
+                        Some(reply) => {
+                            let _ = reply.send(Ok(m));
+                        }
+                        None => match &overlay {
+                            Some(h) => h.push(m),
+                            None => warn!("overlay message from the relay, but this agent manages no networks"),
+                        },
+                    },
+                    Message::Error { req, code, message } if net_calls.contains_key(&req) => {
+                        if let Some(reply) = net_calls.remove(&req) {
+                            let _ = reply.send(Err(NetCallError::Refused { code, message }));
+                        }
+                    }
                     Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
                         return Ok(End::Lost(format!("the relay rejected our frames: {message}")));
                     }
@@ -649,6 +752,13 @@ async fn serve_session(
                     }
                     let _ = reply.send(state.forget(&name) || id.is_some());
                 }
+                Control::Net(call) => {
+                    let req = next_req;
+                    next_req = next_req.wrapping_add(1).max(1);
+                    writer.send(&Message::Net((call.make)(req))).await?;
+                    net_calls.insert(req, call.reply);
+                }
+                Control::NetSend(m) => writer.send(&Message::Net(m)).await?,
             },
             _ = tick.tick() => {
                 if last_seen.elapsed() > DEAD_AFTER {

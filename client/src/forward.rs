@@ -90,6 +90,14 @@ pub async fn handle(stream: Stream, tunnels: Tunnels, state: Arc<crate::agent::A
             return;
         }
     };
+    if header.tunnel.0 == 0 {
+        // The relay path of the overlay networks (TLS + yamux).
+        match state.overlay() {
+            Some(h) => h.stream(stream).await,
+            None => debug!("overlay stream, but this agent manages no networks"),
+        }
+        return;
+    }
     let Some(tunnel) = lookup(&tunnels, header.tunnel) else {
         debug!(tunnel = %header.tunnel, "data stream for a tunnel this session does not serve");
         return;

@@ -4,6 +4,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
@@ -675,13 +676,14 @@ fn is_not_found(e: &anyhow::Error) -> bool {
 
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
     let networks = warren_client::net::api::absent_router();
-    run_agent_with(conn, file, networks, shutdown_on_signal()).await
+    run_agent_with(conn, file, networks, None, shutdown_on_signal()).await
 }
 
 /// `warren agent`: networks (when root), the local API, and a relay session when a relay is
 /// given.
 async fn run_daemon(conn: ConnOpts, file: FileConfig, net: net_cli::NetOpts) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
+    let mut manager = None;
     let networks = if net.no_networks {
         warren_client::net::api::absent_router()
     } else {
@@ -692,17 +694,20 @@ async fn run_daemon(conn: ConnOpts, file: FileConfig, net: net_cli::NetOpts) -> 
         if !net.dns_upstream.is_empty() {
             cfg.upstreams = net.dns_upstream;
         }
+        cfg.vtep = net.vtep;
+        cfg.vxlan_port = net.vxlan_port;
         let m = warren_client::net::NetManager::start(cfg, shutdown.clone())
             .await
             .map_err(|e| anyhow::anyhow!("networks: {e}"))?;
         warren_client::forward::set_name_resolver(m.clone());
+        manager = Some(m.clone());
         warren_client::net::api::router(m)
     };
     if conn.relay.is_none() && file.relay.is_none() && conn.token.is_none() && file.token.is_none()
     {
         return run_local(conn, networks, shutdown).await;
     }
-    run_agent_with(conn, file, networks, shutdown).await
+    run_agent_with(conn, file, networks, manager, shutdown).await
 }
 
 /// An agent without a relay: the local API and networks only.
@@ -743,6 +748,10 @@ async fn run_local(
                 agent::Control::Remove(_, reply) => {
                     let _ = reply.send(false);
                 }
+                agent::Control::Net(call) => {
+                    let _ = call.reply.send(Err(agent::NetCallError::Disconnected));
+                }
+                agent::Control::NetSend(_) => {}
             }
         }
     });
@@ -756,6 +765,7 @@ async fn run_agent_with(
     conn: ConnOpts,
     file: FileConfig,
     networks: axum::Router,
+    manager: Option<Arc<warren_client::net::NetManager>>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (api_addr, no_api) = (conn.api, conn.no_api);
@@ -773,6 +783,11 @@ async fn run_agent_with(
         }
     });
     let (handle, mut inbox) = agent::channel(cfg.tunnels.clone());
+    if let Some(m) = manager {
+        // Overlay networks run through the relay sessions of this agent.
+        let overlay = m.enable_overlays(handle.control.clone());
+        handle.state.set_overlay(Arc::new(warren_client::net::overlay::Hooks(overlay)));
+    }
     if !no_api {
         match warren_client::local_api::bind(api_addr).await {
             Ok(listener) => {

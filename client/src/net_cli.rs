@@ -24,18 +24,30 @@ pub(crate) struct NetOpts {
     /// Do not manage networks.
     #[arg(long)]
     pub(crate) no_networks: bool,
+    /// This host's VXLAN endpoint for overlay networks: the underlay address other hosts
+    /// reach it at (default: the address this host reaches the relay from).
+    #[arg(long, value_name = "IP")]
+    pub(crate) vtep: Option<std::net::Ipv4Addr>,
+    /// The UDP port of VXLAN between hosts (4789, IANA's; Linux's own default is 8472).
+    #[arg(long, value_name = "PORT", default_value_t = 4789)]
+    pub(crate) vxlan_port: u16,
 }
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum NetCmd {
-    /// Create a bridge network: a subnet, a gateway on a new bridge, NAT to the outside and a
-    /// DNS server on the gateway.
+    /// Create a network: a subnet, a gateway on a new bridge, NAT to the outside and a DNS
+    /// server on the gateway; with --driver overlay, one subnet across every agent of the
+    /// relay account, carried by VXLAN between hosts (or by the relay where hosts cannot reach
+    /// each other).
     #[command(
-        after_help = "Examples:\n  warren net create web                           a free /24 of the pool (10.213.0.0/16)\n  warren net create web --subnet 10.213.5.0/24\n  warren net create big --subnet 10.220.0.0/22 --ip-range 10.220.1.0/24"
+        after_help = "Examples:\n  warren net create web                           a free /24 of the pool (10.213.0.0/16)\n  warren net create web --subnet 10.213.5.0/24\n  warren net create big --subnet 10.220.0.0/22 --ip-range 10.220.1.0/24\n  warren net create backend --driver overlay      a free /24 of the relay's pool (10.214.0.0/16)\n  warren net create backend --driver overlay --subnet 10.214.7.0/24\n\nOverlay networks need `warren agent` connected to a relay; every agent of the same\naccount (token) sees them: `warren net run backend ...` on another host joins it."
     )]
     Create {
         /// The name: a DNS label (a-z, 0-9, '-'); also the network's DNS domain.
         name: String,
+        /// bridge (this host) or overlay (across hosts, through the relay).
+        #[arg(long, short, default_value = "bridge", value_parser = ["bridge", "overlay"])]
+        driver: String,
         /// The subnet (default: the first free /24 of the agent's --net-pool that no network
         /// or host route uses).
         #[arg(long, value_name = "CIDR")]
@@ -46,7 +58,8 @@ pub(crate) enum NetCmd {
         /// Hand endpoint addresses out from this part of the subnet only.
         #[arg(long, value_name = "CIDR")]
         ip_range: Option<String>,
-        /// MTU of the bridge and its endpoints.
+        /// MTU of the bridge and its endpoints (default: 1500; overlays 1450, the VXLAN
+        /// header's 50 bytes below a 1500-byte underlay).
         #[arg(long, value_name = "BYTES")]
         mtu: Option<u32>,
     },
@@ -206,13 +219,21 @@ fn warn_all(v: &Value) {
 /// Runs one `warren net` command; returns the exit code.
 pub(crate) async fn run(api: SocketAddr, cmd: NetCmd) -> anyhow::Result<u8> {
     match cmd {
-        NetCmd::Create { name, subnet, gateway, ip_range, mtu } => {
-            let body = json!({"name": name, "subnet": subnet, "gateway": gateway,
-                "ip_range": ip_range, "mtu": mtu});
+        NetCmd::Create { name, driver, subnet, gateway, ip_range, mtu } => {
+            let body = json!({"name": name, "driver": driver, "subnet": subnet,
+                "gateway": gateway, "ip_range": ip_range, "mtu": mtu});
             let v = agent_api(api, "POST", "/api/networks", Some(body.to_string())).await?;
             warn_all(&v);
+            let overlay = match v["overlay"]["vni"].as_u64() {
+                Some(vni) => format!(
+                    ", overlay VNI {vni}, this host {}, VTEP {}",
+                    v["overlay"]["host_addr"].as_str().unwrap_or("?"),
+                    v["overlay"]["vtep"].as_str().unwrap_or("?")
+                ),
+                None => String::new(),
+            };
             out(format_args!(
-                "created network {}: subnet {}, gateway {}, bridge {}",
+                "created network {}: subnet {}, gateway {}, bridge {}{overlay}",
                 v["name"].as_str().unwrap_or("?"),
                 v["subnet"].as_str().unwrap_or("?"),
                 v["gateway"].as_str().unwrap_or("?"),
@@ -222,24 +243,45 @@ pub(crate) async fn run(api: SocketAddr, cmd: NetCmd) -> anyhow::Result<u8> {
         NetCmd::Ls => {
             let v = agent_api(api, "GET", "/api/networks", None).await?;
             let nets = v["networks"].as_array().cloned().unwrap_or_default();
+            // The columns of bridge networks come first, in their order; DRIVER last.
             out(format_args!(
-                "{:<20} {:<18} {:<15} {:<13} ENDPOINTS",
-                "NAME", "SUBNET", "GATEWAY", "BRIDGE"
+                "{:<20} {:<18} {:<15} {:<13} {:<40} DRIVER",
+                "NAME", "SUBNET", "GATEWAY", "BRIDGE", "ENDPOINTS"
             ));
             for n in nets {
-                let eps: Vec<&str> = n["endpoints"]
+                let mut eps: Vec<String> = n["endpoints"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .filter_map(|e| e["name"].as_str())
+                    .filter_map(|e| e["name"].as_str().map(str::to_owned))
                     .collect();
+                // Endpoints on other hosts, with the path to them.
+                let peers = n["overlay"]["peers"].as_array().cloned().unwrap_or_default();
+                for e in n["overlay"]["remote_endpoints"].as_array().into_iter().flatten() {
+                    let path = peers
+                        .iter()
+                        .find(|p| p["addr"] == e["peer"])
+                        .and_then(|p| p["path"].as_str())
+                        .unwrap_or("?");
+                    eps.push(format!(
+                        "{}@{}({path})",
+                        e["name"].as_str().unwrap_or("?"),
+                        e["peer"].as_str().unwrap_or("?")
+                    ));
+                }
+                // An overlay this host has not joined has no bridge here yet.
+                let bridge = match n["overlay"]["joined"].as_bool() {
+                    Some(false) => "-",
+                    _ => n["bridge"].as_str().unwrap_or("?"),
+                };
                 out(format_args!(
-                    "{:<20} {:<18} {:<15} {:<13} {}",
+                    "{:<20} {:<18} {:<15} {:<13} {:<40} {}",
                     n["name"].as_str().unwrap_or("?"),
                     n["subnet"].as_str().unwrap_or("?"),
                     n["gateway"].as_str().unwrap_or("?"),
-                    n["bridge"].as_str().unwrap_or("?"),
-                    if eps.is_empty() { "-".to_owned() } else { eps.join(",") }
+                    bridge,
+                    if eps.is_empty() { "-".to_owned() } else { eps.join(",") },
+                    n["driver"].as_str().unwrap_or("?"),
                 ));
             }
         }

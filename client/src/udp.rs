@@ -62,11 +62,22 @@ fn stamp(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
-/// Serves the UDP tunnels of a QUIC session until it ends.
-pub async fn serve_datagrams(session: Session, tunnels: Tunnels, idle: Duration) {
+/// Serves the UDP tunnels of a QUIC session until it ends; overlay datagrams go to `overlay`.
+pub async fn serve_datagrams(
+    session: Session,
+    tunnels: Tunnels,
+    idle: Duration,
+    overlay: Option<Arc<dyn crate::agent::OverlayHooks>>,
+) {
     let epoch = Instant::now();
     let mut flows: HashMap<(TunnelId, u32), Flow> = HashMap::new();
     while let Ok(d) = session.read_datagram().await {
+        if warren_proto::overlay::FrameHeader::is_overlay(&d) {
+            if let Some(h) = &overlay {
+                h.datagram(d);
+            }
+            continue;
+        }
         let Some((h, payload)) = DatagramHeader::decode(&d) else { continue };
         let Some(spec) =
             crate::forward::lookup(&tunnels, h.tunnel).filter(|s| s.protocol == Protocol::Udp)

@@ -70,10 +70,12 @@ pub mod kind {
     pub const SERVICE: u16 = 0x21;
     /// [`super::NetMessage::ServiceGone`]
     pub const SERVICE_GONE: u16 = 0x22;
+    /// [`super::NetMessage::Watch`]
+    pub const WATCH: u16 = 0x23;
     /// The first overlay type.
     pub const FIRST: u16 = CREATE;
     /// The last overlay type.
-    pub const LAST: u16 = SERVICE_GONE;
+    pub const LAST: u16 = WATCH;
 }
 
 /// A VXLAN network identifier: 24 bits, chosen by the relay, unique on it.
@@ -270,6 +272,13 @@ pub struct PathReport {
 /// Every overlay message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NetMessage {
+    /// A→R: start pushing this account's overlay state to this session (answered with
+    /// [`NetMessage::Ok`]). Before it the relay pushes nothing, so agents that do not manage
+    /// networks never see overlay messages.
+    Watch {
+        /// Request number.
+        req: u32,
+    },
     /// A→R: define a network in the agent's account.
     Create {
         /// Request number.
@@ -415,7 +424,8 @@ impl NetMessage {
     /// The request number of an agent's request (`None` for answers, pushes and reports).
     pub fn request(&self) -> Option<u32> {
         match self {
-            Self::Create { req, .. }
+            Self::Watch { req }
+            | Self::Create { req, .. }
             | Self::Delete { req, .. }
             | Self::Join { req, .. }
             | Self::Attach { req, .. }
@@ -437,6 +447,7 @@ impl NetMessage {
     /// Appends this message as one frame.
     pub fn encode(&self, dst: &mut Vec<u8>) {
         match self {
+            Self::Watch { req } => write_frame(dst, kind::WATCH, |b| b.put_u32(*req)),
             Self::Create { req, name, subnet, mtu } => write_frame(dst, kind::CREATE, |b| {
                 b.put_u32(*req);
                 b.string(name.as_str());
@@ -546,6 +557,7 @@ impl NetMessage {
     /// Decodes the payload `p` of a frame of type `k` (one of [`kind`]).
     pub(crate) fn decode(k: u16, p: &mut &[u8]) -> Result<Self, DecodeError> {
         Ok(match k {
+            kind::WATCH => Self::Watch { req: p.u32_("request id")? },
             kind::CREATE => Self::Create {
                 req: p.u32_("request id")?,
                 name: label(p, "network name")?,

@@ -242,6 +242,7 @@ fn path_report() -> impl Strategy<Value = PathReport> {
 /// Every overlay message.
 fn net_message() -> impl Strategy<Value = NetMessage> {
     prop_oneof![
+        any::<u32>().prop_map(|req| NetMessage::Watch { req }),
         (any::<u32>(), label(), proptest::option::of(subnet()), proptest::option::of(any::<u16>()))
             .prop_map(|(req, name, subnet, mtu)| NetMessage::Create { req, name, subnet, mtu }),
         (any::<u32>(), label()).prop_map(|(req, name)| NetMessage::Delete { req, name }),

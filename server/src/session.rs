@@ -277,15 +277,8 @@ async fn run_session(
     }
     let _unregister = Unregister(&shared.registry, id);
 
-    // The account's overlay networks, before anything else.
-    overlay_changes.mark_unchanged();
-    let first = shared.overlays.view(&caller.account, &caller.agent);
-    for m in crate::overlay::diff(&overlay_sent, &first) {
-        if out_tx.send(Message::Net(m)).await.is_err() {
-            return Ok(());
-        }
-    }
-    overlay_sent = first;
+    // Overlay state is pushed only once the agent asked for it (Watch).
+    let mut watching = false;
 
     let mut last_seen = Instant::now();
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -310,7 +303,7 @@ async fn run_session(
                 return Err(SessionError::Shutdown);
             }
             () = session.closed() => return Ok(()),
-            Ok(()) = overlay_changes.changed() => {
+            Ok(()) = overlay_changes.changed(), if watching => {
                 let now = shared.overlays.view(&caller.account, &caller.agent);
                 for m in crate::overlay::diff(&overlay_sent, &now) {
                     if out_tx.send(Message::Net(m)).await.is_err() {
@@ -399,6 +392,19 @@ async fn run_session(
             }
             Message::Net(n) => {
                 let joining = matches!(n, warren_proto::overlay::NetMessage::Join { .. });
+                if matches!(n, warren_proto::overlay::NetMessage::Watch { .. }) {
+                    // The whole state first, then the answer (so the agent knows it has all of
+                    // it), then changes as they come.
+                    overlay_changes.mark_unchanged();
+                    let now = shared.overlays.view(&caller.account, &caller.agent);
+                    for m in crate::overlay::diff(&Default::default(), &now) {
+                        if out_tx.send(Message::Net(m)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    overlay_sent = now;
+                    watching = true;
+                }
                 let req = n.request().unwrap_or(0);
                 let Some(answer) = shared.overlays.handle(&caller, n) else { continue };
                 if joining && answer.is_ok() && !shared.overlays.has_sink(id) {

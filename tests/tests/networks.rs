@@ -335,7 +335,7 @@ fn create_attach_and_reach() {
     assert_eq!(host.endpoint("web", "a")["aliases"], json!(["alpha"]));
     assert_eq!(host.endpoint("web", "b")["aliases"], json!([]));
 
-    // `ls`: NAME SUBNET GATEWAY BRIDGE ENDPOINTS.
+    // `ls`: NAME SUBNET GATEWAY BRIDGE ENDPOINTS DRIVER.
     let ls = host.net_ok(&["ls"]);
     let row: Vec<&str> = ls
         .lines()
@@ -346,9 +346,10 @@ fn create_attach_and_reach() {
     assert_eq!(row[..4], ["web", "10.213.5.0/24", "10.213.5.1", bridge.as_str()], "{ls}");
     let listed: BTreeSet<&str> = row.get(4).map(|c| c.split(',').collect()).unwrap_or_default();
     assert!(
-        row.len() == 5 && (row[4] == "2" || listed == BTreeSet::from(["a", "b"])),
+        row.len() == 6 && (row[4] == "2" || listed == BTreeSet::from(["a", "b"])),
         "ENDPOINTS of web in `net ls` should be 2 (or a,b):\n{ls}"
     );
+    assert_eq!(row[5], "bridge", "DRIVER of web in `net ls`:\n{ls}");
     let (status, api) = host.api("GET", "/api/networks/web", None);
     assert_eq!(status, 200, "{api}");
     assert_eq!(api["subnet"], "10.213.5.0/24");

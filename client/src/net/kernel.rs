@@ -10,10 +10,18 @@ use std::os::unix::fs::MetadataExt;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
+use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::link::{
+    InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteType};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
 
 use super::model::{NetError, mac_for};
 
@@ -32,6 +40,8 @@ pub struct Link {
     pub mtu: u32,
     /// Its MAC address (zeros when it has none).
     pub mac: [u8; 6],
+    /// For a VXLAN device: its VNI, local address and UDP port.
+    pub vxlan: Option<(u32, Option<Ipv4Addr>, u16)>,
 }
 
 fn link_of(m: &LinkMessage) -> Link {
@@ -42,6 +52,7 @@ fn link_of(m: &LinkMessage) -> Link {
         master: None,
         mtu: 0,
         mac: [0; 6],
+        vxlan: None,
     };
     for a in &m.attributes {
         match a {
@@ -49,10 +60,60 @@ fn link_of(m: &LinkMessage) -> Link {
             LinkAttribute::Controller(c) => l.master = Some(*c),
             LinkAttribute::Mtu(v) => l.mtu = *v,
             LinkAttribute::Address(a) if a.len() == 6 => l.mac.copy_from_slice(a),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Data(InfoData::Vxlan(v)) = i {
+                        let (mut id, mut local, mut port) = (0, None, 0);
+                        for x in v {
+                            match x {
+                                InfoVxlan::Id(i) => id = *i,
+                                InfoVxlan::Local(a) => local = Some(*a),
+                                InfoVxlan::Port(p) => port = *p,
+                                _ => {}
+                            }
+                        }
+                        l.vxlan = Some((id, local, port));
+                    }
+                }
+            }
             _ => {}
         }
     }
     l
+}
+
+/// One forwarding-database entry of a bridge or a VXLAN device.
+#[derive(Clone, Debug)]
+pub struct FdbEntry {
+    /// The device (a bridge port, or the VXLAN device itself).
+    pub ifindex: u32,
+    /// The MAC address.
+    pub mac: [u8; 6],
+    /// A VXLAN entry's remote endpoint.
+    pub dst: Option<Ipv4Addr>,
+    /// An entry of the bridge (`master`) rather than of the device itself (`self`).
+    pub master: bool,
+    /// A static entry (ours are all static or permanent).
+    pub fixed: bool,
+    msg: NeighbourMessage,
+}
+
+/// One IPv4 neighbour entry.
+#[derive(Clone, Debug)]
+pub struct NeighEntry {
+    /// The device.
+    pub ifindex: u32,
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: [u8; 6],
+    /// Permanent (set by us) rather than learned.
+    pub permanent: bool,
+    msg: NeighbourMessage,
+}
+
+fn mac_of(v: &[u8]) -> Option<[u8; 6]> {
+    <[u8; 6]>::try_from(v).ok()
 }
 
 /// The errno the kernel answered a netlink request with, if it refused it.
@@ -434,6 +495,246 @@ impl Kernel {
         Ok(msgs.iter().any(|m| {
             m.header.destination_prefix_length == 0 && m.header.kind == RouteType::Unicast
         }))
+    }
+}
+
+impl Kernel {
+    /// Makes sure VXLAN device `name` exists with VNI `vni` from `local` on UDP `port`, without
+    /// learning and answering ARP from its neighbour table (`proxy`), as a port of `bridge`
+    /// that learns nothing, with MTU `mtu` and up. A device of that name with other settings is
+    /// made again.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn ensure_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: Ipv4Addr,
+        port: u16,
+        mtu: u32,
+        bridge: u32,
+    ) -> Result<u32, NetError> {
+        let link = match self.link(name).await? {
+            Some(l) if l.vxlan == Some((vni, Some(local), port)) => l,
+            stale => {
+                if stale.is_some() {
+                    tracing::info!("VXLAN device {name} has other settings; making it again");
+                    self.delete_link(name).await?;
+                }
+                self.handle
+                    .link()
+                    .add(
+                        LinkVxlan::new(name, vni)
+                            .local(local)
+                            .port(port)
+                            .learning(false)
+                            .proxy(true)
+                            .mtu(mtu)
+                            .build(),
+                    )
+                    .execute()
+                    .await
+                    .map_err(|e| sys(&format!("creating VXLAN device {name}"), e))?;
+                self.link(name).await?.ok_or_else(|| {
+                    NetError::System(format!("VXLAN device {name} vanished right after creation"))
+                })?
+            }
+        };
+        self.port_of(&link, bridge, mtu, true).await?;
+        Ok(link.index)
+    }
+
+    /// Makes `link` a port of `bridge` that learns no addresses (and, unless `flood`, gets no
+    /// flooded frames), with MTU `mtu`, up.
+    pub async fn port_of(
+        &self,
+        link: &Link,
+        bridge: u32,
+        mtu: u32,
+        flood: bool,
+    ) -> Result<(), NetError> {
+        let name = &link.name;
+        if link.master != Some(bridge) || link.mtu != mtu || !link.up {
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(link.index).controller(bridge).mtu(mtu).up().build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| sys(&format!("attaching {name} to its bridge"), e))?;
+        }
+        let mut port = LinkBridgePort::new(link.index).learning(false);
+        if !flood {
+            port = port.flood(false).mcast_flood(false).bcast_flood(false);
+        }
+        self.handle
+            .link()
+            .set_port(port.build())
+            .execute()
+            .await
+            .map_err(|e| sys(&format!("setting the bridge port flags of {name}"), e))
+    }
+
+    /// Every forwarding-database entry of the devices in `ifindexes`.
+    pub async fn fdb(&self, ifindexes: &[u32]) -> Result<Vec<FdbEntry>, NetError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing forwarding entries", e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if !ifindexes.contains(&m.header.ifindex) {
+                continue;
+            }
+            let mut mac = None;
+            let mut dst = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(v) => mac = mac_of(v),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => dst = Some(*ip),
+                    // In bridge-family messages the crate cannot tell the address's family.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(v)) => {
+                        dst = <[u8; 4]>::try_from(v.as_slice()).ok().map(Ipv4Addr::from);
+                    }
+                    _ => {}
+                }
+            }
+            let Some(mac) = mac else { continue };
+            // Bridge entries carry the bridge (NDA_MASTER); the device's own carry NTF_SELF.
+            let master =
+                m.attributes.iter().any(|a| matches!(a, NeighbourAttribute::Controller(_)))
+                    && !m.header.flags.contains(NeighbourFlags::Own);
+            out.push(FdbEntry {
+                ifindex: m.header.ifindex,
+                mac,
+                dst,
+                master,
+                fixed: matches!(m.header.state, NeighbourState::Noarp | NeighbourState::Permanent),
+                msg: m,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets the forwarding entry for `mac` on device `ifindex`: a bridge entry (`master`,
+    /// static) sending frames for `mac` to that port, or the device's own entry (`self`,
+    /// permanent) with the VXLAN remote `dst`.
+    pub async fn fdb_set(
+        &self,
+        ifindex: u32,
+        mac: [u8; 6],
+        dst: Option<Ipv4Addr>,
+        master: bool,
+    ) -> Result<(), NetError> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .add_bridge(ifindex, &mac)
+            .flags(if master { NeighbourFlags::Controller } else { NeighbourFlags::Own })
+            .state(if master { NeighbourState::Noarp } else { NeighbourState::Permanent })
+            .replace();
+        if let Some(d) = dst {
+            req = req.destination(IpAddr::V4(d));
+        }
+        req.execute().await.map_err(|e| sys("setting a forwarding entry", e))
+    }
+
+    /// Removes a forwarding entry.
+    pub async fn fdb_delete(&self, e: &FdbEntry) -> Result<(), NetError> {
+        // A request of our own, not the dumped message: the kernel matches what it is given.
+        let mut m = NeighbourMessage::default();
+        m.header.family = AddressFamily::Bridge;
+        m.header.ifindex = e.ifindex;
+        m.header.state = e.msg.header.state;
+        m.attributes.push(NeighbourAttribute::LinkLayerAddress(e.mac.to_vec()));
+        if let Some(d) = e.dst {
+            m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(d)));
+        }
+        let flags = if e.master { NeighbourFlags::Controller } else { NeighbourFlags::Own };
+        m.header.flags = flags;
+        match self.handle.neighbours().del(m).execute().await {
+            Ok(()) => Ok(()),
+            Err(err) if errno(&err) == Some(nix::errno::Errno::ENOENT) => {
+                tracing::debug!(mac = %super::model::mac_text(e.mac), "forwarding entry already gone");
+                Ok(())
+            }
+            Err(err) => Err(sys("removing a forwarding entry", err)),
+        }
+    }
+
+    /// The IPv4 neighbour entries of device `ifindex`.
+    pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<NeighEntry>, NetError> {
+        let msgs: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| sys("listing neighbours", e))?;
+        let mut out = Vec::new();
+        for m in msgs.into_iter().filter(|m| m.header.ifindex == ifindex) {
+            let mut mac = None;
+            let mut ip = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(v) => mac = mac_of(v),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(i)) => ip = Some(*i),
+                    _ => {}
+                }
+            }
+            if let (Some(mac), Some(ip)) = (mac, ip) {
+                out.push(NeighEntry {
+                    ifindex,
+                    ip,
+                    mac,
+                    permanent: m.header.state == NeighbourState::Permanent,
+                    msg: m,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets a permanent neighbour entry `ip` → `mac` on device `ifindex`.
+    pub async fn neighbour_set(
+        &self,
+        ifindex: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetError> {
+        self.handle
+            .neighbours()
+            .add(ifindex, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| sys(&format!("setting the neighbour entry of {ip}"), e))
+    }
+
+    /// Removes a neighbour entry.
+    pub async fn neighbour_delete(&self, e: &NeighEntry) -> Result<(), NetError> {
+        match self.handle.neighbours().del(e.msg.clone()).execute().await {
+            Ok(()) => Ok(()),
+            Err(err) if errno(&err) == Some(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(err) => Err(sys("removing a neighbour entry", err)),
+        }
+    }
+}
+
+/// Turns IPv6 off on link `name` (the overlay's tap, which should send nothing of its own).
+pub fn disable_ipv6(name: &str) {
+    let p = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if std::path::Path::new(&p).exists() {
+        let _ = std::fs::write(p, "1");
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
@@ -26,7 +26,11 @@ use super::model::{
     mac_text, new_id,
 };
 use super::nft::{self, Rules};
+use super::overlay::Overlay;
 use super::store::{Store, owner_endpoint, owner_service};
+
+mod overlay_net;
+pub use overlay_net::{OverlayView, PeerView, RemoteEndpointView};
 
 /// How the agent runs its networks.
 #[derive(Clone, Debug)]
@@ -41,6 +45,11 @@ pub struct NetConfig {
     pub ttl: u32,
     /// MTU of new networks.
     pub mtu: u32,
+    /// This host's VXLAN endpoint for overlay networks (default: the address it reaches the
+    /// relay from).
+    pub vtep: Option<Ipv4Addr>,
+    /// The UDP port of VXLAN.
+    pub vxlan_port: u16,
 }
 
 impl NetConfig {
@@ -52,6 +61,8 @@ impl NetConfig {
             upstreams: dns::system_upstreams(),
             ttl: 10,
             mtu: 1500,
+            vtep: None,
+            vxlan_port: 4789,
         }
     }
 }
@@ -62,6 +73,8 @@ impl NetConfig {
 pub struct CreateNetwork {
     /// The name.
     pub name: String,
+    /// `bridge` (default) or `overlay`.
+    pub driver: Option<String>,
     /// CIDR; default: a free /24 of the pool.
     pub subnet: Option<String>,
     /// Default: the subnet's first address.
@@ -161,6 +174,9 @@ pub struct NetworkView {
     /// Things the user should know (e.g. a big subnet).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// An overlay's members, paths and remote endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<OverlayView>,
 }
 
 /// A host port held by the agent: it keeps other programs off the port and carries
@@ -185,6 +201,8 @@ struct Live {
     holds: HashMap<PortKey, PortHold>,
     healthy: HashSet<(String, String)>,
     nft: Option<serde_json::Value>,
+    /// The paths last reported to the relay, per overlay network.
+    reported: HashMap<String, Vec<(Ipv4Addr, warren_proto::overlay::PathKind)>>,
 }
 
 /// The agent's networks.
@@ -195,6 +213,8 @@ pub struct NetManager {
     zones: Zones,
     live: Mutex<Live>,
     unavailable: Option<String>,
+    overlay: OnceLock<Arc<Overlay>>,
+    stop: CancellationToken,
 }
 
 fn bad(s: impl Into<String>) -> NetError {
@@ -238,6 +258,8 @@ impl NetManager {
             zones: Arc::new(RwLock::new(HashMap::new())),
             live: Mutex::new(Live { kernel, ..Live::default() }),
             unavailable,
+            overlay: OnceLock::new(),
+            stop: stop.clone(),
         });
         if let Some(why) = &me.unavailable {
             tracing::warn!("{why}");
@@ -288,15 +310,43 @@ impl NetManager {
     pub async fn list(&self) -> Result<Vec<NetworkView>, NetError> {
         self.usable()?;
         let live = self.live.lock().await;
-        self.store.networks()?.into_iter().map(|n| self.view(&live, n, Vec::new())).collect()
+        let mut out: Vec<NetworkView> = self
+            .store
+            .networks()?
+            .into_iter()
+            .map(|n| self.view(&live, n, Vec::new()))
+            .collect::<Result<_, _>>()?;
+        out.extend(self.unjoined().into_iter().map(|n| self.unjoined_view(n)));
+        out.sort_by(|a, b| a.network.name.cmp(&b.network.name));
+        Ok(out)
     }
 
     /// One network, as shown.
     pub async fn inspect(&self, name: &str) -> Result<NetworkView, NetError> {
         self.usable()?;
+        if self.store.network(name)?.is_none()
+            && let Some(n) = self.unjoined().into_iter().find(|n| n.name == name)
+        {
+            return Ok(self.unjoined_view(n));
+        }
         let n = self.network(name)?;
         let live = self.live.lock().await;
         self.view(&live, n, Vec::new())
+    }
+
+    /// An overlay this host has not joined: what the relay said of it.
+    fn unjoined_view(&self, n: Network) -> NetworkView {
+        let services = self.remote_of(&n).map(|r| Self::remote_services(&r)).unwrap_or_default();
+        NetworkView {
+            bridge: n.bridge(),
+            dns: format!("{}:53", n.gateway),
+            endpoints: Vec::new(),
+            ports: Vec::new(),
+            services,
+            warnings: Vec::new(),
+            overlay: self.overlay_view(&n, false),
+            network: n,
+        }
     }
 
     fn view(
@@ -325,13 +375,19 @@ impl NetManager {
                 ifname: e.ifname,
             })
             .collect();
+        let services = match self.remote_of(&n) {
+            Some(r) => Self::remote_services(&r),
+            None if n.is_overlay() => Vec::new(),
+            None => self.store.services(Some(&n.name))?,
+        };
         Ok(NetworkView {
             bridge: n.bridge(),
             dns: format!("{}:53", n.gateway),
             endpoints,
             ports: self.store.ports(Some(&n.name))?,
-            services: self.store.services(Some(&n.name))?,
+            services,
             warnings,
+            overlay: self.overlay_view(&n, true),
             network: n,
         })
     }
@@ -340,6 +396,11 @@ impl NetManager {
     pub async fn create_network(&self, req: CreateNetwork) -> Result<NetworkView, NetError> {
         self.usable()?;
         check_name("network", &req.name)?;
+        match req.driver.as_deref() {
+            None | Some("bridge") => {}
+            Some(super::model::OVERLAY) => return self.create_overlay(req).await,
+            Some(d) => return Err(bad(format!("driver {d:?}: use bridge or overlay"))),
+        }
         let mut live = self.live.lock().await;
         if self.store.network(&req.name)?.is_some() {
             return Err(NetError::Conflict(format!("a network named {} exists already", req.name)));
@@ -398,6 +459,9 @@ impl NetManager {
             gateway,
             ip_range,
             mtu,
+            vni: None,
+            host_addr: None,
+            vtep: None,
         };
         if !self.store.insert_network(&n)? {
             return Err(NetError::Conflict(format!("a network named {} exists already", n.name)));
@@ -464,6 +528,9 @@ impl NetManager {
                 names.join(", ")
             )));
         }
+        if n.is_overlay() {
+            return self.remove_overlay(&n, &eps, force).await;
+        }
         let mut live = self.live.lock().await;
         let kernel = Self::kernel(&live)?.clone();
         for e in &eps {
@@ -497,13 +564,13 @@ impl NetManager {
         for a in &req.aliases {
             check_name("alias", a)?;
         }
-        let n = self.network(net)?;
         let sandbox = match (&req.netns, req.pid) {
             (Some(p), None) => Sandbox::Netns(p.clone()),
             (None, Some(pid)) => Sandbox::Pid(pid),
             _ => return Err(bad("give the sandbox as exactly one of netns (a path) or pid")),
         };
         let mut live = self.live.lock().await;
+        let n = self.network_or_join(&mut live, net).await?;
         let (names, aliases) = self.names_in_use(net)?;
         if names.contains(&req.name) || aliases.contains(&req.name) {
             return Err(NetError::Conflict(format!(
@@ -522,7 +589,11 @@ impl NetManager {
                 "{sandbox} is already attached to network {net}"
             )));
         }
-        let ip = self.claim(&n, req.ip.as_deref(), &owner_endpoint(&req.name))?;
+        let ip = if n.is_overlay() {
+            self.claim_overlay(&n, &req.name, req.ip.as_deref(), &req.aliases).await?
+        } else {
+            self.claim(&n, req.ip.as_deref(), &owner_endpoint(&req.name))?
+        };
         let mut e = Endpoint {
             network: net.to_owned(),
             name: req.name,
@@ -539,6 +610,9 @@ impl NetManager {
             Ok(()) => {}
             Err(err) => {
                 self.store.release_address(net, ip)?;
+                if n.is_overlay() {
+                    self.release_overlay(&n, &e.name).await;
+                }
                 return Err(err);
             }
         }
@@ -594,8 +668,7 @@ impl NetManager {
         e: &mut Endpoint,
         ns: &std::fs::File,
     ) -> Result<(), NetError> {
-        let bridge =
-            kernel.ensure_bridge(&n.bridge(), n.gateway, n.subnet.prefix_len(), n.mtu).await?;
+        let bridge = self.ensure_net_bridge(kernel, n).await?;
         let peer = format!("wrp-{}", e.id);
         kernel.add_veth(&e.host_veth(), &peer, bridge, n.mtu, ns).await?;
         let inside = async {
@@ -619,7 +692,7 @@ impl NetManager {
     /// `warren net detach`.
     pub async fn detach(&self, net: &str, name: &str) -> Result<(), NetError> {
         self.usable()?;
-        self.network(net)?;
+        let n = self.network(net)?;
         let e = self.endpoint(net, name)?;
         let mut live = self.live.lock().await;
         let in_services: Vec<Service> = self
@@ -635,6 +708,9 @@ impl NetManager {
         Self::kernel(&live)?.delete_link(&e.host_veth()).await?;
         self.store.delete_endpoint(&e)?;
         live.healthy.remove(&(e.network.clone(), e.name.clone()));
+        if n.is_overlay() {
+            self.release_overlay(&n, &e.name).await;
+        }
         self.refresh(&mut live).await?;
         tracing::info!("endpoint {name} detached from {net}");
         Ok(())
@@ -785,6 +861,9 @@ impl NetManager {
         if req.endpoints.is_empty() {
             return Err(bad("a service needs at least one endpoint"));
         }
+        if n.is_overlay() {
+            return self.create_overlay_service(&n, req, mode).await;
+        }
         let mut live = self.live.lock().await;
         let (names, aliases) = self.names_in_use(net)?;
         if names.contains(&req.name) || aliases.contains(&req.name) {
@@ -825,7 +904,12 @@ impl NetManager {
     /// `warren net service rm`.
     pub async fn remove_service(&self, net: &str, name: &str) -> Result<(), NetError> {
         self.usable()?;
-        self.network(net)?;
+        let n = self.network(net)?;
+        if n.is_overlay() {
+            self.remove_overlay_service(&n, name).await?;
+            let mut live = self.live.lock().await;
+            return self.refresh(&mut live).await;
+        }
         let s =
             self.store.services(Some(net))?.into_iter().find(|s| s.name == name).ok_or_else(
                 || NetError::NotFound(format!("network {net} has no service {name:?}")),
@@ -854,10 +938,33 @@ impl NetManager {
     async fn refresh_with(&self, live: &mut Live, force: bool) -> Result<(), NetError> {
         let networks = self.store.networks()?;
         let endpoints = self.store.endpoints(None)?;
-        let services = self.store.services(None)?;
         let ports = self.store.ports(None)?;
-        let ip_of: HashMap<(String, String), Ipv4Addr> =
+        // Bridge networks' services are local; overlays' come from the relay.
+        let remotes: HashMap<String, super::overlay::Remote> = networks
+            .iter()
+            .filter_map(|n| self.remote_of(n).map(|r| (n.name.clone(), r)))
+            .collect();
+        let mut services: Vec<Service> = self
+            .store
+            .services(None)?
+            .into_iter()
+            .filter(|s| networks.iter().any(|n| n.name == s.network && !n.is_overlay()))
+            .collect();
+        for r in remotes.values() {
+            services.extend(Self::remote_services(r));
+        }
+        let mut ip_of: HashMap<(String, String), Ipv4Addr> =
             endpoints.iter().map(|e| ((e.network.clone(), e.name.clone()), e.ip)).collect();
+        // Remote endpoints count as healthy while their member's session is up.
+        let mut healthy = live.healthy.clone();
+        for (net, r) in &remotes {
+            for e in r.endpoints.values() {
+                ip_of.insert((net.clone(), e.name.to_string()), e.ip);
+                if r.peers.get(&e.peer).is_some_and(|p| p.online) {
+                    healthy.insert((net.clone(), e.name.to_string()));
+                }
+            }
+        }
         let mut rules = Rules {
             networks: networks.iter().map(|n| (n.bridge(), n.subnet)).collect(),
             ..Rules::default()
@@ -870,19 +977,25 @@ impl NetManager {
         let kernel = Self::kernel(live)?.clone();
         for n in &networks {
             let mut keep = vec![n.gateway];
+            keep.extend(n.host_addr);
             for s in services.iter().filter(|s| s.network == n.name) {
                 let Some(vip) = s.vip else { continue };
                 keep.push(vip);
                 kernel.ensure_address(&n.bridge(), vip, 32).await?;
-                let healthy: Vec<Ipv4Addr> = s
+                let up: Vec<Ipv4Addr> = s
                     .endpoints
                     .iter()
-                    .filter(|e| live.healthy.contains(&(n.name.clone(), (*e).clone())))
+                    .filter(|e| healthy.contains(&(n.name.clone(), (*e).clone())))
                     .filter_map(|e| ip_of.get(&(n.name.clone(), e.clone())).copied())
                     .collect();
-                rules.vips.push((n.bridge(), vip, healthy));
+                rules.vips.push((n.bridge(), vip, up));
             }
             kernel.prune_addresses(&n.bridge(), &keep).await?;
+            if n.is_overlay()
+                && let Err(e) = self.program_overlay(live, &kernel, n).await
+            {
+                tracing::warn!("overlay network {}: {e}", n.name);
+            }
         }
         let (listing, changed) = nft::apply(&rules, force).await?;
         if changed {
@@ -893,11 +1006,21 @@ impl NetManager {
         for n in &networks {
             let mut z = Zone::default();
             let mut alias_ips: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-            for e in endpoints.iter().filter(|e| e.network == n.name) {
-                z.names.insert(e.name.clone(), Answer::Fixed(vec![e.ip]));
-                z.ptr.insert(e.ip, format!("{}.{}", e.name, n.name));
-                for a in &e.aliases {
-                    alias_ips.entry(a.clone()).or_default().push(e.ip);
+            let mut named: Vec<(String, Ipv4Addr, Vec<String>)> = endpoints
+                .iter()
+                .filter(|e| e.network == n.name)
+                .map(|e| (e.name.clone(), e.ip, e.aliases.clone()))
+                .collect();
+            if let Some(r) = remotes.get(&n.name) {
+                named.extend(r.endpoints.values().map(|e| {
+                    (e.name.to_string(), e.ip, e.aliases.iter().map(ToString::to_string).collect())
+                }));
+            }
+            for (name, ip, aliases) in named {
+                z.names.insert(name.clone(), Answer::Fixed(vec![ip]));
+                z.ptr.insert(ip, format!("{name}.{}", n.name));
+                for a in aliases {
+                    alias_ips.entry(a).or_default().push(ip);
                 }
             }
             for (a, ips) in alias_ips {
@@ -932,7 +1055,13 @@ impl NetManager {
             kernel::enable_forwarding()?;
         }
         for n in &networks {
-            kernel.ensure_bridge(&n.bridge(), n.gateway, n.subnet.prefix_len(), n.mtu).await?;
+            if n.is_overlay() {
+                if let Err(e) = self.materialize(&mut live, n).await {
+                    tracing::warn!("overlay network {}: {e}", n.name);
+                }
+                continue;
+            }
+            self.ensure_net_bridge(&kernel, n).await?;
             if let Err(e) = self.start_dns(&mut live, n).await {
                 tracing::warn!("{e}");
             }
@@ -952,6 +1081,9 @@ impl NetManager {
                     );
                     kernel.delete_link(&e.host_veth()).await?;
                     self.store.delete_endpoint(&e)?;
+                    if n.is_overlay() {
+                        self.release_overlay(n, &e.name).await;
+                    }
                     continue;
                 }
             };
@@ -981,10 +1113,12 @@ impl NetManager {
         let want: HashSet<String> = networks
             .iter()
             .map(Network::bridge)
+            .chain(networks.iter().filter(|n| n.is_overlay()).flat_map(|n| [n.vxlan(), n.tap()]))
             .chain(endpoints.iter().map(Endpoint::host_veth))
             .collect();
         for l in kernel.links().await? {
-            let ours = ["wrb-", "wrv-", "wrp-"].iter().any(|p| l.name.starts_with(p));
+            let ours =
+                ["wrb-", "wrv-", "wrp-", "wrx-", "wrt-"].iter().any(|p| l.name.starts_with(p));
             if ours && !want.contains(&l.name) {
                 tracing::info!("removing stale {}", l.name);
                 kernel.delete_link(&l.name).await?;

@@ -67,9 +67,10 @@ pub fn check_name(what: &str, name: &str) -> Result<(), NetError> {
 pub struct Network {
     /// Its name, a DNS label; also its DNS domain.
     pub name: String,
-    /// Eight hex digits; names its bridge `wrb-ID`.
+    /// Eight hex digits (`v` and the VNI in six hex digits for an overlay); names its bridge
+    /// `wrb-ID` (and an overlay's VXLAN device `wrx-ID` and tap `wrt-ID`).
     pub id: String,
-    /// Always `bridge` here.
+    /// `bridge` (this host only) or `overlay` (across agents, defined at the relay).
     pub driver: String,
     /// The subnet.
     pub subnet: Ipv4Net,
@@ -80,13 +81,52 @@ pub struct Network {
     pub ip_range: Option<Ipv4Net>,
     /// The MTU of the bridge and every endpoint.
     pub mtu: u32,
+    /// An overlay's VXLAN network identifier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vni: Option<u32>,
+    /// An overlay: this host's own address in it (on the bridge, primary; the gateway is a
+    /// /32 beside it, the same on every host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_addr: Option<Ipv4Addr>,
+    /// An overlay: the VXLAN endpoint (underlay address) this host last joined with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<Ipv4Addr>,
 }
+
+/// The driver name of networks across agents.
+pub const OVERLAY: &str = "overlay";
 
 impl Network {
     /// The bridge's interface name.
     pub fn bridge(&self) -> String {
         format!("wrb-{}", self.id)
     }
+
+    /// Whether it spans agents.
+    pub fn is_overlay(&self) -> bool {
+        self.driver == OVERLAY
+    }
+
+    /// An overlay's VXLAN device.
+    pub fn vxlan(&self) -> String {
+        format!("wrx-{}", self.id)
+    }
+
+    /// An overlay's tap, the relay path's port of the bridge.
+    pub fn tap(&self) -> String {
+        format!("wrt-{}", self.id)
+    }
+
+    /// The address the bridge's MAC is derived from: an overlay's host address (unique per
+    /// host), else the gateway.
+    pub fn bridge_addr(&self) -> Ipv4Addr {
+        self.host_addr.unwrap_or(self.gateway)
+    }
+}
+
+/// The id of the overlay network with VNI `vni`, the same on every host.
+pub fn overlay_id(vni: u32) -> String {
+    format!("v{vni:06x}")
 }
 
 /// How an endpoint's sandbox is found.
@@ -227,6 +267,12 @@ pub struct Service {
 pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
     let o = ip.octets();
     [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// The MAC of an overlay member's probe port (its tap): `06:42` and its host address.
+pub fn probe_mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x06, 0x42, o[0], o[1], o[2], o[3]]
 }
 
 /// `aa:bb:..` text of a MAC.

@@ -116,6 +116,14 @@ impl Store {
         })
     }
 
+    /// Stores a changed network.
+    pub fn put_network(&self, n: &Network) -> Result<(), NetError> {
+        self.with(|db| {
+            db.execute("UPDATE networks SET spec = ?2 WHERE name = ?1", params![n.name, json(n)])?;
+            Ok(())
+        })
+    }
+
     /// Forgets a network and everything in it.
     pub fn delete_network(&self, name: &str) -> Result<(), NetError> {
         self.with(|db| {

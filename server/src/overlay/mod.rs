@@ -559,6 +559,7 @@ impl Overlays {
         }
         let req = msg.request()?;
         let answer = match msg {
+            NetMessage::Watch { .. } => Ok(NetMessage::Ok { req }),
             NetMessage::Create { name, subnet, mtu, .. } => self
                 .create(&who.account, name, subnet, mtu)
                 .map(|def| NetMessage::Info { req, def, host_addr: None }),
