@@ -11,6 +11,8 @@
 //! - [`client`]: visitors (HTTP with an explicit `Host`, TCP echo, WebSocket).
 //! - [`raw`]: hostile or broken peers for the control port (TLS, yamux, QUIC).
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//! - [`netns`], [`overlay`]: network namespaces: one host with an agent, or several hosts on
+//!   an underlay with a relay, for the networks tests.
 //!
 //! Every child is SIGKILLed when its handle drops; captured stderr of relays and agents is
 //! printed when a test fails. The binaries are found in the cargo target dir: run
@@ -25,6 +27,7 @@ pub mod backend;
 pub mod client;
 pub mod grpc;
 pub mod netns;
+pub mod overlay;
 pub mod pki;
 pub mod process;
 pub mod proxy_backend;

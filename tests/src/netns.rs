@@ -772,7 +772,7 @@ pub struct CliOut {
 }
 
 impl CliOut {
-    fn from_output(what: String, out: Output) -> Self {
+    pub(crate) fn from_output(what: String, out: Output) -> Self {
         Self {
             what,
             status: out.status,
