@@ -4,8 +4,9 @@
 //! splices every data stream the relay opens to the tunnel's local target. It reconnects forever
 //! with backoff and gets the same subdomains and ports back (leases).
 //!
-//! It also serves a local API and dashboard with a request inspector. Not here yet: networks,
-//! DNS and Docker (each has its own issue).
+//! It also serves a local API and dashboard with a request inspector, manages container
+//! networks ([`net`]) and works with Docker ([`docker`]): tunnels for labelled containers, and
+//! Docker's network and IPAM plugin protocols.
 //!
 //! # Layout
 //! - [`tunnel`]: what a tunnel is on the agent side: name, protocol, target, wishes, and the
@@ -17,10 +18,13 @@
 //! - [`udp`]: UDP tunnels: flows over QUIC datagrams or length-prefixed streams.
 //! - [`local_api`]: the agent's local API: its tunnels, listed, opened and closed.
 //! - [`demo`]: relay, agent and a sample service in one process.
+//! - [`net`]: networks: bridges and overlays, IPAM, NAT, DNS.
+//! - [`docker`]: the Docker API client, label-driven auto-expose and the network plugin.
 
 pub mod agent;
 pub mod config;
 pub mod demo;
+pub mod docker;
 pub mod forward;
 pub mod identity;
 pub mod inspect;

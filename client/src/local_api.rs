@@ -71,6 +71,7 @@ fn tunnel_json(t: &TunnelStatus, traffic: &crate::agent::Traffic) -> Value {
         "proto": t.spec.protocol.as_str(),
         "config": { "addr": t.spec.target.to_string() },
         "forwarded": t.forwarded,
+        "container": t.spec.container,
     })
 }
 

@@ -134,7 +134,7 @@ enum Command {
     /// (POST /api/v1/forwards), plus the tunnels of a config file if one is given. Prints each
     /// forward's URL as it arrives.
     #[command(
-        after_help = "Examples:\n  warren agent --relay example.com:7443 --token s3cret\n  warren agent --config warren.toml\n\nThen, on the relay's host:\n  curl -H \"Authorization: Bearer $(cat warren-data/admin-token)\" \\\n       -d '{\"agent\": \"AGENT_ID\", \"proto\": \"http\", \"target\": \"8080\"}' http://127.0.0.1:7400/api/v1/forwards"
+        after_help = "Examples:\n  warren agent --relay example.com:7443 --token s3cret\n  warren agent --config warren.toml\n  warren agent --docker --relay example.com:7443 --token s3cret     tunnels for labelled containers\n  sudo warren agent --docker-plugin                                   docker network create -d warren ...\n\nThen, on the relay's host:\n  curl -H \"Authorization: Bearer $(cat warren-data/admin-token)\" \\\n       -d '{\"agent\": \"AGENT_ID\", \"proto\": \"http\", \"target\": \"8080\"}' http://127.0.0.1:7400/api/v1/forwards"
     )]
     Agent {
         /// A config file whose tunnels are served too.
@@ -144,6 +144,8 @@ enum Command {
         conn: ConnOpts,
         #[command(flatten)]
         net: net_cli::NetOpts,
+        #[command(flatten)]
+        docker: DockerOpts,
     },
     /// Networks of a running agent: bridges with IPAM, NAT, published ports and DNS, for the
     /// services you expose (needs `warren agent` running as root).
@@ -326,6 +328,27 @@ fn cli_spec(
     Ok(spec)
 }
 
+/// Docker: tunnels for labelled containers, and the network plugin.
+#[derive(Debug, Args)]
+struct DockerOpts {
+    /// Open a tunnel for every running container labelled warren.http=PORT (or warren.tcp,
+    /// warren.tls, warren.udp), to the container's address; close it when the container stops.
+    /// More labels: warren.subdomain, warren.hostname, warren.remote-port, warren.network and
+    /// every tunnel option (warren.basic-auth=USER:PASS, warren.allow=CIDR,...).
+    #[arg(long)]
+    docker: bool,
+    /// Serve Docker's network and IPAM plugin "warren", backed by this agent's networks:
+    /// `docker network create -d warren --ipam-driver warren NAME` (needs root).
+    #[arg(long)]
+    docker_plugin: bool,
+    /// The Docker daemon's API socket.
+    #[arg(long, value_name = "PATH", env = "WARREN_DOCKER_SOCKET", default_value = warren_client::docker::DEFAULT_SOCKET)]
+    docker_socket: PathBuf,
+    /// Where the plugin listens; Docker finds plugin NAME at /run/docker/plugins/NAME.sock.
+    #[arg(long, value_name = "PATH", default_value = warren_client::docker::plugin::DEFAULT_SOCKET)]
+    docker_plugin_socket: PathBuf,
+}
+
 #[derive(Debug, Args)]
 struct AgentApiOpts {
     /// The running agent's local API.
@@ -476,12 +499,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             run_agent(conn, file).await
         }
-        Command::Agent { config, conn, net } => {
+        Command::Agent { config, conn, net, docker } => {
             let file = match config {
                 Some(path) => config::load(&path)?,
                 None => FileConfig::default(),
             };
-            run_daemon(conn, file, net).await
+            run_daemon(conn, file, net, docker).await
         }
         Command::Net { .. } | Command::NetSandboxChild { .. } => {
             unreachable!("handled in main")
@@ -676,13 +699,21 @@ fn is_not_found(e: &anyhow::Error) -> bool {
 
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
     let networks = warren_client::net::api::absent_router();
-    run_agent_with(conn, file, networks, None, shutdown_on_signal()).await
+    run_agent_with(conn, file, networks, None, None, shutdown_on_signal()).await
 }
 
 /// `warren agent`: networks (when root), the local API, and a relay session when a relay is
 /// given.
-async fn run_daemon(conn: ConnOpts, file: FileConfig, net: net_cli::NetOpts) -> anyhow::Result<()> {
+async fn run_daemon(
+    conn: ConnOpts,
+    file: FileConfig,
+    net: net_cli::NetOpts,
+    docker: DockerOpts,
+) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
+    if docker.docker_plugin && net.no_networks {
+        anyhow::bail!("--docker-plugin serves warren's networks to Docker: drop --no-networks");
+    }
     let mut manager = None;
     let networks = if net.no_networks {
         warren_client::net::api::absent_router()
@@ -703,11 +734,26 @@ async fn run_daemon(conn: ConnOpts, file: FileConfig, net: net_cli::NetOpts) -> 
         manager = Some(m.clone());
         warren_client::net::api::router(m)
     };
+    if docker.docker_plugin
+        && let Some(m) = manager.clone()
+    {
+        let plugin =
+            warren_client::docker::plugin::Plugin::new(m, Some(docker.docker_socket.clone()));
+        plugin
+            .serve(&docker.docker_plugin_socket, shutdown.clone())
+            .await
+            .map_err(anyhow::Error::msg)?;
+    }
     if conn.relay.is_none() && file.relay.is_none() && conn.token.is_none() && file.token.is_none()
     {
+        anyhow::ensure!(
+            !docker.docker,
+            "--docker opens tunnels for labelled containers: give --relay and --token too"
+        );
         return run_local(conn, networks, shutdown).await;
     }
-    run_agent_with(conn, file, networks, manager, shutdown).await
+    let expose = docker.docker.then_some(docker.docker_socket);
+    run_agent_with(conn, file, networks, manager, expose, shutdown).await
 }
 
 /// An agent without a relay: the local API and networks only.
@@ -766,6 +812,7 @@ async fn run_agent_with(
     file: FileConfig,
     networks: axum::Router,
     manager: Option<Arc<warren_client::net::NetManager>>,
+    docker_socket: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (api_addr, no_api) = (conn.api, conn.no_api);
@@ -787,6 +834,13 @@ async fn run_agent_with(
         // Overlay networks run through the relay sessions of this agent.
         let overlay = m.enable_overlays(handle.control.clone());
         handle.state.set_overlay(Arc::new(warren_client::net::overlay::Hooks(overlay)));
+    }
+    if let Some(socket) = docker_socket {
+        tokio::spawn(warren_client::docker::expose::run(
+            socket,
+            handle.control.clone(),
+            shutdown.clone(),
+        ));
     }
     if !no_api {
         match warren_client::local_api::bind(api_addr).await {

@@ -72,6 +72,8 @@ pub struct TunnelSpec {
     pub proxy_protocol: Option<ProxyVersion>,
     /// HTTP exchanges are kept for the local API's inspector (HTTP; on by default).
     pub inspect: bool,
+    /// The Docker container this tunnel serves, when its labels opened it (`--docker`).
+    pub container: Option<String>,
 }
 
 /// The option keys [`TunnelSpec::apply`] knows, as config keys (flags use dashes).
@@ -91,6 +93,33 @@ pub const OPTION_KEYS: &[&str] = &[
     "inspect",
 ];
 
+/// The protocols each option and wish applies to.
+const APPLIES: &[(&str, &[Protocol])] = &[
+    ("basic_auth", &[Protocol::Http]),
+    ("rate_limit", &[Protocol::Http, Protocol::Tcp, Protocol::Tls]),
+    ("request_header_add", &[Protocol::Http]),
+    ("request_header_remove", &[Protocol::Http]),
+    ("response_header_add", &[Protocol::Http]),
+    ("response_header_remove", &[Protocol::Http]),
+    ("max_body", &[Protocol::Http]),
+    ("https_only", &[Protocol::Http]),
+    ("upstream_http2", &[Protocol::Http]),
+    ("inspect", &[Protocol::Http]),
+    ("proxy_protocol", &[Protocol::Tcp, Protocol::Tls]),
+    ("subdomain", &[Protocol::Http, Protocol::Tls]),
+    ("hostname", &[Protocol::Http, Protocol::Tls]),
+    ("remote_port", &[Protocol::Tcp, Protocol::Udp]),
+];
+
+/// The protocols option `key` (an [`OPTION_KEYS`] entry, or a wish such as `subdomain`)
+/// applies to; every protocol for the others (`allow`, `deny`).
+pub fn protocols_of(key: &str) -> &'static [Protocol] {
+    APPLIES
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or(&[Protocol::Http, Protocol::Tcp, Protocol::Tls, Protocol::Udp], |(_, p)| p)
+}
+
 impl TunnelSpec {
     /// A tunnel with no options.
     pub fn new(name: TunnelName, protocol: Protocol, target: Target) -> Self {
@@ -104,6 +133,7 @@ impl TunnelSpec {
             options: TunnelOptions::default(),
             proxy_protocol: None,
             inspect: true,
+            container: None,
         }
     }
 
@@ -135,21 +165,22 @@ impl TunnelSpec {
         let o = &self.options;
         let p = self.protocol;
         let set = [
-            ("basic_auth", !o.basic_auth.is_empty(), &[Protocol::Http][..]),
-            ("rate_limit", o.rate_limit.is_some(), &[Protocol::Http, Protocol::Tcp, Protocol::Tls]),
-            ("request_header_add", !o.request_header_add.is_empty(), &[Protocol::Http]),
-            ("request_header_remove", !o.request_header_remove.is_empty(), &[Protocol::Http]),
-            ("response_header_add", !o.response_header_add.is_empty(), &[Protocol::Http]),
-            ("response_header_remove", !o.response_header_remove.is_empty(), &[Protocol::Http]),
-            ("max_body", o.max_body.is_some(), &[Protocol::Http]),
-            ("https_only", o.https_only, &[Protocol::Http]),
-            ("upstream_http2", o.upstream_http2, &[Protocol::Http]),
-            ("proxy_protocol", self.proxy_protocol.is_some(), &[Protocol::Tcp, Protocol::Tls]),
-            ("subdomain", self.subdomain.is_some(), &[Protocol::Http, Protocol::Tls]),
-            ("hostname", self.hostname.is_some(), &[Protocol::Http, Protocol::Tls]),
-            ("remote_port", self.remote_port.is_some(), &[Protocol::Tcp, Protocol::Udp]),
+            ("basic_auth", !o.basic_auth.is_empty()),
+            ("rate_limit", o.rate_limit.is_some()),
+            ("request_header_add", !o.request_header_add.is_empty()),
+            ("request_header_remove", !o.request_header_remove.is_empty()),
+            ("response_header_add", !o.response_header_add.is_empty()),
+            ("response_header_remove", !o.response_header_remove.is_empty()),
+            ("max_body", o.max_body.is_some()),
+            ("https_only", o.https_only),
+            ("upstream_http2", o.upstream_http2),
+            ("proxy_protocol", self.proxy_protocol.is_some()),
+            ("subdomain", self.subdomain.is_some()),
+            ("hostname", self.hostname.is_some()),
+            ("remote_port", self.remote_port.is_some()),
         ];
-        for (key, is_set, allowed) in set {
+        for (key, is_set) in set {
+            let allowed = protocols_of(key);
             if is_set && !allowed.contains(&p) {
                 let names: Vec<&str> = allowed.iter().map(|p| p.as_str()).collect();
                 return Err(format!(

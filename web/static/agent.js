@@ -9,7 +9,7 @@ async function loadTunnels() {
     const v = await api("GET", "/api/tunnels");
     const body = $("#tunnels tbody");
     body.replaceChildren(...v.tunnels.map(t => el("tr", {},
-      el("td", {}, t.name),
+      el("td", {}, t.name, t.container ? el("div", { class: "muted" }, "container " + t.container) : ""),
       el("td", {}, t.public_url ? el("a", { href: t.public_url }, t.public_url) : el("span", { class: "muted" }, "binding…")),
       el("td", {}, el("code", {}, t.config.addr)),
       el("td", {}, bytes(t.metrics.bytes_in)), el("td", {}, bytes(t.metrics.bytes_out)),

@@ -29,7 +29,9 @@ use super::nft::{self, Rules};
 use super::overlay::Overlay;
 use super::store::{Store, owner_endpoint, owner_service};
 
+mod docker_net;
 mod overlay_net;
+pub use docker_net::{DOCKER_OWNER, DOCKER_PEER_PREFIX, parse_addr};
 pub use overlay_net::{OverlayView, PeerView, RemoteEndpointView};
 
 /// How the agent runs its networks.
@@ -237,6 +239,11 @@ fn missing_capability() -> Option<String> {
     })
 }
 
+/// The host's routes (default routes excluded), but for those of warren's own bridges.
+async fn host_routes(kernel: &Kernel) -> Result<Vec<(Ipv4Net, String)>, NetError> {
+    Ok(kernel.routes().await?.into_iter().filter(|(_, dev)| !dev.starts_with("wrb-")).collect())
+}
+
 fn parse_v4(what: &str, s: &str) -> Result<Ipv4Addr, NetError> {
     s.parse().map_err(|_| bad(format!("{what} {s:?} is not an IPv4 address")))
 }
@@ -366,6 +373,7 @@ impl NetManager {
                 sandbox: match e.sandbox {
                     Sandbox::Netns(_) => "netns",
                     Sandbox::Pid(_) => "pid",
+                    Sandbox::Docker(_) => "docker",
                 },
                 prefix: n.subnet.prefix_len(),
                 name: e.name,
@@ -406,23 +414,7 @@ impl NetManager {
             return Err(NetError::Conflict(format!("a network named {} exists already", req.name)));
         }
         let kernel = Self::kernel(&live)?.clone();
-        let ours: Vec<(String, Ipv4Net)> =
-            self.store.networks()?.into_iter().map(|n| (n.name, n.subnet)).collect();
-        let routes: Vec<(Ipv4Net, String)> = kernel
-            .routes()
-            .await?
-            .into_iter()
-            .filter(|(_, dev)| !dev.starts_with("wrb-"))
-            .collect();
-        let taken = Taken { networks: &ours, routes: &routes };
-        let subnet = match &req.subnet {
-            Some(s) => {
-                let s = parse_net("subnet", s)?;
-                ipam::check_subnet(s, &taken)?;
-                s
-            }
-            None => ipam::choose_subnet(self.cfg.pool, &taken)?,
-        };
+        let subnet = self.pick_subnet(&kernel, req.subnet.as_deref(), &[]).await?;
         let ip_range = req.ip_range.as_deref().map(|r| parse_net("ip range", r)).transpose()?;
         if let Some(r) = ip_range
             && (!subnet.contains(&r.network()) || !subnet.contains(&r.broadcast()))
@@ -491,6 +483,29 @@ impl NetManager {
             n.bridge()
         );
         self.view(&live, n, warnings)
+    }
+
+    /// `wanted` when it is free, else a free `/24` of the pool: free of other networks, of
+    /// `reserved` (subnets promised but not made yet) and of the host's routes.
+    async fn pick_subnet(
+        &self,
+        kernel: &Kernel,
+        wanted: Option<&str>,
+        reserved: &[(String, Ipv4Net)],
+    ) -> Result<Ipv4Net, NetError> {
+        let mut ours: Vec<(String, Ipv4Net)> =
+            self.store.networks()?.into_iter().map(|n| (n.name, n.subnet)).collect();
+        ours.extend_from_slice(reserved);
+        let routes = host_routes(kernel).await?;
+        let taken = Taken { networks: &ours, routes: &routes };
+        match wanted {
+            Some(s) => {
+                let s = parse_net("subnet", s)?;
+                ipam::check_subnet(s, &taken)?;
+                Ok(s)
+            }
+            None => ipam::choose_subnet(self.cfg.pool, &taken),
+        }
     }
 
     async fn start_dns(&self, live: &mut Live, n: &Network) -> Result<(), NetError> {
@@ -1071,6 +1086,13 @@ impl NetManager {
         let mut healthy = HashSet::new();
         for mut e in self.store.endpoints(None)? {
             let Some(n) = networks.iter().find(|n| n.name == e.network) else { continue };
+            if let Sandbox::Docker(_) = e.sandbox {
+                // Docker owns the far end and tells the plugin when the endpoint goes.
+                if kernel.link(&e.host_veth()).await?.is_some_and(|l| l.up) {
+                    healthy.insert((e.network.clone(), e.name.clone()));
+                }
+                continue;
+            }
             let ns = match kernel::open_netns(&e.sandbox.path(), e.netns_ino) {
                 Ok((f, _)) => f,
                 Err(why) => {

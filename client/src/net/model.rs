@@ -137,13 +137,16 @@ pub enum Sandbox {
     Netns(String),
     /// The network namespace of a process.
     Pid(u32),
+    /// A Docker container's sandbox (its key, the namespace file Docker makes when the
+    /// container starts): Docker moves the veth in and configures it, and says when it leaves.
+    Docker(String),
 }
 
 impl Sandbox {
     /// The path to open.
     pub fn path(&self) -> String {
         match self {
-            Self::Netns(p) => p.clone(),
+            Self::Netns(p) | Self::Docker(p) => p.clone(),
             Self::Pid(pid) => format!("/proc/{pid}/ns/net"),
         }
     }
@@ -154,6 +157,7 @@ impl fmt::Display for Sandbox {
         match self {
             Self::Netns(p) => write!(f, "{p}"),
             Self::Pid(pid) => write!(f, "pid {pid}"),
+            Self::Docker(p) => write!(f, "docker sandbox {p}"),
         }
     }
 }

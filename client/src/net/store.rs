@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS ports (proto TEXT NOT NULL, host_port INTEGER NOT NUL
 CREATE TABLE IF NOT EXISTS services (network TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL,
     PRIMARY KEY (network, name));
 CREATE TABLE IF NOT EXISTS cursors (network TEXT PRIMARY KEY, last TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (kind TEXT NOT NULL, key TEXT NOT NULL, spec TEXT NOT NULL,
+    PRIMARY KEY (kind, key));
 ";
 
 /// The state database.
@@ -231,9 +233,11 @@ impl Store {
                 "DELETE FROM endpoints WHERE network = ?1 AND name = ?2",
                 params![e.network, e.name],
             )?;
+            // Only the endpoint's own claim: an address Docker's IPAM handed out stays held
+            // until Docker releases it.
             tx.execute(
-                "DELETE FROM addresses WHERE network = ?1 AND ip = ?2",
-                params![e.network, e.ip.to_string()],
+                "DELETE FROM addresses WHERE network = ?1 AND ip = ?2 AND owner = ?3",
+                params![e.network, e.ip.to_string(), owner_endpoint(&e.name)],
             )?;
             for p in ports.iter().filter(|p| p.endpoint == e.name) {
                 tx.execute(
@@ -326,6 +330,48 @@ impl Store {
             }
             tx.commit()?;
             Ok(())
+        })
+    }
+}
+
+/// Documents of other parts of the agent (the Docker plugin's pools, networks and endpoints),
+/// by kind and key.
+impl Store {
+    /// Stores (replacing) one document.
+    pub fn put_doc<T: Serialize>(&self, kind: &str, key: &str, doc: &T) -> Result<(), NetError> {
+        self.with(|db| {
+            db.execute(
+                "INSERT INTO documents (kind, key, spec) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(kind, key) DO UPDATE SET spec = excluded.spec",
+                params![kind, key, json(doc)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// One document.
+    pub fn doc<T: DeserializeOwned>(&self, kind: &str, key: &str) -> Result<Option<T>, NetError> {
+        self.with(|db| {
+            let s: Option<String> = db
+                .query_row(
+                    "SELECT spec FROM documents WHERE kind = ?1 AND key = ?2",
+                    [kind, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            s.map(|s| parse(&s)).transpose()
+        })
+    }
+
+    /// Every document of a kind, by key.
+    pub fn docs<T: DeserializeOwned>(&self, kind: &str) -> Result<Vec<T>, NetError> {
+        self.all("SELECT spec FROM documents WHERE kind = ?1 ORDER BY key", Some(kind))
+    }
+
+    /// Forgets one document; false when there was none.
+    pub fn delete_doc(&self, kind: &str, key: &str) -> Result<bool, NetError> {
+        self.with(|db| {
+            Ok(db.execute("DELETE FROM documents WHERE kind = ?1 AND key = ?2", [kind, key])? == 1)
         })
     }
 }

@@ -176,12 +176,7 @@ impl NetManager {
             .filter(|n| Some(n.name.as_str()) != except)
             .map(|n| (n.name, n.subnet))
             .collect();
-        let routes: Vec<(Ipv4Net, String)> = kernel
-            .routes()
-            .await?
-            .into_iter()
-            .filter(|(_, dev)| !dev.starts_with("wrb-"))
-            .collect();
+        let routes = super::host_routes(kernel).await?;
         let taken = ipam::Taken { networks: &ours, routes: &routes };
         ipam::check_subnet(subnet, &taken)
     }

@@ -1,0 +1,868 @@
+//! Docker's remote network driver and IPAM driver, on `/run/docker/plugins/warren.sock`,
+//! backed by warren's networks: `docker network create -d warren --ipam-driver warren NAME`.
+//!
+//! How Docker 20.10 speaks the protocol, and what breaks naive plugins, is in the project's
+//! reference notes; the rules followed here:
+//! - every call is an HTTP/1.1 POST with a JSON body or none, and no Content-Type; unknown
+//!   paths get 404;
+//! - IPAM errors are `{"Error": ...}`, network driver errors `{"Err": ...}`;
+//! - a pool chosen by the IPAM (`"Pool": ""`) is a free `/24` of the agent's pool, never one
+//!   already promised, so Docker's retry loop ends; identical explicit requests share a pool;
+//! - every allocation is in SQLite (the agent's `networks.db`), since Docker replays nothing to
+//!   a restarted plugin;
+//! - Docker supplies the addresses (and MACs when asked): the driver never echoes them, and
+//!   gives a MAC derived from the address when Docker has none;
+//! - the Join reply carries the gateway (no `docker_gwbridge`) and no static routes;
+//! - published ports arrive only as `com.docker.network.portmap`: the driver publishes them
+//!   through warren's own NAT; revoking and every teardown call are idempotent.
+//!
+//! The warren network behind a Docker network is named after it (lower case, `_` and `.` as
+//! `-`); Docker does not send the name, so the plugin asks Docker's API for it as soon as the
+//! network exists. Endpoints are named `ep-` and the endpoint id's first ten digits; the
+//! container's name, short id, host name and `--network-alias` names become its DNS aliases.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use ipnet::Ipv4Net;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::Docker;
+use crate::net::NetError;
+use crate::net::NetManager;
+use crate::net::manager::{CreateNetwork, Publish, parse_addr};
+
+/// Where Docker looks for a plugin named `warren`.
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/warren.sock";
+
+/// The address space this IPAM answers for.
+const ADDRESS_SPACE: &str = "warren";
+
+const POOL: &str = "docker-pool";
+const NETWORK: &str = "docker-network";
+const ENDPOINT: &str = "docker-endpoint";
+
+/// A pool handed to Docker, and what it reserved in it before the network existed.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct PoolDoc {
+    id: String,
+    subnet: Ipv4Net,
+    sub_pool: Option<Ipv4Net>,
+    /// How many identical `RequestPool`s hold it.
+    refs: u32,
+    gateway: Option<Ipv4Addr>,
+    aux: Vec<Ipv4Addr>,
+    /// The warren network made for it.
+    network: Option<String>,
+}
+
+/// A Docker network and the warren network behind it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NetDoc {
+    id: String,
+    pool: String,
+    gateway: Ipv4Addr,
+    mtu: Option<u32>,
+    /// The warren network, once made.
+    name: Option<String>,
+}
+
+/// A Docker endpoint and the warren endpoint behind it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct EpDoc {
+    id: String,
+    network: String,
+    name: String,
+    ip: Ipv4Addr,
+}
+
+/// The plugin: warren's networks, and Docker's API to learn names.
+#[derive(Debug)]
+pub struct Plugin {
+    net: Arc<NetManager>,
+    docker_socket: Option<PathBuf>,
+    docker: tokio::sync::OnceCell<Docker>,
+    /// Docker's calls change state one at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// A refusal, as the driver (`Err`) or the IPAM (`Error`) spells it.
+struct Refusal(&'static str, String);
+
+impl From<NetError> for Refusal {
+    fn from(e: NetError) -> Self {
+        Self("Err", e.to_string())
+    }
+}
+
+type Reply = Result<Value, Refusal>;
+
+fn ipam(e: impl std::fmt::Display) -> Refusal {
+    Refusal("Error", e.to_string())
+}
+
+fn driver(e: impl std::fmt::Display) -> Refusal {
+    Refusal("Err", e.to_string())
+}
+
+fn body<T: DeserializeOwned + Default>(bytes: &[u8]) -> Result<T, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(bytes).map_err(|e| format!("unreadable request: {e}"))
+}
+
+/// The warren network name for Docker network `docker_name`, when it makes a valid one.
+fn warren_name(docker_name: &str) -> Option<String> {
+    let n: String = docker_name
+        .chars()
+        .map(|c| if c == '_' || c == '.' { '-' } else { c.to_ascii_lowercase() })
+        .collect();
+    crate::net::model::check_name("network", &n).is_ok().then_some(n)
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+struct PoolReq {
+    address_space: String,
+    pool: String,
+    sub_pool: String,
+    #[serde(rename = "V6")]
+    v6: bool,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct AddressReq {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "Options")]
+    options: Option<HashMap<String, String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct PoolIdReq {
+    #[serde(rename = "PoolID")]
+    pool_id: String,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct IpamData {
+    #[serde(rename = "Pool")]
+    pool: String,
+    #[serde(rename = "Gateway")]
+    gateway: String,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct NetworkReq {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "Options")]
+    options: Value,
+    #[serde(rename = "IPv4Data")]
+    ipv4: Option<Vec<IpamData>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct Iface {
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "MacAddress")]
+    mac: String,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct EndpointReq {
+    #[serde(rename = "NetworkID")]
+    network_id: String,
+    #[serde(rename = "EndpointID")]
+    endpoint_id: String,
+    #[serde(rename = "Interface")]
+    interface: Option<Iface>,
+    #[serde(rename = "SandboxKey")]
+    sandbox_key: String,
+    #[serde(rename = "Options")]
+    options: Value,
+}
+
+impl Plugin {
+    /// A plugin over `net`; the Docker API at `docker_socket` (once reachable: plugins start
+    /// before dockerd) tells network and container names.
+    pub fn new(net: Arc<NetManager>, docker_socket: Option<PathBuf>) -> Arc<Self> {
+        Arc::new(Self {
+            net,
+            docker_socket,
+            docker: tokio::sync::OnceCell::new(),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    async fn docker(&self) -> Option<&Docker> {
+        let socket = self.docker_socket.as_ref()?;
+        match self.docker.get_or_try_init(|| Docker::connect(socket)).await {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!("docker plugin: {e}");
+                None
+            }
+        }
+    }
+
+    /// Serves the plugin socket at `path` until `shutdown`, then removes it.
+    pub async fn serve(
+        self: Arc<Self>,
+        path: &Path,
+        shutdown: CancellationToken,
+    ) -> Result<(), String> {
+        self.net.available().map_err(|e| format!("the Docker plugin needs networks: {e}"))?;
+        let listener = bind(path).await?;
+        tracing::info!("docker: network and IPAM plugin \"warren\" on {}", path.display());
+        allow_forwarding_through_docker().await;
+        let app = Router::new().fallback(dispatch).with_state(self);
+        let path = path.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app.into_make_service())
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await
+            {
+                tracing::warn!("docker plugin ended: {e}");
+            }
+            let _ = std::fs::remove_file(&path);
+        });
+        Ok(())
+    }
+
+    async fn call(self: &Arc<Self>, path: &str, bytes: &[u8]) -> Option<Reply> {
+        // Decodes the body for `$method`; an unreadable one is refused as `$refuse` spells it.
+        macro_rules! call {
+            ($refuse:ident, $method:ident $(, $arg:expr)?) => {
+                match body(bytes) {
+                    Ok(r) => self.$method(r $(, $arg)?).await,
+                    Err(e) => Err($refuse(e)),
+                }
+            };
+        }
+        Some(match path {
+            "/Plugin.Activate" => Ok(json!({ "Implements": ["NetworkDriver", "IpamDriver"] })),
+            "/NetworkDriver.GetCapabilities" => {
+                Ok(json!({ "Scope": "local", "ConnectivityScope": "local" }))
+            }
+            "/IpamDriver.GetCapabilities" => {
+                Ok(json!({ "RequiresMACAddress": false, "RequiresRequestReplay": false }))
+            }
+            "/IpamDriver.GetDefaultAddressSpaces" => Ok(json!({
+                "LocalDefaultAddressSpace": ADDRESS_SPACE,
+                "GlobalDefaultAddressSpace": ADDRESS_SPACE,
+            })),
+            "/IpamDriver.RequestPool" => call!(ipam, request_pool),
+            "/IpamDriver.ReleasePool" => call!(ipam, release_pool),
+            "/IpamDriver.RequestAddress" => call!(ipam, request_address),
+            "/IpamDriver.ReleaseAddress" => call!(ipam, release_address),
+            "/NetworkDriver.CreateNetwork" => call!(driver, create_network),
+            "/NetworkDriver.DeleteNetwork" => call!(driver, delete_network),
+            "/NetworkDriver.CreateEndpoint" => call!(driver, create_endpoint),
+            "/NetworkDriver.Join" => call!(driver, join),
+            "/NetworkDriver.ProgramExternalConnectivity" => call!(driver, program),
+            "/NetworkDriver.RevokeExternalConnectivity" => call!(driver, revoke),
+            "/NetworkDriver.Leave" => call!(driver, leave, false),
+            "/NetworkDriver.DeleteEndpoint" => call!(driver, leave, true),
+            "/NetworkDriver.EndpointOperInfo" => call!(driver, oper_info),
+            "/NetworkDriver.DiscoverNew" | "/NetworkDriver.DiscoverDelete" => Ok(json!({})),
+            _ => return None,
+        })
+    }
+
+    async fn request_pool(&self, r: PoolReq) -> Reply {
+        if r.v6 {
+            return Err(ipam("warren networks are IPv4 only: create the network without --ipv6"));
+        }
+        if !r.address_space.is_empty() && r.address_space != ADDRESS_SPACE {
+            return Err(ipam(format!(
+                "unknown address space {:?}: warren's is {ADDRESS_SPACE:?}",
+                r.address_space
+            )));
+        }
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let pools: Vec<PoolDoc> = store.docs(POOL).map_err(ipam)?;
+        let sub_pool = match r.sub_pool.as_str() {
+            "" => None,
+            s => Some(s.parse::<Ipv4Net>().map_err(|_| {
+                ipam(format!("--ip-range {s:?} is not an IPv4 CIDR such as 10.213.5.128/25"))
+            })?),
+        };
+        if !r.pool.is_empty() {
+            let subnet: Ipv4Net = r
+                .pool
+                .parse()
+                .map_err(|_| ipam(format!("--subnet {:?} is not an IPv4 CIDR", r.pool)))?;
+            if let Some(mut p) = pools.iter().find(|p| p.subnet == subnet).cloned() {
+                if p.sub_pool != sub_pool || p.network.is_some() {
+                    return Err(ipam(format!(
+                        "subnet {subnet} is in use by another Docker network of warren's"
+                    )));
+                }
+                p.refs += 1;
+                store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+                return Ok(json!({ "PoolID": p.id, "Pool": p.subnet.to_string(), "Data": {} }));
+            }
+        }
+        let reserved: Vec<Ipv4Net> = pools.iter().map(|p| p.subnet).collect();
+        let wanted = (!r.pool.is_empty()).then_some(r.pool.as_str());
+        let subnet = self.net.free_subnet(wanted, &reserved).await.map_err(ipam)?;
+        if let Some(s) = sub_pool
+            && (!subnet.contains(&s.network()) || !subnet.contains(&s.broadcast()))
+        {
+            return Err(ipam(format!("--ip-range {s} is not inside the subnet {subnet}")));
+        }
+        let p = PoolDoc {
+            id: format!("{ADDRESS_SPACE}/{subnet}"),
+            subnet,
+            sub_pool,
+            refs: 1,
+            gateway: None,
+            aux: Vec::new(),
+            network: None,
+        };
+        store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+        tracing::info!("docker: pool {subnet} handed out");
+        Ok(json!({ "PoolID": p.id, "Pool": subnet.to_string(), "Data": {} }))
+    }
+
+    async fn release_pool(&self, r: PoolIdReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        if let Some(mut p) = store.doc::<PoolDoc>(POOL, &r.pool_id).map_err(ipam)? {
+            p.refs = p.refs.saturating_sub(1);
+            if p.refs == 0 {
+                store.delete_doc(POOL, &p.id).map_err(ipam)?;
+            } else {
+                store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+            }
+        }
+        Ok(json!({}))
+    }
+
+    async fn request_address(self: &Arc<Self>, r: AddressReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let Some(mut p) = store.doc::<PoolDoc>(POOL, &r.pool_id).map_err(ipam)? else {
+            return Err(ipam(format!("unknown pool {:?}", r.pool_id)));
+        };
+        let len = p.subnet.prefix_len();
+        let fixed = match r.address.as_str() {
+            "" => None,
+            a => Some(parse_addr("address", a).map_err(ipam)?),
+        };
+        if let Some(ip) = fixed
+            && (!p.subnet.contains(&ip) || ip == p.subnet.network() || ip == p.subnet.broadcast())
+        {
+            return Err(ipam(format!("address {ip} is not a host address of {}", p.subnet)));
+        }
+        let gateway = r
+            .options
+            .as_ref()
+            .and_then(|o| o.get("RequestAddressType"))
+            .is_some_and(|t| t == "com.docker.network.gateway");
+        if gateway {
+            let g = match (fixed, p.gateway) {
+                (Some(g), _) => g,
+                (None, Some(g)) => g,
+                (None, None) => p.subnet.hosts().next().ok_or_else(|| ipam("subnet too small"))?,
+            };
+            p.gateway = Some(g);
+            store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+            return Ok(json!({ "Address": format!("{g}/{len}"), "Data": {} }));
+        }
+        let network = match &p.network {
+            Some(n) => n.clone(),
+            None => {
+                let nid = store
+                    .docs::<NetDoc>(NETWORK)
+                    .map_err(ipam)?
+                    .into_iter()
+                    .find(|n| n.pool == p.id)
+                    .map(|n| n.id);
+                match (nid, fixed) {
+                    (Some(nid), _) => self.ensure_network(&nid).await.map_err(ipam)?,
+                    // Before the network exists: an --aux-address.
+                    (None, Some(ip)) => {
+                        if Some(ip) == p.gateway || p.aux.contains(&ip) {
+                            return Err(ipam(format!("address {ip} is reserved already")));
+                        }
+                        p.aux.push(ip);
+                        store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+                        return Ok(json!({ "Address": format!("{ip}/{len}"), "Data": {} }));
+                    }
+                    (None, None) => return Err(ipam(format!("pool {} has no network yet", p.id))),
+                }
+            }
+        };
+        let ip = self.net.docker_claim(&network, fixed).map_err(ipam)?;
+        Ok(json!({ "Address": format!("{ip}/{len}"), "Data": {} }))
+    }
+
+    async fn release_address(&self, r: AddressReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let Some(mut p) = store.doc::<PoolDoc>(POOL, &r.pool_id).map_err(ipam)? else {
+            return Ok(json!({}));
+        };
+        let Ok(ip) = parse_addr("address", &r.address) else { return Ok(json!({})) };
+        if let Some(n) = &p.network {
+            if Some(ip) != p.gateway {
+                self.net.docker_release(n, ip).map_err(ipam)?;
+            }
+        } else {
+            p.aux.retain(|a| *a != ip);
+            store.put_doc(POOL, &p.id, &p).map_err(ipam)?;
+        }
+        Ok(json!({}))
+    }
+
+    async fn create_network(self: &Arc<Self>, r: NetworkReq) -> Reply {
+        let generic = &r.options["com.docker.network.generic"];
+        if let Some(d) = generic["warren.driver"].as_str()
+            && d != "bridge"
+        {
+            return Err(driver(format!(
+                "-o warren.driver={d}: Docker networks of warren are bridges on this host \
+                 (for networks across hosts use `warren net create --driver overlay` and \
+                 `warren net attach`)"
+            )));
+        }
+        let mtu = match generic["com.docker.network.driver.mtu"].as_str() {
+            Some(m) => {
+                Some(m.parse::<u32>().map_err(|_| driver(format!("MTU {m:?} is not a number")))?)
+            }
+            None => None,
+        };
+        let data = r.ipv4.unwrap_or_default();
+        let Some(d) = data.first() else {
+            return Err(driver("no IPv4 pool: create the network with --ipam-driver warren"));
+        };
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let pool_id = format!("{ADDRESS_SPACE}/{}", d.pool);
+        let Some(pool) = store.doc::<PoolDoc>(POOL, &pool_id)? else {
+            return Err(driver(format!(
+                "pool {} is not warren's: create the network with --ipam-driver warren too \
+                 (warren keeps the addresses of its networks)",
+                d.pool
+            )));
+        };
+        let gateway = match d.gateway.as_str() {
+            "" => pool.gateway.ok_or_else(|| driver("the network has no gateway"))?,
+            g => parse_addr("gateway", g)?,
+        };
+        let doc = NetDoc { id: r.network_id.clone(), pool: pool.id, gateway, mtu, name: None };
+        store.put_doc(NETWORK, &doc.id, &doc)?;
+        // Docker stores the network (and its name) once this call returns.
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let known = match me.docker().await {
+                    Some(d) => d.get::<Value>(&format!("/networks/{}", doc.id)).await.is_ok(),
+                    None => true,
+                };
+                if !known {
+                    continue;
+                }
+                let _g = me.lock.lock().await;
+                if me.net.store().doc::<NetDoc>(NETWORK, &doc.id).ok().flatten().is_some()
+                    && let Err(e) = me.ensure_network(&doc.id).await
+                {
+                    tracing::warn!("docker network {:.12}: {e}", doc.id);
+                }
+                return;
+            }
+        });
+        Ok(json!({}))
+    }
+
+    /// The warren network behind Docker network `nid`, made now if it is not yet. Called with
+    /// the lock held.
+    async fn ensure_network(&self, nid: &str) -> Result<String, NetError> {
+        let store = self.net.store();
+        let Some(mut doc) = store.doc::<NetDoc>(NETWORK, nid)? else {
+            return Err(NetError::NotFound(format!("unknown network {nid:.12}")));
+        };
+        if let Some(name) = &doc.name
+            && self.net.find_network(name)?.is_some()
+        {
+            return Ok(name.clone());
+        }
+        let Some(mut pool) = store.doc::<PoolDoc>(POOL, &doc.pool)? else {
+            return Err(NetError::NotFound(format!("network {nid:.12} lost its pool")));
+        };
+        let docker_name = match self.docker().await {
+            Some(d) => d
+                .get::<Value>(&format!("/networks/{nid}"))
+                .await
+                .ok()
+                .and_then(|v| v["Name"].as_str().map(str::to_owned)),
+            None => None,
+        };
+        let fallback = format!("docker-{}", &nid[..nid.len().min(12)]);
+        let mut name = docker_name.as_deref().and_then(warren_name).unwrap_or(fallback.clone());
+        if self.net.find_network(&name)?.is_some() {
+            tracing::warn!(
+                "a warren network named {name} exists already; Docker's network {} is {fallback} in warren",
+                docker_name.as_deref().unwrap_or("?")
+            );
+            name = fallback;
+        }
+        self.net
+            .create_network(CreateNetwork {
+                name: name.clone(),
+                driver: None,
+                subnet: Some(pool.subnet.to_string()),
+                gateway: Some(doc.gateway.to_string()),
+                ip_range: pool.sub_pool.map(|s| s.to_string()),
+                mtu: doc.mtu,
+            })
+            .await?;
+        for aux in std::mem::take(&mut pool.aux) {
+            if let Err(e) = self.net.docker_claim(&name, Some(aux)) {
+                tracing::warn!("docker network {name}: aux address {aux}: {e}");
+            }
+        }
+        pool.network = Some(name.clone());
+        store.put_doc(POOL, &pool.id, &pool)?;
+        doc.name = Some(name.clone());
+        store.put_doc(NETWORK, &doc.id, &doc)?;
+        allow_forwarding_through_docker().await;
+        Ok(name)
+    }
+
+    async fn delete_network(&self, r: NetworkReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let Some(doc) = store.doc::<NetDoc>(NETWORK, &r.network_id)? else {
+            return Ok(json!({}));
+        };
+        if let Some(name) = &doc.name {
+            match self.net.remove_network(name, true).await {
+                Ok(()) | Err(NetError::NotFound(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if let Some(mut p) = store.doc::<PoolDoc>(POOL, &doc.pool)? {
+            p.network = None;
+            p.aux.clear();
+            store.put_doc(POOL, &p.id, &p)?;
+        }
+        for e in store.docs::<EpDoc>(ENDPOINT)?.into_iter().filter(|e| e.network == doc.id) {
+            store.delete_doc(ENDPOINT, &e.id)?;
+        }
+        store.delete_doc(NETWORK, &doc.id)?;
+        Ok(json!({}))
+    }
+
+    async fn create_endpoint(self: &Arc<Self>, r: EndpointReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let network = self.ensure_network(&r.network_id).await?;
+        let iface = r.interface.unwrap_or_default();
+        if iface.address.is_empty() {
+            return Err(driver("the endpoint has no IPv4 address from warren's IPAM"));
+        }
+        let ip = parse_addr("address", &iface.address)?;
+        let name = format!("ep-{}", &r.endpoint_id[..r.endpoint_id.len().min(10)]);
+        let doc = EpDoc { id: r.endpoint_id.clone(), network: r.network_id, name, ip };
+        self.net.store().put_doc(ENDPOINT, &doc.id, &doc)?;
+        tracing::debug!("docker endpoint {} in {network}: {ip}", doc.name);
+        if iface.mac.is_empty() {
+            let mac = crate::net::model::mac_text(crate::net::model::mac_for(ip));
+            return Ok(json!({ "Interface": { "MacAddress": mac } }));
+        }
+        Ok(json!({ "Interface": {} }))
+    }
+
+    /// The endpoint and its warren network.
+    async fn endpoint(&self, nid: &str, eid: &str) -> Result<(EpDoc, String), Refusal> {
+        let store = self.net.store();
+        let doc = store
+            .doc::<EpDoc>(ENDPOINT, eid)?
+            .ok_or_else(|| driver(format!("unknown endpoint {eid:.12}")))?;
+        let net = store
+            .doc::<NetDoc>(NETWORK, nid)?
+            .and_then(|n| n.name)
+            .ok_or_else(|| driver(format!("unknown network {nid:.12}")))?;
+        Ok((doc, net))
+    }
+
+    async fn join(self: &Arc<Self>, r: EndpointReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let (doc, net) = self.endpoint(&r.network_id, &r.endpoint_id).await?;
+        if r.sandbox_key.is_empty() {
+            return Err(driver("Join without a SandboxKey"));
+        }
+        let peer = self.net.docker_join(&net, &doc.name, doc.ip, &r.sandbox_key).await?;
+        let gateway =
+            self.net.find_network(&net)?.map(|n| n.gateway.to_string()).unwrap_or_default();
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.learn_names(doc, net).await });
+        Ok(json!({
+            "InterfaceName": { "SrcName": peer, "DstPrefix": "eth" },
+            "Gateway": gateway,
+            "DisableGatewayService": false,
+        }))
+    }
+
+    /// Finds the container behind endpoint `doc` (Docker lists it once the join is done) and
+    /// gives the endpoint its names.
+    async fn learn_names(&self, doc: EpDoc, net: String) {
+        let Some(docker) = self.docker().await else { return };
+        for _ in 0..150 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(n) = docker.get::<Value>(&format!("/networks/{}", doc.network)).await else {
+                continue;
+            };
+            let found = n["Containers"].as_object().and_then(|m| {
+                m.iter()
+                    .find(|(_, c)| c["EndpointID"] == doc.id.as_str())
+                    .map(|(id, c)| (id.clone(), c["Name"].as_str().unwrap_or_default().to_owned()))
+            });
+            let Some((cid, cname)) = found else { continue };
+            let docker_net = n["Name"].as_str().unwrap_or_default().to_owned();
+            let mut names = vec![cname.clone(), cid.chars().take(12).collect()];
+            if let Ok(c) = docker.get::<super::Container>(&format!("/containers/{cid}/json")).await
+            {
+                if let Some(cn) = c.networks().get(&docker_net) {
+                    names.extend(cn.aliases.clone().unwrap_or_default());
+                }
+                names.push(c.config.hostname.clone());
+            }
+            names.retain(|n| !n.is_empty());
+            match self.net.set_aliases(&net, &doc.name, names).await {
+                Ok(kept) => tracing::info!(
+                    "docker endpoint {} of {net} is container {cname}: names {}",
+                    doc.name,
+                    kept.join(", ")
+                ),
+                Err(e) => tracing::debug!("docker endpoint {}: {e}", doc.name),
+            }
+            return;
+        }
+        tracing::warn!("docker endpoint {} of {net}: its container never showed up", doc.name);
+    }
+
+    async fn program(&self, r: EndpointReq) -> Reply {
+        let _g = self.lock.lock().await;
+        let (doc, net) = self.endpoint(&r.network_id, &r.endpoint_id).await?;
+        let Some(maps) = r.options["com.docker.network.portmap"].as_array() else {
+            return Ok(json!({}));
+        };
+        let have = self.net.ports_of(&net, &doc.name)?;
+        let mut done: Vec<(String, u16, Option<String>)> = Vec::new();
+        for m in maps {
+            let proto = match m["Proto"].as_u64() {
+                Some(6) => "tcp",
+                Some(17) => "udp",
+                p => {
+                    return self
+                        .undo(&net, done, format!("protocol {p:?}: warren publishes TCP and UDP"))
+                        .await;
+                }
+            };
+            let port = m["Port"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+            let host_port = m["HostPort"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or(0);
+            if host_port == 0 {
+                return self
+                    .undo(
+                        &net,
+                        done,
+                        format!(
+                            "-p {port}/{proto}: give the host port (-p HOST_PORT:{port}); warren \
+                             publishes the ports of its networks itself and picks none"
+                        ),
+                    )
+                    .await;
+            }
+            let host_ip = match m["HostIP"].as_str().unwrap_or_default() {
+                "" | "0.0.0.0" => None,
+                "::" => continue,
+                ip => Some(ip.to_owned()),
+            };
+            let parsed: Option<Ipv4Addr> = host_ip.as_deref().and_then(|s| s.parse().ok());
+            if have.iter().any(|p| {
+                p.proto.as_str() == proto
+                    && p.host_port == host_port
+                    && p.host_ip == parsed
+                    && p.port == port
+            }) {
+                continue;
+            }
+            let req = Publish {
+                endpoint: doc.name.clone(),
+                host_port,
+                port,
+                proto: Some(proto.to_owned()),
+                host_ip: host_ip.clone(),
+            };
+            if let Err(e) = self.net.publish(&net, req).await {
+                return self.undo(&net, done, e.to_string()).await;
+            }
+            done.push((proto.to_owned(), host_port, host_ip));
+        }
+        Ok(json!({}))
+    }
+
+    /// Unpublishes what one call published, and refuses with `why`.
+    async fn undo(
+        &self,
+        net: &str,
+        done: Vec<(String, u16, Option<String>)>,
+        why: String,
+    ) -> Reply {
+        for (proto, port, ip) in done {
+            let _ = self.net.unpublish(net, &proto, port, ip.as_deref()).await;
+        }
+        Err(driver(why))
+    }
+
+    async fn revoke(&self, r: EndpointReq) -> Reply {
+        let _g = self.lock.lock().await;
+        if let Ok((doc, net)) = self.endpoint(&r.network_id, &r.endpoint_id).await {
+            self.net.unpublish_endpoint(&net, &doc.name).await?;
+        }
+        Ok(json!({}))
+    }
+
+    async fn leave(&self, r: EndpointReq, delete: bool) -> Reply {
+        let _g = self.lock.lock().await;
+        if let Ok((doc, net)) = self.endpoint(&r.network_id, &r.endpoint_id).await {
+            self.net.docker_leave(&net, &doc.name).await?;
+        }
+        if delete {
+            self.net.store().delete_doc(ENDPOINT, &r.endpoint_id)?;
+        }
+        Ok(json!({}))
+    }
+
+    async fn oper_info(&self, r: EndpointReq) -> Reply {
+        let (doc, net) = self.endpoint(&r.network_id, &r.endpoint_id).await?;
+        Ok(json!({ "Value": { "warren.network": net, "warren.endpoint": doc.name } }))
+    }
+}
+
+async fn dispatch(State(p): State<Arc<Plugin>>, uri: Uri, bytes: Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let reply = p.call(&path, &bytes).await;
+    let mut resp = match reply {
+        None => (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({ "Err": format!("{path} is not implemented") })),
+        )
+            .into_response(),
+        Some(Ok(v)) => axum::Json(v).into_response(),
+        Some(Err(Refusal(key, message))) => {
+            tracing::warn!("docker plugin: {path}: {message}");
+            axum::Json(json!({ key: message })).into_response()
+        }
+    };
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/vnd.docker.plugins.v1+json"),
+    );
+    resp
+}
+
+/// Listens at `path`: a socket left by an agent that is gone is replaced; one that answers is
+/// another plugin's, and refused.
+async fn bind(path: &Path) -> Result<tokio::net::UnixListener, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(format!(
+                "{} is served by another process already (another warren agent?)",
+                path.display()
+            ));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    tokio::net::UnixListener::bind(path).map_err(|e| {
+        format!("cannot listen on {}: {e} (--docker-plugin-socket PATH)", path.display())
+    })
+}
+
+/// Docker's `FORWARD` chain drops what it does not know, bridged traffic too once it loaded
+/// `br_netfilter`: its `DOCKER-USER` chain, which exists for rules like these, lets traffic
+/// from and to warren's bridges through. Nothing happens where Docker has no such chain.
+pub async fn allow_forwarding_through_docker() {
+    let iptables = |args: Vec<&str>| {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            tokio::process::Command::new("iptables")
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .await
+                .is_ok_and(|s| s.success())
+        }
+    };
+    if !iptables(vec!["-w", "-n", "-L", "DOCKER-USER"]).await {
+        return;
+    }
+    for dir in ["-i", "-o"] {
+        if !iptables(vec!["-w", "-C", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"]).await
+            && !iptables(vec!["-w", "-I", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"]).await
+        {
+            tracing::warn!(
+                "cannot let warren's bridges through Docker's FORWARD chain: run \
+                 `iptables -I DOCKER-USER {dir} wrb+ -j ACCEPT`"
+            );
+        }
+    }
+}
+
+/// The default socket path.
+pub fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_names_become_warren_names() {
+        assert_eq!(warren_name("My_App.net").as_deref(), Some("my-app-net"));
+        assert_eq!(warren_name("backend").as_deref(), Some("backend"));
+        assert_eq!(warren_name("-x"), None);
+    }
+
+    #[test]
+    fn empty_and_bad_bodies() {
+        let r: PoolReq = body(b"").expect("empty body is the default");
+        assert!(r.pool.is_empty() && !r.v6);
+        let r: AddressReq = body(br#"{"PoolID":"warren/10.0.0.0/24","Address":"","Options":null}"#)
+            .expect("decodes");
+        assert!(r.options.is_none());
+        assert!(body::<PoolReq>(b"{nope").is_err());
+    }
+}
