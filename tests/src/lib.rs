@@ -25,6 +25,7 @@ pub mod agent;
 pub mod api_client;
 pub mod backend;
 pub mod client;
+pub mod docker;
 pub mod grpc;
 pub mod netns;
 pub mod overlay;

@@ -28,6 +28,9 @@ pub struct RelayOpts {
     pub no_quic: bool,
     /// Extra arguments appended as they are.
     pub extra_args: Vec<String>,
+    /// Where the control port listens (default `127.0.0.1:0`), e.g. on a bridge that
+    /// containers reach.
+    pub control: Option<String>,
 }
 
 impl Default for RelayOpts {
@@ -38,6 +41,7 @@ impl Default for RelayOpts {
             lease_grace: None,
             no_quic: false,
             extra_args: Vec::new(),
+            control: None,
         }
     }
 }
@@ -64,6 +68,12 @@ impl RelayOpts {
     /// Appends extra relay arguments.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Listens for agents on `addr` (`IP:0` for a free port) instead of loopback.
+    pub fn control(mut self, addr: &str) -> Self {
+        self.control = Some(addr.to_owned());
         self
     }
 
@@ -106,7 +116,8 @@ impl Relay {
         let stderr = Lines::default();
         let stdout = Lines::default();
         let any = "127.0.0.1:0";
-        let args = relay_args(&opts, &data_dir, [any, any, any, any]);
+        let control = opts.control.clone().unwrap_or_else(|| any.to_owned());
+        let args = relay_args(&opts, &data_dir, [&control, any, any, any]);
         let (proc, [control_addr, http_addr, https_addr, api_addr]) =
             match launch(&args, &stdout, &stderr, Instant::now() + READY_TIMEOUT).await {
                 Ok(v) => v,

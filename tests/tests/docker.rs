@@ -1,0 +1,522 @@
+//! Docker, against a real dockerd: the offline image, the sidecar, label-driven auto-expose and
+//! the network and IPAM plugin.
+//!
+//! Every test runs as root with `docker` answering (`scripts/test-all` installs docker.io and
+//! starts dockerd); containers sit on networks the test creates (`10.219.0.0/16`), and every
+//! container and network is removed at the end, failed or not. The plugin's agent runs in the
+//! host's namespace, where Docker expects the veths it moves into containers: do not run these
+//! tests on a host whose own warren agent manages networks.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::Value;
+use warren_tests::agent::Agent;
+use warren_tests::api_client::ApiClient;
+use warren_tests::client::http_get;
+use warren_tests::docker::{
+    BUSYBOX, Cleanup, IMAGE, PAGE, bridge_network, container_ip, docker, docker_fails, docker_ok,
+    images, nc_get, require,
+};
+use warren_tests::netns::retry;
+use warren_tests::relay::{Relay, RelayOpts};
+use warren_tests::util::{TempDir, closed_port, unique};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Polls the relay until `host` answers the busybox page (or `absent`: 404).
+async fn wait_page(relay: &Relay, host: &str, present: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match http_get(relay.http_addr, host, "/").await {
+            Ok(r) if present && r.status == 200 && r.text().contains(PAGE) => return,
+            Ok(r) if !present && r.status == 404 => return,
+            Ok(r) => last = format!("{} {:?}", r.status, r.text()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{host}: wanted {}, last answer {last}", if present { "the page" } else { "404" });
+}
+
+fn fingerprint(relay: &Relay) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&relay.ca_path)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.trim().rsplit('=').next().expect("fingerprint").to_owned()
+}
+
+#[test]
+fn offline_image_builds_and_runs_both_binaries_as_non_root() {
+    if !require() {
+        return;
+    }
+    images();
+    let v = docker_ok(&["run", "--rm", IMAGE, "--version"]);
+    assert!(v.starts_with("warren "), "{v}");
+    let v = docker_ok(&["run", "--rm", "--entrypoint", "warren-server", IMAGE, "--version"]);
+    assert!(v.starts_with("warren-server "), "{v}");
+    let help = docker_ok(&["run", "--rm", IMAGE, "agent", "--help"]);
+    assert!(help.contains("--docker-plugin"), "{help}");
+    let user = docker_ok(&["image", "inspect", "-f", "{{.Config.User}}", IMAGE]);
+    assert_eq!(user, "10001:10001");
+    // A wrong flag is an error with the usage, not a crash.
+    let err = docker_fails(&["run", "--rm", IMAGE, "http", "80", "--bogus"]);
+    assert!(err.contains("--bogus"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_in_the_apps_namespace_exposes_its_port() {
+    if !require() {
+        return;
+    }
+    images();
+    let mut clean = Cleanup::default();
+    let (net, gateway) = bridge_network(&mut clean, &unique("wt-side"), 11);
+    let relay = Relay::start(RelayOpts::default().control(&format!("{gateway}:0"))).await;
+    let app = clean.container(&unique("wt-app"));
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &app,
+        "--network",
+        &net,
+        BUSYBOX,
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    let side = clean.container(&unique("wt-sidecar"));
+    let sub = unique("side");
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &side,
+        "--network",
+        &format!("container:{app}"),
+        IMAGE,
+        "http",
+        "80",
+        "--subdomain",
+        &sub,
+        "--relay",
+        &relay.control_addr.to_string(),
+        "--token",
+        relay.token(),
+        "--relay-fingerprint",
+        &fingerprint(&relay),
+    ]);
+    wait_page(&relay, &format!("{sub}.localhost"), true).await;
+    // The sidecar printed the URL alone on stdout.
+    let logs = docker(&["logs", &side]);
+    let out = String::from_utf8_lossy(&logs.stdout).into_owned();
+    assert!(out.trim().starts_with(&format!("http://{sub}.localhost")), "{out}");
+    // The app stops: the visitor gets the relay's error page, not a hang.
+    docker_ok(&["stop", "-t", "1", &app]);
+    let r = http_get(relay.http_addr, &format!("{sub}.localhost"), "/").await;
+    assert!(r.map(|r| r.status != 200).unwrap_or(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_containers_get_tunnels_while_they_run() {
+    if !require() {
+        return;
+    }
+    images();
+    let mut clean = Cleanup::default();
+    let (net, _) = bridge_network(&mut clean, &unique("wt-expose"), 12);
+    let relay = Relay::start_default().await;
+    let run = |name: &str, labels: &[&str]| {
+        let mut args = vec!["run", "-d", "--name", name, "--network", &net];
+        for l in labels {
+            args.push("--label");
+            args.push(l);
+        }
+        args.extend([BUSYBOX, "busybox", "httpd", "-f", "-p", "80", "-h", "/www"]);
+        docker_ok(&args);
+    };
+    // Running before the agent starts.
+    let (early, sub_early) = (clean.container(&unique("wt-early")), unique("early"));
+    run(&early, &["warren.http=80", &format!("warren.subdomain={sub_early}")]);
+    // A misspelt option: no tunnel at all, rather than one without the wanted password.
+    let typo = clean.container(&unique("wt-typo"));
+    run(&typo, &["warren.http=80", "warren.basicauth=ann:pw", "warren.subdomain=typo"]);
+    // No label: ignored.
+    let plain = clean.container(&unique("wt-plain"));
+    run(&plain, &[]);
+
+    let tmp = TempDir::new("expose");
+    let mut agent = relay.spawn_agent(
+        "expose",
+        [
+            "agent",
+            "--docker",
+            "--no-networks",
+            "--config-dir",
+            tmp.dir("agent").to_str().expect("utf-8"),
+        ],
+    );
+    wait_page(&relay, &format!("{sub_early}.localhost"), true).await;
+
+    // Started later, with basic auth and a TCP tunnel beside the HTTP one.
+    let (late, sub_late) = (clean.container(&unique("wt-late")), unique("late"));
+    run(
+        &late,
+        &[
+            "warren.http=80",
+            "warren.tcp=80",
+            &format!("warren.subdomain={sub_late}"),
+            "warren.basic-auth=ann:s3cret",
+        ],
+    );
+    let host = format!("{sub_late}.localhost");
+    retry(WAIT, "the late container's tunnel", || {
+        let r = std::process::Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("Host: {host}")])
+            .arg(format!("http://{}/", relay.http_addr))
+            .output()?;
+        anyhow::ensure!(String::from_utf8_lossy(&r.stdout) == "401", "{:?}", r.stdout);
+        Ok(())
+    });
+    let page = std::process::Command::new("curl")
+        .args(["-s", "-u", "ann:s3cret", "-H", &format!("Host: {host}")])
+        .arg(format!("http://{}/", relay.http_addr))
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&page.stdout).contains(PAGE));
+
+    // The agent's API says which container each tunnel serves.
+    let api = ApiClient::anonymous(agent.api_addr().await);
+    let tunnels = api.get("/api/tunnels").await.json();
+    let by_name = |n: &str| -> Value {
+        tunnels["tunnels"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == n).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let late_ip = container_ip(&late, &net);
+    assert_eq!(by_name(&format!("{late}-http"))["container"], late.as_str(), "{tunnels:#}");
+    assert_eq!(by_name(&format!("{late}-http"))["config"]["addr"], format!("{late_ip}:80"));
+    assert_eq!(by_name(&format!("{late}-tcp"))["proto"], "tcp");
+    assert_eq!(by_name(&format!("{early}-http"))["container"], early.as_str());
+    assert!(by_name(&format!("{typo}-http")).is_null(), "{tunnels:#}");
+    assert!(by_name(&format!("{plain}-http")).is_null());
+    let tcp_url =
+        by_name(&format!("{late}-tcp"))["public_url"].as_str().unwrap_or_default().to_owned();
+    let tcp_port: u16 = tcp_url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("tcp url");
+    let raw = std::process::Command::new("curl")
+        .args(["-s", "-u", "ann:s3cret"])
+        .arg(format!("http://127.0.0.1:{tcp_port}/"))
+        .output()
+        .expect("curl");
+    assert!(String::from_utf8_lossy(&raw.stdout).contains(PAGE), "TCP tunnel {tcp_url}");
+    assert!(
+        agent.stderr_text().contains("unknown label warren.basicauth"),
+        "{}",
+        agent.stderr_text()
+    );
+
+    // Stopped: the tunnel closes. Started again: it opens again.
+    docker_ok(&["stop", "-t", "1", &early]);
+    wait_page(&relay, &format!("{sub_early}.localhost"), false).await;
+    docker_ok(&["start", &early]);
+    wait_page(&relay, &format!("{sub_early}.localhost"), true).await;
+
+    // Re-created with other labels: the new labels are followed.
+    docker_ok(&["rm", "-f", &late]);
+    let sub_new = unique("renamed");
+    run(&late, &["warren.http=80", &format!("warren.subdomain={sub_new}")]);
+    wait_page(&relay, &format!("{sub_new}.localhost"), true).await;
+    wait_page(&relay, &format!("{sub_late}.localhost"), false).await;
+    agent.assert_running();
+}
+
+/// The plugin's agent, on the host, with its plugin socket named `driver`.
+fn plugin_agent(driver: &str, dir: &TempDir) -> Agent {
+    Agent::spawn(
+        &format!("plugin-{driver}"),
+        [
+            "agent",
+            "--docker-plugin",
+            "--docker-plugin-socket",
+            &format!("/run/docker/plugins/{driver}.sock"),
+            "--config-dir",
+            dir.dir("agent").to_str().expect("utf-8"),
+            "--net-pool",
+            warren_tests::docker::TEST_SUBNETS,
+        ],
+    )
+}
+
+async fn networks(agent: &mut Agent) -> Value {
+    ApiClient::anonymous(agent.api_addr().await).get("/api/networks").await.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
+    if !require() {
+        return;
+    }
+    images();
+    let driver = unique("wt").replace('-', "");
+    let tmp = TempDir::new("plugin");
+    let mut agent = plugin_agent(&driver, &tmp);
+    // Dropped before the agent: Docker's teardown calls need the plugin to answer.
+    let mut clean = Cleanup::default();
+    let _ = agent.api_addr().await;
+
+    // Refusals Docker shows to the user as they are.
+    let err = docker_fails(&["network", "create", "-d", &driver, &unique("wt-noipam")]);
+    assert!(err.contains("--ipam-driver"), "{err}");
+    let err = docker_fails(&[
+        "network",
+        "create",
+        "-d",
+        &driver,
+        "--ipam-driver",
+        &driver,
+        "--ipv6",
+        &unique("wt-v6"),
+    ]);
+    assert!(err.contains("IPv4 only"), "{err}");
+
+    // A network with a subnet chosen by warren's IPAM, from the agent's pool.
+    let net = clean.network(&unique("wt-net"));
+    docker_ok(&["network", "create", "-d", &driver, "--ipam-driver", &driver, &net]);
+    let subnet =
+        docker_ok(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &net]);
+    assert!(subnet.starts_with("10.219.") && subnet.ends_with("/24"), "{subnet}");
+    let gateway: Ipv4Addr =
+        docker_ok(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", &net])
+            .parse()
+            .expect("gateway");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ours = loop {
+        let v = networks(&mut agent).await;
+        let found = v["networks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == net.as_str()).cloned());
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no warren network {net}: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ours["subnet"], subnet.as_str());
+    let bridge = ours["bridge"].as_str().expect("bridge").to_owned();
+
+    let host_port = closed_port();
+    let web = clean.container(&unique("wt-web"));
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &web,
+        "--network",
+        &net,
+        "--network-alias",
+        "www",
+        "-p",
+        &format!("{host_port}:80"),
+        BUSYBOX,
+        "busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    let cli = clean.container(&unique("wt-cli"));
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &cli,
+        "--network",
+        &net,
+        "--dns",
+        &gateway.to_string(),
+        BUSYBOX,
+        "sleep",
+        "600",
+    ]);
+    let web_ip = container_ip(&web, &net);
+    let cli_ip = container_ip(&cli, &net);
+    assert_ne!(web_ip, cli_ip);
+    // The address and MAC Docker configured are warren's.
+    let mac = docker_ok(&[
+        "inspect",
+        "-f",
+        &format!("{{{{(index .NetworkSettings.Networks \"{net}\").MacAddress}}}}"),
+        &web,
+    ]);
+    let octets: Vec<u8> = web_ip.split('.').map(|o| o.parse().expect("octet")).collect();
+    assert_eq!(
+        mac,
+        format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3])
+    );
+
+    // Warren's DNS, on the gateway, knows the containers by name and alias.
+    let web_name = format!("{web}.{net}");
+    let looked = retry(WAIT, "warren DNS answers the container's name", || {
+        let out = docker(&["exec", &cli, "nslookup", &web_name, &gateway.to_string()]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(text.contains(&web_ip), "{text}");
+        Ok(text)
+    });
+    assert!(looked.contains(&gateway.to_string()), "{looked}");
+    let alias = docker(&["exec", &cli, "nslookup", &format!("www.{net}"), &gateway.to_string()]);
+    assert!(String::from_utf8_lossy(&alias.stdout).contains(&web_ip));
+    // ... and the container reaches the other by that name (Docker's resolver forwards it).
+    let got = nc_get(&cli, &web_name, 80);
+    assert!(String::from_utf8_lossy(&got.stdout).contains(PAGE), "{got:?}");
+
+    // -p is published by warren: reachable from the host.
+    let page = curl_get(SocketAddr::from(([127, 0, 0, 1], host_port))).await;
+    assert!(page.contains(PAGE), "{page}");
+
+    // Published without a host port: refused with the way out.
+    let nohost = clean.container(&unique("wt-nohost"));
+    let err = docker_fails(&[
+        "run",
+        "-d",
+        "--name",
+        &nohost,
+        "--network",
+        &net,
+        "-p",
+        "80",
+        BUSYBOX,
+        "sleep",
+        "60",
+    ]);
+    assert!(err.contains("give the host port"), "{err}");
+
+    // The agent restarts in the middle: nothing handed out twice, and what ran goes on.
+    agent.kill().await;
+    agent = plugin_agent(&driver, &tmp);
+    let _ = agent.api_addr().await;
+    let third = clean.container(&unique("wt-third"));
+    docker_ok(&["run", "-d", "--name", &third, "--network", &net, BUSYBOX, "sleep", "600"]);
+    let third_ip = container_ip(&third, &net);
+    for taken in [&web_ip, &cli_ip, &gateway.to_string()] {
+        assert_ne!(&third_ip, taken, "address handed out twice after a restart");
+    }
+    // A network with its subnet and range given: --ip anywhere in the subnet is honoured
+    // (and refused when taken), other addresses come from the range.
+    let net2 = clean.network(&unique("wt-net2"));
+    docker_ok(&[
+        "network",
+        "create",
+        "-d",
+        &driver,
+        "--ipam-driver",
+        &driver,
+        "--subnet",
+        "10.219.250.0/24",
+        "--ip-range",
+        "10.219.250.128/25",
+        &net2,
+    ]);
+    let pinned = clean.container(&unique("wt-pinned"));
+    docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &pinned,
+        "--network",
+        &net2,
+        "--ip",
+        "10.219.250.20",
+        BUSYBOX,
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(container_ip(&pinned, &net2), "10.219.250.20");
+    let ranged = clean.container(&unique("wt-ranged"));
+    docker_ok(&["run", "-d", "--name", &ranged, "--network", &net2, BUSYBOX, "sleep", "600"]);
+    let last: u8 =
+        container_ip(&ranged, &net2).rsplit('.').next().and_then(|o| o.parse().ok()).expect("ip");
+    assert!(last >= 128, "outside --ip-range: .{last}");
+    let clash = clean.container(&unique("wt-clash"));
+    let err = docker_fails(&[
+        "run",
+        "-d",
+        "--name",
+        &clash,
+        "--network",
+        &net2,
+        "--ip",
+        "10.219.250.20",
+        BUSYBOX,
+        "sleep",
+        "60",
+    ]);
+    assert!(err.contains("taken"), "{err}");
+    let page = curl_get(SocketAddr::from(([127, 0, 0, 1], host_port))).await;
+    assert!(page.contains(PAGE), "after the restart: {page}");
+    let got = nc_get(&third, &web_ip, 80);
+    assert!(String::from_utf8_lossy(&got.stdout).contains(PAGE), "{got:?}");
+
+    // Removing containers and the network leaves no warren object behind.
+    clean.run();
+    let v = networks(&mut agent).await;
+    assert!(
+        v["networks"].as_array().is_some_and(|a| a.iter().all(|n| n["name"] != net.as_str())),
+        "{v:#}"
+    );
+    let links = docker_free_links();
+    assert!(!links.iter().any(|l| l.starts_with(&bridge)), "bridge left: {links:?}");
+    let table = std::process::Command::new("nft")
+        .args(["list", "table", "ip", "warren"])
+        .output()
+        .expect("nft");
+    let rules = String::from_utf8_lossy(&table.stdout).into_owned();
+    let prefix = subnet.rsplit_once('.').map(|(p, _)| p).unwrap_or(&subnet).to_owned();
+    assert!(!rules.contains(&prefix) && !rules.contains(&bridge), "{rules}");
+    assert!(!rules.contains(&host_port.to_string()), "{rules}");
+    agent.assert_running();
+    agent.kill().await;
+    // What the agent keeps on purpose across its restarts (its table, and the two accept rules
+    // in Docker's DOCKER-USER chain) goes too.
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "ip", "warren"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    for dir in ["-i", "-o"] {
+        let _ = std::process::Command::new("iptables")
+            .args(["-w", "-D", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"])
+            .status();
+    }
+}
+
+/// The host's interface names.
+fn docker_free_links() -> Vec<String> {
+    let out = std::process::Command::new("ip").args(["-o", "link"]).output().expect("ip link");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1).map(|n| n.split('@').next().unwrap_or(n).to_owned()))
+        .collect()
+}
+
+/// `GET /` with curl; the body, or the error.
+async fn curl_get(addr: SocketAddr) -> String {
+    let out = tokio::process::Command::new("curl")
+        .args(["-s", "-m", "5"])
+        .arg(format!("http://{addr}/"))
+        .output()
+        .await
+        .expect("curl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
