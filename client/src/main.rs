@@ -714,6 +714,14 @@ async fn run_daemon(
     if docker.docker_plugin && net.no_networks {
         anyhow::bail!("--docker-plugin serves warren's networks to Docker: drop --no-networks");
     }
+    let no_relay = conn.relay.is_none()
+        && file.relay.is_none()
+        && conn.token.is_none()
+        && file.token.is_none();
+    anyhow::ensure!(
+        !(docker.docker && no_relay),
+        "--docker opens tunnels for labelled containers: give --relay and --token too"
+    );
     let mut manager = None;
     let networks = if net.no_networks {
         warren_client::net::api::absent_router()
@@ -744,12 +752,7 @@ async fn run_daemon(
             .await
             .map_err(anyhow::Error::msg)?;
     }
-    if conn.relay.is_none() && file.relay.is_none() && conn.token.is_none() && file.token.is_none()
-    {
-        anyhow::ensure!(
-            !docker.docker,
-            "--docker opens tunnels for labelled containers: give --relay and --token too"
-        );
+    if no_relay {
         return run_local(conn, networks, shutdown).await;
     }
     let expose = docker.docker.then_some(docker.docker_socket);
