@@ -513,12 +513,21 @@ async fn serve_session(
     // Bind every tunnel, in order, asking again for what earlier binds were granted.
     let mut tunnels = HashMap::new();
     let desired = state.desired();
+    // A refusal of a tunnel the agent was started with ends the agent; one added while it ran
+    // (local API, Docker labels) while the relay was away is dropped alone, with a warning.
+    let added_later = |spec: &TunnelSpec| !cfg.tunnels.iter().any(|t| t.name == spec.name);
     for (i, spec) in desired.iter().enumerate() {
         let before = granted.get(&spec.name).cloned();
         let req = (i + 1) as u32;
-        let wanted = spec
-            .wanted_subdomain(&welcome.domain)
-            .map_err(|e| Failure::Fatal(format!("tunnel {}: {e}", spec.name)))?;
+        let wanted = match spec.wanted_subdomain(&welcome.domain) {
+            Ok(w) => w,
+            Err(e) if added_later(spec) => {
+                warn!(tunnel = %spec.name, "tunnel dropped: {e}");
+                state.forget(&spec.name);
+                continue;
+            }
+            Err(e) => return Err(Failure::Fatal(format!("tunnel {}: {e}", spec.name))),
+        };
         let bind = Bind {
             req,
             name: spec.name.clone(),
@@ -560,6 +569,10 @@ async fn serve_session(
                 let _ =
                     events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url, changed });
                 tunnels.insert(b.tunnel, Arc::new(spec.clone()));
+            }
+            Message::Error { code, message, .. } if code.is_fatal() && added_later(spec) => {
+                warn!(tunnel = %spec.name, %code, %message, "the relay refused the tunnel; dropped");
+                state.forget(&spec.name);
             }
             Message::Error { code, message, .. } if code.is_fatal() => {
                 return Err(Failure::Fatal(format!(

@@ -278,17 +278,20 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     // Refusals Docker shows to the user as they are.
     let err = docker_fails(&["network", "create", "-d", &driver, &unique("wt-noipam")]);
     assert!(err.contains("--ipam-driver"), "{err}");
-    let err = docker_fails(&[
-        "network",
-        "create",
-        "-d",
-        &driver,
-        "--ipam-driver",
-        &driver,
-        "--ipv6",
-        &unique("wt-v6"),
-    ]);
-    assert!(err.contains("IPv4 only"), "{err}");
+    for (flag, want) in [("--ipv6", "IPv4 only"), ("--internal", "--internal")] {
+        let name = unique("wt-refused");
+        let err = docker_fails(&[
+            "network",
+            "create",
+            "-d",
+            &driver,
+            "--ipam-driver",
+            &driver,
+            flag,
+            &name,
+        ]);
+        assert!(err.contains(want), "{flag}: {err}");
+    }
 
     // A network with a subnet chosen by warren's IPAM, from the agent's pool.
     let net = clean.network(&unique("wt-net"));
@@ -381,6 +384,16 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     // ... and the container reaches the other by that name (Docker's resolver forwards it).
     let got = nc_get(&cli, &web_name, 80);
     assert!(String::from_utf8_lossy(&got.stdout).contains(PAGE), "{got:?}");
+
+    // Docker's FORWARD chain lets warren's bridges through, by warren's own chain.
+    let chain = std::process::Command::new("iptables")
+        .args(["-w", "-S", "WARREN-DOCKER"])
+        .output()
+        .expect("iptables");
+    let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+    assert!(chain.contains("-A WARREN-DOCKER -i wrb+ -o wrb+ -j ACCEPT"), "{chain}");
+    let user = docker_ok_cmd("iptables", &["-w", "-S", "DOCKER-USER"]);
+    assert!(user.contains("-j WARREN-DOCKER"), "{user}");
 
     // -p is published by warren: reachable from the host.
     let page = curl_get(SocketAddr::from(([127, 0, 0, 1], host_port))).await;
@@ -488,17 +501,26 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     assert!(!rules.contains(&host_port.to_string()), "{rules}");
     agent.assert_running();
     agent.kill().await;
-    // What the agent keeps on purpose across its restarts (its table, and the two accept rules
-    // in Docker's DOCKER-USER chain) goes too.
+    // What the agent keeps on purpose across its restarts (its table, and its chain in Docker's
+    // firewall) goes too.
     let _ = std::process::Command::new("nft")
         .args(["delete", "table", "ip", "warren"])
         .stderr(std::process::Stdio::null())
         .status();
-    for dir in ["-i", "-o"] {
-        let _ = std::process::Command::new("iptables")
-            .args(["-w", "-D", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"])
-            .status();
+    for args in [
+        &["-w", "-D", "DOCKER-USER", "-j", "WARREN-DOCKER"][..],
+        &["-w", "-F", "WARREN-DOCKER"],
+        &["-w", "-X", "WARREN-DOCKER"],
+    ] {
+        let _ = std::process::Command::new("iptables").args(args).status();
     }
+}
+
+/// `PROGRAM ARGS...`: its stdout.
+fn docker_ok_cmd(program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program).args(args).output().expect(program);
+    assert!(out.status.success(), "{program} {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The host's interface names.

@@ -173,3 +173,39 @@ async fn agents_side_by_side_and_no_agent() {
     assert!(err.contains("is `warren` running there?"), "{err}");
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// A tunnel opened through the API while the relay is away, and refused when the agent
+/// reconnects, is dropped alone: the agent and its other tunnels go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_refused_after_a_reconnect_is_dropped_alone() {
+    let tmp = TempDir::new("local-api-refused");
+    let mut relay = Relay::start(RelayOpts::default()).await;
+    let backend = HttpBackend::start().await;
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "web", backend.port(), &[]);
+    let web = agent.http_url().await;
+    let api = agent.api_addr().await;
+    relay.kill().await;
+    eventually(IO_TIMEOUT, || async move {
+        let (_, s) = call(api, "GET", "/api/status", None).await;
+        anyhow::ensure!(s["connected"] == false, "{s}");
+        Ok(())
+    })
+    .await;
+    // Queued while disconnected: its host name is not under the relay's domain.
+    let body = r#"{"name":"elsewhere","proto":"http","addr":"80","hostname":"shop.example.org"}"#;
+    let (status, v) = call(api, "POST", "/api/tunnels", Some(body)).await;
+    assert!(status == 201 || status == 202, "{status} {v}");
+    relay.restart().await;
+    eventually(Duration::from_secs(30), || async move {
+        let (_, s) = call(api, "GET", "/api/status", None).await;
+        let (_, list) = call(api, "GET", "/api/tunnels", None).await;
+        anyhow::ensure!(s["connected"] == true, "{s}");
+        anyhow::ensure!(names(&list) == ["web"], "{list}");
+        Ok(())
+    })
+    .await;
+    agent.assert_running();
+    assert!(agent.stderr_text().contains("tunnel dropped"), "{}", agent.stderr_text());
+    let resp = warren_tests::client::http_get(relay.http_addr, &web.host(), "/").await;
+    assert_eq!(resp.map(|r| r.status.as_u16()).ok(), Some(200));
+}

@@ -23,6 +23,9 @@ use crate::tunnel::{OPTION_KEYS, Target, TunnelSpec, protocols_of};
 /// How often the running containers are listed again.
 pub const RESYNC: Duration = Duration::from_secs(30);
 
+/// How long the agent may take to answer an open or close; past it the request stays queued.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The label prefix.
 pub const PREFIX: &str = "warren.";
 
@@ -120,8 +123,8 @@ pub fn tunnels_for(c: &Container) -> Result<Vec<TunnelSpec>, String> {
     Ok(out)
 }
 
-/// The address to reach `c` at: on `network` when given, else on its first network with an
-/// address; loopback for `--network host`.
+/// The address to reach `c` at: on `network` when given, else on its first network (by name)
+/// with an address; loopback for `--network host`.
 fn address(c: &Container, network: Option<&str>) -> Result<IpAddr, String> {
     let nets = c.networks();
     if let Some(n) = network {
@@ -242,7 +245,7 @@ impl Watcher {
             Err(e) if e.is_not_found() => return self.close(id).await,
             Err(e) => return tracing::warn!("docker: container {id:.12}: {e}"),
         };
-        if !c.state.running || !wants_tunnel(&c.labels()) {
+        if !c.state.running || c.state.paused || !wants_tunnel(&c.labels()) {
             return self.close(id).await;
         }
         let want = match tunnels_for(&c) {
@@ -286,8 +289,14 @@ impl Watcher {
         if self.control.send(Control::Add(Box::new(spec), tx)).await.is_err() {
             return false;
         }
-        match rx.await {
-            Ok(Ok(url)) => {
+        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            // The session ended (or is being re-made) before the relay answered: the tunnel
+            // is kept in the agent's list and bound on the next session.
+            Err(_) | Ok(Err(_)) => {
+                tracing::info!(tunnel = %name, "docker: container {container}: tunnel queued until the relay answers");
+                true
+            }
+            Ok(Ok(Ok(url))) => {
                 tracing::info!(
                     tunnel = %name,
                     url = url.as_deref().unwrap_or("(when the relay is back)"),
@@ -295,18 +304,17 @@ impl Watcher {
                 );
                 true
             }
-            Ok(Err(why)) => {
+            Ok(Ok(Err(why))) => {
                 tracing::warn!("docker: container {container}: tunnel {name} refused: {why}");
                 false
             }
-            Err(_) => false,
         }
     }
 
     async fn remove(&self, spec: &TunnelSpec) {
         let (tx, rx) = oneshot::channel();
         if self.control.send(Control::Remove(spec.name.clone(), tx)).await.is_ok()
-            && rx.await == Ok(true)
+            && tokio::time::timeout(REPLY_TIMEOUT, rx).await.is_ok_and(|r| r == Ok(true))
         {
             tracing::info!(
                 tunnel = %spec.name,

@@ -327,6 +327,9 @@ pub struct ContainerState {
     /// Whether it runs.
     #[serde(rename = "Running", default)]
     pub running: bool,
+    /// Whether it is paused (it still counts as running).
+    #[serde(rename = "Paused", default)]
+    pub paused: bool,
 }
 
 /// `NetworkSettings` of a [`Container`].

@@ -46,6 +46,13 @@ use crate::net::manager::{CreateNetwork, Publish, parse_addr};
 /// Where Docker looks for a plugin named `warren`.
 pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/warren.sock";
 
+/// How often the firewall rules are checked; every third time, forgotten endpoints are swept.
+const MAINTAIN: Duration = Duration::from_secs(10);
+
+/// How old a network or endpoint Docker does not list must be before it is swept: Docker
+/// lists them only once their creation is complete.
+const SWEEP_AGE: u64 = 60;
+
 /// The address space this IPAM answers for.
 const ADDRESS_SPACE: &str = "warren";
 
@@ -76,6 +83,9 @@ struct NetDoc {
     mtu: Option<u32>,
     /// The warren network, once made.
     name: Option<String>,
+    /// When Docker created it (Unix seconds).
+    #[serde(default)]
+    created: u64,
 }
 
 /// A Docker endpoint and the warren endpoint behind it.
@@ -85,6 +95,9 @@ struct EpDoc {
     network: String,
     name: String,
     ip: Ipv4Addr,
+    /// When Docker created it (Unix seconds).
+    #[serde(default)]
+    created: u64,
 }
 
 /// The plugin: warren's networks, and Docker's API to learn names.
@@ -235,10 +248,32 @@ impl Plugin {
     ) -> Result<(), String> {
         self.net.available().map_err(|e| format!("the Docker plugin needs networks: {e}"))?;
         let listener = bind(path).await?;
-        tracing::info!("docker: network and IPAM plugin \"warren\" on {}", path.display());
+        let name = path.file_stem().map_or_else(|| "warren".into(), |n| n.to_string_lossy());
+        tracing::info!(
+            "docker: network and IPAM plugin {name:?} on {} (docker network create -d {name} --ipam-driver {name} NAME)",
+            path.display()
+        );
         allow_forwarding_through_docker().await;
-        let app = Router::new().fallback(dispatch).with_state(self);
+        let app = Router::new().fallback(dispatch).with_state(self.clone());
         let path = path.to_owned();
+        let me = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTAIN);
+            let mut round = 0u32;
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                // Docker (re)started after the agent: its FORWARD chain is new.
+                allow_forwarding_through_docker().await;
+                if round.is_multiple_of(3) {
+                    me.sweep().await;
+                }
+                round = round.wrapping_add(1);
+            }
+        });
         tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app.into_make_service())
                 .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -429,7 +464,14 @@ impl Plugin {
         };
         let Ok(ip) = parse_addr("address", &r.address) else { return Ok(json!({})) };
         if let Some(n) = &p.network {
-            if Some(ip) != p.gateway {
+            // A late or replayed release must not free the address of an endpoint that holds
+            // it now (a container started again with the same --ip).
+            let held = store
+                .docs::<EpDoc>(ENDPOINT)
+                .map_err(ipam)?
+                .iter()
+                .any(|e| e.ip == ip && self.network_name(&e.network).as_deref() == Some(n));
+            if Some(ip) != p.gateway && !held {
                 self.net.docker_release(n, ip).map_err(ipam)?;
             }
         } else {
@@ -456,10 +498,23 @@ impl Plugin {
             }
             None => None,
         };
+        if r.options["com.docker.network.internal"].as_bool() == Some(true) {
+            return Err(driver(
+                "--internal: warren's networks always have NAT to the outside; leave it out",
+            ));
+        }
+        if let Some(m) = mtu
+            && !(576..=9000).contains(&m)
+        {
+            return Err(driver(format!("MTU {m} is out of range: use 576 to 9000")));
+        }
         let data = r.ipv4.unwrap_or_default();
         let Some(d) = data.first() else {
             return Err(driver("no IPv4 pool: create the network with --ipam-driver warren"));
         };
+        if data.len() > 1 {
+            return Err(driver("one --subnet per network: warren's networks have one subnet"));
+        }
         let _g = self.lock.lock().await;
         let store = self.net.store();
         let pool_id = format!("{ADDRESS_SPACE}/{}", d.pool);
@@ -474,7 +529,14 @@ impl Plugin {
             "" => pool.gateway.ok_or_else(|| driver("the network has no gateway"))?,
             g => parse_addr("gateway", g)?,
         };
-        let doc = NetDoc { id: r.network_id.clone(), pool: pool.id, gateway, mtu, name: None };
+        let doc = NetDoc {
+            id: r.network_id.clone(),
+            pool: pool.id,
+            gateway,
+            mtu,
+            name: None,
+            created: now(),
+        };
         store.put_doc(NETWORK, &doc.id, &doc)?;
         // Docker stores the network (and its name) once this call returns.
         let me = Arc::clone(self);
@@ -523,7 +585,7 @@ impl Plugin {
                 .and_then(|v| v["Name"].as_str().map(str::to_owned)),
             None => None,
         };
-        let fallback = format!("docker-{}", &nid[..nid.len().min(12)]);
+        let fallback = format!("docker-{}", nid.chars().take(12).collect::<String>());
         let mut name = docker_name.as_deref().and_then(warren_name).unwrap_or(fallback.clone());
         if self.net.find_network(&name)?.is_some() {
             tracing::warn!(
@@ -567,7 +629,9 @@ impl Plugin {
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(mut p) = store.doc::<PoolDoc>(POOL, &doc.pool)? {
+        if let Some(mut p) = store.doc::<PoolDoc>(POOL, &doc.pool)?
+            && p.network == doc.name
+        {
             p.network = None;
             p.aux.clear();
             store.put_doc(POOL, &p.id, &p)?;
@@ -587,8 +651,13 @@ impl Plugin {
             return Err(driver("the endpoint has no IPv4 address from warren's IPAM"));
         }
         let ip = parse_addr("address", &iface.address)?;
-        let name = format!("ep-{}", &r.endpoint_id[..r.endpoint_id.len().min(10)]);
-        let doc = EpDoc { id: r.endpoint_id.clone(), network: r.network_id, name, ip };
+        let short: String = r.endpoint_id.chars().take(10).collect();
+        if short.is_empty() || !short.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(driver(format!("endpoint id {:?} is not Docker's hex", r.endpoint_id)));
+        }
+        let name = format!("ep-{}", short.to_ascii_lowercase());
+        let doc =
+            EpDoc { id: r.endpoint_id.clone(), network: r.network_id, name, ip, created: now() };
         self.net.store().put_doc(ENDPOINT, &doc.id, &doc)?;
         tracing::debug!("docker endpoint {} in {network}: {ip}", doc.name);
         if iface.mac.is_empty() {
@@ -596,6 +665,11 @@ impl Plugin {
             return Ok(json!({ "Interface": { "MacAddress": mac } }));
         }
         Ok(json!({ "Interface": {} }))
+    }
+
+    /// The warren network behind Docker network `nid`, if made.
+    fn network_name(&self, nid: &str) -> Option<String> {
+        self.net.store().doc::<NetDoc>(NETWORK, nid).ok().flatten().and_then(|n| n.name)
     }
 
     /// The endpoint and its warren network.
@@ -760,6 +834,73 @@ impl Plugin {
         Ok(json!({}))
     }
 
+    /// Forgets networks and endpoints Docker no longer knows: their teardown calls came while
+    /// the plugin was away, and Docker does not send them again.
+    async fn sweep(&self) {
+        let Some(docker) = self.docker().await else { return };
+        let _g = self.lock.lock().await;
+        let store = self.net.store();
+        let Ok(nets) = store.docs::<NetDoc>(NETWORK) else { return };
+        let old = |created: u64| now().saturating_sub(created) > SWEEP_AGE;
+        for nd in nets.into_iter().filter(|n| old(n.created)) {
+            let listed = match docker.get::<Value>(&format!("/networks/{}", nd.id)).await {
+                Ok(v) => v,
+                Err(e) if e.is_not_found() => {
+                    tracing::info!(
+                        "docker network {:.12} is gone from Docker; removing {}",
+                        nd.id,
+                        nd.name.as_deref().unwrap_or("its state")
+                    );
+                    if let Err(e) = self.forget_network(&nd).await {
+                        tracing::warn!("docker network {:.12}: {e}", nd.id);
+                    }
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let Some(net) = &nd.name else { continue };
+            let live: Vec<&str> = listed["Containers"]
+                .as_object()
+                .map(|m| m.values().filter_map(|c| c["EndpointID"].as_str()).collect())
+                .unwrap_or_default();
+            let eps = store.docs::<EpDoc>(ENDPOINT).unwrap_or_default();
+            for ep in eps.into_iter().filter(|e| e.network == nd.id && old(e.created)) {
+                if live.contains(&ep.id.as_str()) {
+                    continue;
+                }
+                tracing::info!(
+                    "docker endpoint {} of {net} is gone from Docker; removing it",
+                    ep.name
+                );
+                let gone = async {
+                    self.net.docker_leave(net, &ep.name).await?;
+                    self.net.docker_release(net, ep.ip)?;
+                    store.delete_doc(ENDPOINT, &ep.id).map(|_| ())
+                };
+                if let Err(e) = gone.await {
+                    tracing::warn!("docker endpoint {}: {e}", ep.name);
+                }
+            }
+        }
+    }
+
+    /// Removes the warren network of `nd` and every record of it and its pool.
+    async fn forget_network(&self, nd: &NetDoc) -> Result<(), NetError> {
+        let store = self.net.store();
+        if let Some(name) = &nd.name {
+            match self.net.remove_network(name, true).await {
+                Ok(()) | Err(NetError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for e in store.docs::<EpDoc>(ENDPOINT)?.into_iter().filter(|e| e.network == nd.id) {
+            store.delete_doc(ENDPOINT, &e.id)?;
+        }
+        store.delete_doc(POOL, &nd.pool)?;
+        store.delete_doc(NETWORK, &nd.id)?;
+        Ok(())
+    }
+
     async fn oper_info(&self, r: EndpointReq) -> Reply {
         let (doc, net) = self.endpoint(&r.network_id, &r.endpoint_id).await?;
         Ok(json!({ "Value": { "warren.network": net, "warren.endpoint": doc.name } }))
@@ -809,35 +950,68 @@ async fn bind(path: &Path) -> Result<tokio::net::UnixListener, String> {
     })
 }
 
+/// The chain of warren's rules in Docker's firewall, jumped to from `DOCKER-USER`.
+pub const DOCKER_CHAIN: &str = "WARREN-DOCKER";
+
+/// What [`DOCKER_CHAIN`] holds, as `iptables -S` prints it: traffic within and between warren's
+/// bridges, replies and published ports into them, and traffic out of them except into
+/// Docker's own bridges (whose isolation Docker's chains keep).
+const DOCKER_RULES: &[&str] = &[
+    "-A WARREN-DOCKER -i wrb+ -o wrb+ -j ACCEPT",
+    "-A WARREN-DOCKER -o wrb+ -m conntrack --ctstate RELATED,ESTABLISHED,DNAT -j ACCEPT",
+    "-A WARREN-DOCKER -i wrb+ -o docker0 -j RETURN",
+    "-A WARREN-DOCKER -i wrb+ -o br-+ -j RETURN",
+    "-A WARREN-DOCKER -i wrb+ -j ACCEPT",
+];
+
 /// Docker's `FORWARD` chain drops what it does not know, bridged traffic too once it loaded
-/// `br_netfilter`: its `DOCKER-USER` chain, which exists for rules like these, lets traffic
-/// from and to warren's bridges through. Nothing happens where Docker has no such chain.
+/// `br_netfilter`. Its `DOCKER-USER` chain exists for rules like these: it jumps to
+/// [`DOCKER_CHAIN`], whose rules are rewritten when they differ. Nothing happens where Docker
+/// has no such chain.
 pub async fn allow_forwarding_through_docker() {
-    let iptables = |args: Vec<&str>| {
-        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
-        async move {
-            tokio::process::Command::new("iptables")
-                .args(&args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .await
-                .is_ok_and(|s| s.success())
-        }
-    };
-    if !iptables(vec!["-w", "-n", "-L", "DOCKER-USER"]).await {
+    async fn iptables(args: &[&str]) -> Option<String> {
+        let out = tokio::process::Command::new("iptables")
+            .arg("-w")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .await
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+    if iptables(&["-S", "DOCKER-USER"]).await.is_none() {
         return;
     }
-    for dir in ["-i", "-o"] {
-        if !iptables(vec!["-w", "-C", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"]).await
-            && !iptables(vec!["-w", "-I", "DOCKER-USER", dir, "wrb+", "-j", "ACCEPT"]).await
-        {
-            tracing::warn!(
-                "cannot let warren's bridges through Docker's FORWARD chain: run \
-                 `iptables -I DOCKER-USER {dir} wrb+ -j ACCEPT`"
-            );
+    let have = match iptables(&["-S", DOCKER_CHAIN]).await {
+        Some(s) => s,
+        None => {
+            let _ = iptables(&["-N", DOCKER_CHAIN]).await;
+            String::new()
+        }
+    };
+    let rules: Vec<&str> = have.lines().filter(|l| l.starts_with("-A ")).collect();
+    let mut ok = true;
+    if rules != DOCKER_RULES {
+        ok &= iptables(&["-F", DOCKER_CHAIN]).await.is_some();
+        for r in DOCKER_RULES {
+            let args: Vec<&str> = r.split(' ').collect();
+            ok &= iptables(&args).await.is_some();
         }
     }
+    if iptables(&["-C", "DOCKER-USER", "-j", DOCKER_CHAIN]).await.is_none() {
+        ok &= iptables(&["-I", "DOCKER-USER", "-j", DOCKER_CHAIN]).await.is_some();
+    }
+    if !ok {
+        tracing::warn!(
+            "cannot let warren's bridges through Docker's FORWARD chain (iptables failed): add \
+             `iptables -I DOCKER-USER -i wrb+ -j ACCEPT` and `-o wrb+` by hand"
+        );
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The default socket path.
