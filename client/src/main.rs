@@ -338,7 +338,8 @@ struct DockerOpts {
     #[arg(long)]
     docker: bool,
     /// Serve Docker's network and IPAM plugin "warren", backed by this agent's networks:
-    /// `docker network create -d warren --ipam-driver warren NAME` (needs root).
+    /// `docker network create -d warren --ipam-driver warren NAME` (needs root); add
+    /// `-o warren.driver=overlay --subnet CIDR` for an overlay across hosts (needs --relay).
     #[arg(long)]
     docker_plugin: bool,
     /// The Docker daemon's API socket.

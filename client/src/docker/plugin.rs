@@ -20,6 +20,11 @@
 //! `-`); Docker does not send the name, so the plugin asks Docker's API for it as soon as the
 //! network exists. Endpoints are named `ep-` and the endpoint id's first ten digits; the
 //! container's name, short id, host name and `--network-alias` names become its DNS aliases.
+//!
+//! With `-o warren.driver=overlay` the warren network is an overlay across hosts: defined at
+//! the relay (or joined, when another host defined it with the same subnet), its addresses
+//! handed out by the relay as Docker asks for them, under endpoint names `ep-` and eight hex
+//! digits that the endpoint Docker then creates takes over.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -86,6 +91,9 @@ struct NetDoc {
     /// When Docker created it (Unix seconds).
     #[serde(default)]
     created: u64,
+    /// An overlay across hosts (`-o warren.driver=overlay`), not a bridge.
+    #[serde(default)]
+    overlay: bool,
 }
 
 /// A Docker endpoint and the warren endpoint behind it.
@@ -452,7 +460,7 @@ impl Plugin {
                 }
             }
         };
-        let ip = self.net.docker_claim(&network, fixed).map_err(ipam)?;
+        let ip = self.net.docker_claim(&network, fixed).await.map_err(ipam)?;
         Ok(json!({ "Address": format!("{ip}/{len}"), "Data": {} }))
     }
 
@@ -472,7 +480,7 @@ impl Plugin {
                 .iter()
                 .any(|e| e.ip == ip && self.network_name(&e.network).as_deref() == Some(n));
             if Some(ip) != p.gateway && !held {
-                self.net.docker_release(n, ip).map_err(ipam)?;
+                self.net.docker_release(n, ip).await.map_err(ipam)?;
             }
         } else {
             p.aux.retain(|a| *a != ip);
@@ -483,14 +491,18 @@ impl Plugin {
 
     async fn create_network(self: &Arc<Self>, r: NetworkReq) -> Reply {
         let generic = &r.options["com.docker.network.generic"];
-        if let Some(d) = generic["warren.driver"].as_str()
-            && d != "bridge"
-        {
-            return Err(driver(format!(
-                "-o warren.driver={d}: Docker networks of warren are bridges on this host \
-                 (for networks across hosts use `warren net create --driver overlay` and \
-                 `warren net attach`)"
-            )));
+        let overlay = match generic["warren.driver"].as_str() {
+            None | Some("bridge") => false,
+            Some("overlay") => true,
+            Some(d) => {
+                return Err(driver(format!(
+                    "-o warren.driver={d}: warren's drivers are bridge (one host, the default) \
+                     and overlay (across hosts, through the relay)"
+                )));
+            }
+        };
+        if overlay && let Err(e) = self.net.overlays_available() {
+            return Err(driver(format!("-o warren.driver=overlay: {e}")));
         }
         let mtu = match generic["com.docker.network.driver.mtu"].as_str() {
             Some(m) => {
@@ -529,6 +541,21 @@ impl Plugin {
             "" => pool.gateway.ok_or_else(|| driver("the network has no gateway"))?,
             g => parse_addr("gateway", g)?,
         };
+        if overlay {
+            let first = pool.subnet.hosts().next();
+            if Some(gateway) != first {
+                return Err(driver(format!(
+                    "--gateway {gateway}: an overlay's gateway is its subnet's first address{}",
+                    first.map(|f| format!(" ({f})")).unwrap_or_default()
+                )));
+            }
+            if pool.sub_pool.is_some() || !pool.aux.is_empty() {
+                return Err(driver(
+                    "--ip-range and --aux-address are for bridge networks: the relay hands out \
+                     an overlay's addresses",
+                ));
+            }
+        }
         let doc = NetDoc {
             id: r.network_id.clone(),
             pool: pool.id,
@@ -536,6 +563,7 @@ impl Plugin {
             mtu,
             name: None,
             created: now(),
+            overlay,
         };
         store.put_doc(NETWORK, &doc.id, &doc)?;
         // Docker stores the network (and its name) once this call returns.
@@ -586,6 +614,25 @@ impl Plugin {
             None => None,
         };
         let fallback = format!("docker-{}", nid.chars().take(12).collect::<String>());
+        if doc.overlay {
+            // Hosts share an overlay by its name: no other name will do.
+            let name = docker_name.as_deref().and_then(warren_name).ok_or_else(|| {
+                NetError::Unavailable(format!(
+                    "docker network {nid:.12}: an overlay is named after the Docker network, and \
+                     the Docker API ({}) does not tell its name",
+                    self.docker_socket
+                        .as_deref()
+                        .map_or("none".into(), |p| p.display().to_string())
+                ))
+            })?;
+            self.net.docker_overlay(&name, pool.subnet, doc.mtu).await?;
+            pool.network = Some(name.clone());
+            store.put_doc(POOL, &pool.id, &pool)?;
+            doc.name = Some(name.clone());
+            store.put_doc(NETWORK, &doc.id, &doc)?;
+            allow_forwarding_through_docker().await;
+            return Ok(name);
+        }
         let mut name = docker_name.as_deref().and_then(warren_name).unwrap_or(fallback.clone());
         if self.net.find_network(&name)?.is_some() {
             tracing::warn!(
@@ -605,7 +652,7 @@ impl Plugin {
             })
             .await?;
         for aux in std::mem::take(&mut pool.aux) {
-            if let Err(e) = self.net.docker_claim(&name, Some(aux)) {
+            if let Err(e) = self.net.docker_claim(&name, Some(aux)).await {
                 tracing::warn!("docker network {name}: aux address {aux}: {e}");
             }
         }
@@ -624,7 +671,7 @@ impl Plugin {
             return Ok(json!({}));
         };
         if let Some(name) = &doc.name {
-            match self.net.remove_network(name, true).await {
+            match self.net.docker_remove_network(name).await {
                 Ok(()) | Err(NetError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -655,7 +702,11 @@ impl Plugin {
         if short.is_empty() || !short.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(driver(format!("endpoint id {:?} is not Docker's hex", r.endpoint_id)));
         }
-        let name = format!("ep-{}", short.to_ascii_lowercase());
+        // On an overlay the relay knows the endpoint by the name its address was claimed for.
+        let name = match self.net.docker_held_name(&network, ip)? {
+            Some(held) => held,
+            None => format!("ep-{}", short.to_ascii_lowercase()),
+        };
         let doc =
             EpDoc { id: r.endpoint_id.clone(), network: r.network_id, name, ip, created: now() };
         self.net.store().put_doc(ENDPOINT, &doc.id, &doc)?;
@@ -874,7 +925,7 @@ impl Plugin {
                 );
                 let gone = async {
                     self.net.docker_leave(net, &ep.name).await?;
-                    self.net.docker_release(net, ep.ip)?;
+                    self.net.docker_release(net, ep.ip).await?;
                     store.delete_doc(ENDPOINT, &ep.id).map(|_| ())
                 };
                 if let Err(e) = gone.await {
@@ -888,7 +939,7 @@ impl Plugin {
     async fn forget_network(&self, nd: &NetDoc) -> Result<(), NetError> {
         let store = self.net.store();
         if let Some(name) = &nd.name {
-            match self.net.remove_network(name, true).await {
+            match self.net.docker_remove_network(name).await {
                 Ok(()) | Err(NetError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }

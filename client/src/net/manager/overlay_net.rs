@@ -87,7 +87,7 @@ pub struct RemoteEndpointView {
     pub peer: Ipv4Addr,
 }
 
-fn subnet_of(s: Subnet) -> Ipv4Net {
+pub(super) fn subnet_of(s: Subnet) -> Ipv4Net {
     Ipv4Net::new(s.addr(), s.prefix()).unwrap_or_default()
 }
 
@@ -716,8 +716,19 @@ impl NetManager {
         for n in nets.into_iter().filter(Network::is_overlay) {
             let Ok(name) = label("network", &n.name) else { continue };
             let eps = self.store.endpoints(Some(&n.name)).unwrap_or_default();
-            let names: Vec<_> =
-                eps.iter().filter_map(|e| label("endpoint", &e.name).ok()).collect();
+            // Addresses Docker's IPAM holds for endpoints not made yet (or gone already) are
+            // this agent's too: the relay must keep them.
+            let held: Vec<(String, Ipv4Addr)> = self
+                .docker_held(&n.name)
+                .into_iter()
+                .filter(|(h, _)| !eps.iter().any(|e| e.name == *h))
+                .collect();
+            let names: Vec<_> = eps
+                .iter()
+                .map(|e| e.name.as_str())
+                .chain(held.iter().map(|(h, _)| h.as_str()))
+                .filter_map(|e| label("endpoint", e).ok())
+                .collect();
             let vtep = match self.vtep(&ov) {
                 Ok(v) => v,
                 Err(e) => {
@@ -768,18 +779,20 @@ impl NetManager {
                     continue;
                 }
             }
-            for e in eps {
+            let claims = eps
+                .into_iter()
+                .map(|e| (e.name, e.ip, e.aliases))
+                .chain(held.into_iter().map(|(h, ip)| (h, ip, Vec::new())));
+            for (ep_name, ip, aliases) in claims {
                 let (Ok(ep), aliases) = (
-                    label("endpoint", &e.name),
-                    e.aliases.iter().filter_map(|a| label("alias", a).ok()).collect(),
+                    label("endpoint", &ep_name),
+                    aliases.iter().filter_map(|a| label("alias", a).ok()).collect(),
                 ) else {
                     continue;
                 };
-                if let Err(err) = ov.attach(name.clone(), ep, Some(e.ip), aliases).await {
+                if let Err(err) = ov.attach(name.clone(), ep, Some(ip), aliases).await {
                     tracing::error!(
-                        "endpoint {} ({}) of overlay {}: the relay refused it: {err}",
-                        e.name,
-                        e.ip,
+                        "endpoint {ep_name} ({ip}) of overlay {}: the relay refused it: {err}",
                         n.name
                     );
                 }
