@@ -156,6 +156,41 @@ impl OverlayLab {
         Some(lab)
     }
 
+    /// Puts this machine's own namespace on the underlay as `ip`/24 (a veth `wtlab0` into the
+    /// switch, gone with the lab's namespaces), for an agent that must run here (next to
+    /// dockerd). `None`, after printing why, when the underlay's subnet is routed here already.
+    pub fn wire_host_namespace(&self, ip: Ipv4Addr) -> Option<()> {
+        let routes =
+            crate::netns::run_here("ip", &["-4", "route", "show", "to", "match", "192.168.99.0"]);
+        let text = String::from_utf8_lossy(&routes.stdout).into_owned();
+        if text.lines().any(|l| !l.starts_with("default")) {
+            eprintln!("skipped: 192.168.99.0/24 is routed on this machine already ({text})");
+            return None;
+        }
+        let here = |args: &[&str]| {
+            crate::netns::stdout_ok(
+                &format!("ip {}", args.join(" ")),
+                &crate::netns::run_here("ip", args),
+            )
+        };
+        here(&[
+            "link",
+            "add",
+            "wtlab0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ph",
+            "netns",
+            self.s.name(),
+        ]);
+        self.s.ip_ok(&["link", "set", "ph", "master", "br0", "up"]);
+        here(&["addr", "add", &format!("{ip}/24"), "dev", "wtlab0"]);
+        here(&["link", "set", "wtlab0", "up"]);
+        Some(())
+    }
+
     /// Host `i` (from 1).
     pub fn host(&self, i: u8) -> &OverlayHost {
         &self.hosts[usize::from(i) - 1]

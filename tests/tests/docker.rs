@@ -18,11 +18,25 @@ use warren_tests::docker::{
     BUSYBOX, Cleanup, IMAGE, PAGE, bridge_network, container_ip, docker, docker_fails, docker_ok,
     images, nc_get, require,
 };
-use warren_tests::netns::retry;
+use warren_tests::netns::{Netns, retry};
+use warren_tests::overlay::{LabOpts, OverlayLab, dig};
 use warren_tests::relay::{Relay, RelayOpts};
 use warren_tests::util::{TempDir, closed_port, unique};
 
 const WAIT: Duration = Duration::from_secs(30);
+
+/// Plugin agents run in this machine's namespace, where each renders warren's nftables table
+/// from its own state: one at a time.
+static HOST_AGENT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs container `name` on `net` (with `extra` flags of `docker run`) serving the busybox page
+/// on port 80.
+fn httpd(name: &str, net: &str, extra: &[&str]) {
+    let mut args = vec!["run", "-d", "--name", name, "--network", net];
+    args.extend_from_slice(extra);
+    args.extend([BUSYBOX, "busybox", "httpd", "-f", "-p", "80", "-h", "/www"]);
+    docker_ok(&args);
+}
 
 /// Polls the relay until `host` answers the busybox page (or `absent`: 404).
 async fn wait_page(relay: &Relay, host: &str, present: bool) {
@@ -79,22 +93,7 @@ async fn sidecar_in_the_apps_namespace_exposes_its_port() {
     let (net, gateway) = bridge_network(&mut clean, &unique("wt-side"), 11);
     let relay = Relay::start(RelayOpts::default().control(&format!("{gateway}:0"))).await;
     let app = clean.container(&unique("wt-app"));
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &app,
-        "--network",
-        &net,
-        BUSYBOX,
-        "busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+    httpd(&app, &net, &[]);
     let side = clean.container(&unique("wt-sidecar"));
     let sub = unique("side");
     docker_ok(&[
@@ -241,21 +240,49 @@ async fn labelled_containers_get_tunnels_while_they_run() {
     agent.assert_running();
 }
 
-/// The plugin's agent, on the host, with its plugin socket named `driver`.
-fn plugin_agent(driver: &str, dir: &TempDir) -> Agent {
-    Agent::spawn(
-        &format!("plugin-{driver}"),
-        [
-            "agent",
-            "--docker-plugin",
-            "--docker-plugin-socket",
-            &format!("/run/docker/plugins/{driver}.sock"),
-            "--config-dir",
-            dir.dir("agent").to_str().expect("utf-8"),
-            "--net-pool",
-            warren_tests::docker::TEST_SUBNETS,
-        ],
-    )
+/// The plugin's agent, on the host, with its plugin socket named `driver`, and `extra`
+/// arguments.
+fn plugin_agent(driver: &str, dir: &TempDir, extra: &[&str]) -> Agent {
+    let socket = format!("/run/docker/plugins/{driver}.sock");
+    let config = dir.dir("agent");
+    let mut args = vec![
+        "agent",
+        "--docker-plugin",
+        "--docker-plugin-socket",
+        &socket,
+        "--config-dir",
+        config.to_str().expect("utf-8"),
+        "--net-pool",
+        warren_tests::docker::TEST_SUBNETS,
+    ];
+    args.extend_from_slice(extra);
+    Agent::spawn(&format!("plugin-{driver}"), args)
+}
+
+/// On drop (after the plugin's agent, so declared before it), clears what a killed plugin
+/// agent leaves on purpose (warren's nftables table and its chain in Docker's firewall, kept
+/// across restarts) or cannot remove (its socket), failed or not.
+struct PluginLeftovers(String);
+
+impl Drop for PluginLeftovers {
+    fn drop(&mut self) {
+        clear_plugin_leftovers(&self.0);
+    }
+}
+
+fn clear_plugin_leftovers(driver: &str) {
+    let _ = std::fs::remove_file(format!("/run/docker/plugins/{driver}.sock"));
+    let _ = std::process::Command::new("nft")
+        .args(["delete", "table", "ip", "warren"])
+        .stderr(std::process::Stdio::null())
+        .status();
+    for args in [
+        &["-w", "-D", "DOCKER-USER", "-j", "WARREN-DOCKER"][..],
+        &["-w", "-F", "WARREN-DOCKER"],
+        &["-w", "-X", "WARREN-DOCKER"],
+    ] {
+        let _ = std::process::Command::new("iptables").args(args).status();
+    }
 }
 
 async fn networks(agent: &mut Agent) -> Value {
@@ -268,9 +295,11 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
         return;
     }
     images();
+    let _one = HOST_AGENT.lock().await;
     let driver = unique("wt").replace('-', "");
     let tmp = TempDir::new("plugin");
-    let mut agent = plugin_agent(&driver, &tmp);
+    let _leftovers = PluginLeftovers(driver.clone());
+    let mut agent = plugin_agent(&driver, &tmp, &[]);
     // Dropped before the agent: Docker's teardown calls need the plugin to answer.
     let mut clean = Cleanup::default();
     let _ = agent.api_addr().await;
@@ -317,29 +346,18 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     };
     assert_eq!(ours["subnet"], subnet.as_str());
     let bridge = ours["bridge"].as_str().expect("bridge").to_owned();
+    // Another network without a subnet gets another /24 (Docker asks again and again until a
+    // pool overlaps nothing: each answer must differ).
+    let other = clean.network(&unique("wt-other"));
+    docker_ok(&["network", "create", "-d", &driver, "--ipam-driver", &driver, &other]);
+    let other_subnet =
+        docker_ok(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &other]);
+    assert_ne!(other_subnet, subnet);
+    assert!(other_subnet.starts_with("10.219."), "{other_subnet}");
 
     let host_port = closed_port();
     let web = clean.container(&unique("wt-web"));
-    docker_ok(&[
-        "run",
-        "-d",
-        "--name",
-        &web,
-        "--network",
-        &net,
-        "--network-alias",
-        "www",
-        "-p",
-        &format!("{host_port}:80"),
-        BUSYBOX,
-        "busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
-    ]);
+    httpd(&web, &net, &["--network-alias", "www", "-p", &format!("{host_port}:80")]);
     let cli = clean.container(&unique("wt-cli"));
     docker_ok(&[
         "run",
@@ -357,6 +375,11 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     let web_ip = container_ip(&web, &net);
     let cli_ip = container_ip(&cli, &net);
     assert_ne!(web_ip, cli_ip);
+    // The Join's gateway is the default route, and Docker made no docker_gwbridge.
+    let route = docker_ok(&["exec", &cli, "ip", "route"]);
+    assert!(route.contains(&format!("default via {gateway}")), "{route}");
+    let nets = docker_ok(&["network", "ls", "--format", "{{.Name}}"]);
+    assert!(!nets.lines().any(|n| n == "docker_gwbridge"), "{nets}");
     // The address and MAC Docker configured are warren's.
     let mac = docker_ok(&[
         "inspect",
@@ -418,7 +441,7 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
 
     // The agent restarts in the middle: nothing handed out twice, and what ran goes on.
     agent.kill().await;
-    agent = plugin_agent(&driver, &tmp);
+    agent = plugin_agent(&driver, &tmp, &[]);
     let _ = agent.api_addr().await;
     let third = clean.container(&unique("wt-third"));
     docker_ok(&["run", "-d", "--name", &third, "--network", &net, BUSYBOX, "sleep", "600"]);
@@ -501,19 +524,224 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     assert!(!rules.contains(&host_port.to_string()), "{rules}");
     agent.assert_running();
     agent.kill().await;
-    // What the agent keeps on purpose across its restarts (its table, and its chain in Docker's
-    // firewall) goes too.
-    let _ = std::process::Command::new("nft")
-        .args(["delete", "table", "ip", "warren"])
-        .stderr(std::process::Stdio::null())
-        .status();
-    for args in [
-        &["-w", "-D", "DOCKER-USER", "-j", "WARREN-DOCKER"][..],
-        &["-w", "-F", "WARREN-DOCKER"],
-        &["-w", "-X", "WARREN-DOCKER"],
-    ] {
-        let _ = std::process::Command::new("iptables").args(args).status();
+}
+
+/// An overlay network's addresses and names are the relay's: this machine's agent, connected to
+/// the overlay lab's relay, and host 1 of the lab.
+const OVERLAY_SUBNET: &str = "10.214.7.0/24";
+const OVERLAY_GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 214, 7, 1);
+
+/// `docker network create` of a warren overlay `name` with `subnet`, by plugin `driver`.
+fn overlay_network(driver: &str, subnet: &str, name: &str) {
+    docker_ok(&plugin_create(driver, &["-o", "warren.driver=overlay", "--subnet", subnet, name]));
+}
+
+/// `network create -d DRIVER --ipam-driver DRIVER EXTRA...`, for `docker`.
+fn plugin_create<'a>(driver: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["network", "create", "-d", driver, "--ipam-driver", driver];
+    args.extend_from_slice(extra);
+    args
+}
+
+async fn agent_connected(agent: &mut Agent) {
+    let api = ApiClient::anonymous(agent.api_addr().await);
+    for _ in 0..300 {
+        let v: Value = api.get("/api/status").await.json();
+        if v["connected"] == true {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    panic!("the plugin's agent did not connect to the relay: {}", agent.stderr_text());
+}
+
+/// The relay's endpoints of `net`: name, address, aliases.
+fn relay_endpoints(lab: &OverlayLab, net: &str) -> Vec<(String, String, Vec<String>)> {
+    let (status, v) = lab.relay_api("GET", &format!("/api/v1/networks/{net}"));
+    if status != 200 {
+        return Vec::new();
+    }
+    v["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let aliases = e["aliases"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(str::to_owned))
+                .collect();
+            (
+                e["name"].as_str().unwrap_or_default().to_owned(),
+                e["ip"].as_str().unwrap_or_default().to_owned(),
+                aliases,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_overlays_span_hosts_through_the_relay() {
+    if !require() {
+        return;
+    }
+    let Some(lab) = OverlayLab::start(LabOpts { hosts: 1, ..LabOpts::default() }) else {
+        return;
+    };
+    if lab.wire_host_namespace(Ipv4Addr::new(192, 168, 99, 50)).is_none() {
+        return;
+    }
+    images();
+    let _one = HOST_AGENT.lock().await;
+    let driver = unique("wt").replace('-', "");
+    let tmp = TempDir::new("plugin-overlay");
+    let relay =
+        format!("{}:{}", warren_tests::overlay::RELAY_IP, warren_tests::overlay::CONTROL_PORT);
+    let extra = [
+        "--relay",
+        relay.as_str(),
+        "--token",
+        warren_tests::overlay::TOKEN,
+        "--insecure",
+        "--agent-id",
+        "docker-host",
+    ];
+    let _leftovers = PluginLeftovers(driver.clone());
+    let mut agent = plugin_agent(&driver, &tmp, &extra);
+    let mut clean = Cleanup::default();
+    agent_connected(&mut agent).await;
+
+    // Refusals, with the way out.
+    let bad = unique("wt-bad");
+    let err = docker_fails(&plugin_create(&driver, &["-o", "warren.driver=vxlan", &bad]));
+    assert!(err.contains("bridge") && err.contains("overlay"), "{err}");
+    let err = docker_fails(&plugin_create(
+        &driver,
+        &[
+            "-o",
+            "warren.driver=overlay",
+            "--subnet",
+            "10.214.8.0/24",
+            "--gateway",
+            "10.214.8.9",
+            &bad,
+        ],
+    ));
+    assert!(err.contains("first address (10.214.8.1)"), "{err}");
+
+    let net = clean.network(&unique("wt-ov"));
+    overlay_network(&driver, OVERLAY_SUBNET, &net);
+    let web = clean.container(&unique("wt-ovweb"));
+    httpd(&web, &net, &[]);
+    let web_ip = container_ip(&web, &net);
+    assert!(web_ip.starts_with("10.214.7."), "{web_ip}");
+    // The relay handed the address out and knows the container by name.
+    retry(WAIT, "the relay lists the container's endpoint with its name", || {
+        let eps = relay_endpoints(&lab, &net);
+        anyhow::ensure!(
+            eps.iter().any(|(_, ip, aliases)| *ip == web_ip && aliases.contains(&web)),
+            "{eps:?}"
+        );
+        Ok(())
+    });
+    let mtu = docker_ok(&["exec", &web, "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!(mtu, "1450");
+    let route = docker_ok(&["exec", &web, "ip", "route"]);
+    assert!(route.contains(&format!("default via {OVERLAY_GATEWAY}")), "{route}");
+
+    // Host 1 joins the network and reaches the container by its name; the container reaches
+    // host 1's endpoint back.
+    let worker_ns = Netns::new("wk");
+    let worker = lab.host(1).attach(&net, &worker_ns, "worker", &[]);
+    let looked = dig(&worker_ns, OVERLAY_GATEWAY, &format!("{web}.{net}"), "A");
+    assert_eq!(looked, vec![web_ip.clone()], "host 1 resolves the container");
+    let url = format!("http://{web_ip}/");
+    let page = retry(WAIT, "host 1 fetches the container's page over the overlay", || {
+        let out = worker_ns.exec("curl", &["-sS", "--max-time", "3", &url]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(text.contains(PAGE), "{text} {}", String::from_utf8_lossy(&out.stderr));
+        Ok(text)
+    });
+    assert!(page.contains(PAGE));
+    let out = docker(&["exec", &web, "nslookup", "worker", &OVERLAY_GATEWAY.to_string()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&worker.to_string()), "{out:?}");
+    let out = docker(&["exec", &web, "ping", "-c", "1", "-W", "3", &worker.to_string()]);
+    assert!(out.status.success(), "the container pings host 1's endpoint: {out:?}");
+
+    // The agent restarts: the relay keeps the container's address for it, and hands a new
+    // container another one.
+    agent.kill().await;
+    agent = plugin_agent(&driver, &tmp, &extra);
+    agent_connected(&mut agent).await;
+    let web2 = clean.container(&unique("wt-ovweb2"));
+    docker_ok(&["run", "-d", "--name", &web2, "--network", &net, BUSYBOX, "sleep", "600"]);
+    let web2_ip = container_ip(&web2, &net);
+    for taken in [&web_ip, &worker.to_string(), &OVERLAY_GATEWAY.to_string()] {
+        assert_ne!(&web2_ip, taken, "address handed out twice after a restart");
+    }
+    retry(WAIT, "after the restart host 1 still reaches the container", || {
+        let out = worker_ns.exec("curl", &["-sS", "--max-time", "3", &url]);
+        anyhow::ensure!(String::from_utf8_lossy(&out.stdout).contains(PAGE), "{out:?}");
+        Ok(())
+    });
+    let eps = relay_endpoints(&lab, &net);
+    assert_eq!(eps.iter().filter(|(_, ip, _)| *ip == web_ip).count(), 1, "{eps:?}");
+
+    // An overlay another host made: joined with its subnet, refused with another (at the first
+    // container, since Docker names the network only after creating it).
+    let theirs = unique("wt-theirs");
+    let out = lab.host(1).net_ok(&[
+        "create",
+        &theirs,
+        "--driver",
+        "overlay",
+        "--subnet",
+        "10.214.10.0/24",
+    ]);
+    assert!(out.contains("overlay VNI"), "{out}");
+    let mine = clean.network(&theirs);
+    overlay_network(&driver, "10.214.11.0/24", &mine);
+    let wrong = clean.container(&unique("wt-wrong"));
+    let err =
+        docker_fails(&["run", "-d", "--name", &wrong, "--network", &mine, BUSYBOX, "sleep", "60"]);
+    assert!(err.contains("--subnet 10.214.10.0/24"), "{err}");
+    docker_ok(&["rm", "-f", &wrong]);
+    docker_ok(&["network", "rm", &mine]);
+    overlay_network(&driver, "10.214.10.0/24", &mine);
+    let right = clean.container(&unique("wt-right"));
+    docker_ok(&["run", "-d", "--name", &right, "--network", &mine, BUSYBOX, "sleep", "600"]);
+    let right_ip = container_ip(&right, &mine);
+    assert!(right_ip.starts_with("10.214.10."), "{right_ip}");
+    docker_ok(&["rm", "-f", &right]);
+    docker_ok(&["network", "rm", &mine]);
+    // The overlay had no endpoints left anywhere: it is gone at the relay too.
+    let (status, _) = lab.relay_api("GET", &format!("/api/v1/networks/{theirs}"));
+    assert_eq!(status, 404);
+
+    // Removing the containers releases their addresses at the relay; removing the Docker
+    // network (once host 1 has left it) deletes the overlay and leaves no device here.
+    let links_before: Vec<String> =
+        docker_free_links().into_iter().filter(|l| l.starts_with("wr")).collect();
+    assert!(links_before.iter().any(|l| l.starts_with("wrx-")), "{links_before:?}");
+    docker_ok(&["rm", "-f", &web, &web2]);
+    retry(WAIT, "the relay forgets the containers' endpoints", || {
+        let eps = relay_endpoints(&lab, &net);
+        anyhow::ensure!(eps.iter().all(|(n, _, _)| n == "worker"), "{eps:?}");
+        Ok(())
+    });
+    lab.host(1).net_ok(&["detach", &net, "worker"]);
+    docker_ok(&["network", "rm", &net]);
+    let (status, v) = lab.relay_api("GET", &format!("/api/v1/networks/{net}"));
+    assert_eq!(status, 404, "the overlay should be gone at the relay: {v}");
+    let left: Vec<String> = docker_free_links()
+        .into_iter()
+        .filter(|l| l.starts_with("wrb-v") || l.starts_with("wrx-") || l.starts_with("wrt-"))
+        .collect();
+    assert!(left.is_empty(), "overlay devices left: {left:?}");
+    clean.run();
+    agent.assert_running();
+    agent.kill().await;
 }
 
 /// `PROGRAM ARGS...`: its stdout.
