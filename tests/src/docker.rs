@@ -87,12 +87,25 @@ pub fn images() {
             ("deploy/image", vec!["--bin-dir", bin_dir.to_str().expect("utf-8"), "--tag", IMAGE]),
             ("deploy/busybox-image", vec!["--tag", BUSYBOX]),
         ] {
+            let tag = args.last().copied().unwrap_or_default();
+            let before = image_id(tag);
             let mut cmd = Command::new(repo().join(script));
             cmd.args(&args);
             let out = output_in(None, cmd, DOCKER_TIMEOUT);
             stdout_ok(script, &out);
+            // The image the tag named before is untagged now: removed, so that runs do not
+            // pile up images.
+            if let Some(old) = before.filter(|old| image_id(tag).as_ref() != Some(old)) {
+                let _ = docker(&["image", "rm", &old]);
+            }
         }
     });
+}
+
+/// The id of the image `tag`, if there is one.
+fn image_id(tag: &str) -> Option<String> {
+    let out = docker(&["image", "inspect", "-f", "{{.Id}}", tag]);
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// Removes the containers and networks a test made, whatever happens to the test.
