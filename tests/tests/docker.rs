@@ -649,6 +649,36 @@ async fn plugin_overlays_span_hosts_through_the_relay() {
     assert_eq!(mtu, "1450");
     let route = docker_ok(&["exec", &web, "ip", "route"]);
     assert!(route.contains(&format!("default via {OVERLAY_GATEWAY}")), "{route}");
+    // A MAC of the user's own would not be the one other hosts send to: refused, and the
+    // address Docker asked for goes back to the relay.
+    let own_mac = clean.container(&unique("wt-ownmac"));
+    // (Docker's newer clients refuse --mac-address against API 1.41: created by the API.)
+    let body = serde_json::json!({
+        "Image": BUSYBOX, "Cmd": ["sleep", "60"], "MacAddress": "02:42:aa:bb:cc:dd",
+        "HostConfig": { "NetworkMode": net },
+    });
+    let created = docker_ok_cmd(
+        "curl",
+        &[
+            "-sS",
+            "--fail-with-body",
+            "--unix-socket",
+            "/var/run/docker.sock",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body.to_string(),
+            &format!("http://localhost/v1.41/containers/create?name={own_mac}"),
+        ],
+    );
+    assert!(created.contains("\"Id\""), "{created}");
+    let err = docker_fails(&["start", &own_mac]);
+    assert!(err.contains("--mac-address"), "{err}");
+    retry(WAIT, "the refused container's address is released at the relay", || {
+        let eps = relay_endpoints(&lab, &net);
+        anyhow::ensure!(eps.len() == 1, "{eps:?}");
+        Ok(())
+    });
 
     // Host 1 joins the network and reaches the container by its name; the container reaches
     // host 1's endpoint back.

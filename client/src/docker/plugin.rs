@@ -616,13 +616,19 @@ impl Plugin {
         let fallback = format!("docker-{}", nid.chars().take(12).collect::<String>());
         if doc.overlay {
             // Hosts share an overlay by its name: no other name will do.
-            let name = docker_name.as_deref().and_then(warren_name).ok_or_else(|| {
-                NetError::Unavailable(format!(
+            let Some(docker_name) = docker_name else {
+                return Err(NetError::Unavailable(format!(
                     "docker network {nid:.12}: an overlay is named after the Docker network, and \
                      the Docker API ({}) does not tell its name",
                     self.docker_socket
                         .as_deref()
                         .map_or("none".into(), |p| p.display().to_string())
+                )));
+            };
+            let name = warren_name(&docker_name).ok_or_else(|| {
+                NetError::BadInput(format!(
+                    "docker network {docker_name:?} cannot name an overlay: use 1-63 characters \
+                     a-z, 0-9, '-', '_' and '.', not starting or ending with one of the last three"
                 ))
             })?;
             self.net.docker_overlay(&name, pool.subnet, doc.mtu).await?;
@@ -702,6 +708,18 @@ impl Plugin {
         if short.is_empty() || !short.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(driver(format!("endpoint id {:?} is not Docker's hex", r.endpoint_id)));
         }
+        let mac = crate::net::model::mac_text(crate::net::model::mac_for(ip));
+        if !iface.mac.is_empty()
+            && !iface.mac.eq_ignore_ascii_case(&mac)
+            && self.net.find_network(&network)?.is_some_and(|n| n.is_overlay())
+        {
+            // Other hosts send this address's frames to the MAC derived from it.
+            return Err(driver(format!(
+                "--mac-address {}: on an overlay a container's MAC follows its address ({mac}); \
+                 leave --mac-address out",
+                iface.mac
+            )));
+        }
         // On an overlay the relay knows the endpoint by the name its address was claimed for.
         let name = match self.net.docker_held_name(&network, ip)? {
             Some(held) => held,
@@ -712,7 +730,6 @@ impl Plugin {
         self.net.store().put_doc(ENDPOINT, &doc.id, &doc)?;
         tracing::debug!("docker endpoint {} in {network}: {ip}", doc.name);
         if iface.mac.is_empty() {
-            let mac = crate::net::model::mac_text(crate::net::model::mac_for(ip));
             return Ok(json!({ "Interface": { "MacAddress": mac } }));
         }
         Ok(json!({ "Interface": {} }))
