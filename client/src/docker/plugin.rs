@@ -613,8 +613,7 @@ impl Plugin {
                 .and_then(|v| v["Name"].as_str().map(str::to_owned)),
             None => None,
         };
-        let fallback = format!("docker-{}", nid.chars().take(12).collect::<String>());
-        if doc.overlay {
+        let name = if doc.overlay {
             // Hosts share an overlay by its name: no other name will do.
             let Some(docker_name) = docker_name else {
                 return Err(NetError::Unavailable(format!(
@@ -632,36 +631,34 @@ impl Plugin {
                 ))
             })?;
             self.net.docker_overlay(&name, pool.subnet, doc.mtu).await?;
-            pool.network = Some(name.clone());
-            store.put_doc(POOL, &pool.id, &pool)?;
-            doc.name = Some(name.clone());
-            store.put_doc(NETWORK, &doc.id, &doc)?;
-            allow_forwarding_through_docker().await;
-            return Ok(name);
-        }
-        let mut name = docker_name.as_deref().and_then(warren_name).unwrap_or(fallback.clone());
-        if self.net.find_network(&name)?.is_some() {
-            tracing::warn!(
-                "a warren network named {name} exists already; Docker's network {} is {fallback} in warren",
-                docker_name.as_deref().unwrap_or("?")
-            );
-            name = fallback;
-        }
-        self.net
-            .create_network(CreateNetwork {
-                name: name.clone(),
-                driver: None,
-                subnet: Some(pool.subnet.to_string()),
-                gateway: Some(doc.gateway.to_string()),
-                ip_range: pool.sub_pool.map(|s| s.to_string()),
-                mtu: doc.mtu,
-            })
-            .await?;
-        for aux in std::mem::take(&mut pool.aux) {
-            if let Err(e) = self.net.docker_claim(&name, Some(aux)).await {
-                tracing::warn!("docker network {name}: aux address {aux}: {e}");
+            name
+        } else {
+            let fallback = format!("docker-{}", nid.chars().take(12).collect::<String>());
+            let mut name = docker_name.as_deref().and_then(warren_name).unwrap_or(fallback.clone());
+            if self.net.find_network(&name)?.is_some() {
+                tracing::warn!(
+                    "a warren network named {name} exists already; Docker's network {} is {fallback} in warren",
+                    docker_name.as_deref().unwrap_or("?")
+                );
+                name = fallback;
             }
-        }
+            self.net
+                .create_network(CreateNetwork {
+                    name: name.clone(),
+                    driver: None,
+                    subnet: Some(pool.subnet.to_string()),
+                    gateway: Some(doc.gateway.to_string()),
+                    ip_range: pool.sub_pool.map(|s| s.to_string()),
+                    mtu: doc.mtu,
+                })
+                .await?;
+            for aux in std::mem::take(&mut pool.aux) {
+                if let Err(e) = self.net.docker_claim(&name, Some(aux)).await {
+                    tracing::warn!("docker network {name}: aux address {aux}: {e}");
+                }
+            }
+            name
+        };
         pool.network = Some(name.clone());
         store.put_doc(POOL, &pool.id, &pool)?;
         doc.name = Some(name.clone());

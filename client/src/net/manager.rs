@@ -605,7 +605,9 @@ impl NetManager {
             )));
         }
         let ip = if n.is_overlay() {
-            self.claim_overlay(&n, &req.name, req.ip.as_deref(), &req.aliases).await?
+            let fixed = req.ip.as_deref().map(|s| parse_v4("address", s)).transpose()?;
+            self.claim_overlay(&n, &req.name, fixed, &req.aliases, &owner_endpoint(&req.name))
+                .await?
         } else {
             self.claim(&n, req.ip.as_deref(), &owner_endpoint(&req.name))?
         };

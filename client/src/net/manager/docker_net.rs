@@ -15,7 +15,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
-use super::{NetManager, ipam, parse_v4};
+use super::{NetManager, parse_v4};
 use crate::net::model::{
     Endpoint, NetError, Network, Sandbox, check_name, mac_for, mac_text, new_id,
 };
@@ -98,18 +98,8 @@ impl NetManager {
             let fixed = fixed.map(|ip| ip.to_string());
             return self.claim(&n, fixed.as_deref(), DOCKER_OWNER);
         }
-        let ov = self.overlay()?;
-        if let Some(ip) = fixed {
-            ipam::check_usable(n.subnet, None, n.gateway, ip)?;
-        }
         let name = format!("ep-{}", new_id());
-        let (net_label, ep_label) = (label("network", net)?, label("endpoint", &name)?);
-        let ip = ov.attach(net_label.clone(), ep_label.clone(), fixed, Vec::new()).await?;
-        if !self.store.claim_address(net, ip, &docker_owner_of(&name))? {
-            let _ = ov.detach(net_label, ep_label).await;
-            return Err(NetError::Conflict(format!("address {ip} is taken on this host")));
-        }
-        Ok(ip)
+        self.claim_overlay(&n, &name, fixed, &[], &docker_owner_of(&name)).await
     }
 
     /// The endpoint name an overlay address was handed out to for Docker.
@@ -208,9 +198,8 @@ impl NetManager {
         for e in self.store.endpoints(Some(name))? {
             self.detach(name, &e.name).await?;
         }
-        for (held, ip) in self.docker_held(name) {
-            self.store.release_address(name, ip)?;
-            self.release_overlay(&n, &held).await;
+        for (_, ip) in self.docker_held(name) {
+            self.docker_release(name, ip).await?;
         }
         match self.overlay()?.delete(label("network", name)?).await {
             Ok(()) | Err(NetError::NotFound(_)) => {}

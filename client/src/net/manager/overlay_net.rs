@@ -403,24 +403,25 @@ impl NetManager {
         self.refresh(&mut live).await
     }
 
-    /// Claims an endpoint's address at the relay (and in the local table).
+    /// Claims endpoint `name`'s address at the relay (`fixed`, or any free one), and in the
+    /// local table for `owner`.
     pub(super) async fn claim_overlay(
         &self,
         n: &Network,
         name: &str,
-        fixed: Option<&str>,
+        fixed: Option<Ipv4Addr>,
         aliases: &[String],
+        owner: &str,
     ) -> Result<Ipv4Addr, NetError> {
         let ov = self.overlay()?;
-        let ip = fixed.map(|s| parse_v4("address", s)).transpose()?;
-        if let Some(ip) = ip {
+        if let Some(ip) = fixed {
             ipam::check_usable(n.subnet, None, n.gateway, ip)?;
         }
         let aliases = aliases.iter().map(|a| label("alias", a)).collect::<Result<Vec<_>, _>>()?;
         let ip =
-            ov.attach(label("network", &n.name)?, label("endpoint", name)?, ip, aliases).await?;
+            ov.attach(label("network", &n.name)?, label("endpoint", name)?, fixed, aliases).await?;
         // The local table mirrors the relay's claim.
-        if !self.store.claim_address(&n.name, ip, &owner_endpoint(name))? {
+        if !self.store.claim_address(&n.name, ip, owner)? {
             let _ = ov.detach(label("network", &n.name)?, label("endpoint", name)?).await;
             return Err(NetError::Conflict(format!("address {ip} is taken on this host")));
         }
