@@ -5,6 +5,11 @@
 //!   `/` of the agent's local API.
 //! - `relay.html`: the relay's agents, tunnels, port pool, traffic charts, tokens and forwards,
 //!   served at `/` of the relay's API; the admin token stays in the browser's session storage.
+//!
+//! It also holds what both APIs share to defend themselves: [`throttle`] slows down failed
+//! authentications per source address.
+
+pub mod throttle;
 
 /// One embedded file.
 #[derive(Debug, Clone, Copy)]
