@@ -43,6 +43,10 @@ pub struct ApiState {
     pub store: Arc<Store>,
     /// The admin token.
     pub admin: AdminToken,
+    /// A token for `/metrics` only.
+    pub metrics: Option<AdminToken>,
+    /// Hosts, origins, bodies and failed tokens, before any route.
+    pub guard: warren_web::guard::ApiGuard,
     /// How often traffic is sampled into the history.
     pub stats_interval: std::time::Duration,
 }
@@ -108,8 +112,9 @@ impl Caller {
     }
 }
 
-fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
-    let presented = headers
+/// The bearer token of a request, if it sent one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -118,13 +123,16 @@ fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
         })
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "send `Authorization: Bearer TOKEN` (the admin token, or an agent token)",
-            )
-        })?;
+}
+
+fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {
+    let presented = bearer(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer TOKEN` (the admin token, or an agent token)",
+        )
+    })?;
     if state.admin.matches(presented) {
         return Ok(Caller::Admin);
     }
@@ -183,8 +191,8 @@ pub fn router(state: ApiState) -> Router {
 
 /// Serves the API on `listener` until `shutdown`.
 pub async fn serve(listener: TcpListener, state: ApiState, shutdown: CancellationToken) {
-    let app = router(state);
-    let result = axum::serve(listener, app.into_make_service())
+    let app = state.guard.wrap(router(state.clone()));
+    let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await;
     if let Err(e) = result {
@@ -1006,8 +1014,22 @@ fn st_tunnels(state: &ApiState) -> Vec<TunnelView> {
 }
 
 /// Prometheus text exposition of the relay's state.
-async fn metrics(State(st): State<ApiState>) -> Response {
+async fn metrics(State(st): State<ApiState>, headers: HeaderMap) -> ApiResult<Response> {
     use std::fmt::Write;
+    let presented = bearer(&headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send `Authorization: Bearer TOKEN`: the admin token or the --metrics-token",
+        )
+    })?;
+    if !(st.admin.matches(presented) || st.metrics.as_ref().is_some_and(|m| m.matches(presented))) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "/metrics takes the admin token or the --metrics-token",
+        ));
+    }
     let views = st.shared.router.tunnels();
     let online = views.iter().filter(|t| t.session_id.is_some()).count();
     let mut out = String::new();
@@ -1048,7 +1070,7 @@ async fn metrics(State(st): State<ApiState>) -> Response {
         }
     }
     crate::metrics::global().render(&mut out);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
 /// Logs the API's stable `listening` line.

@@ -42,6 +42,10 @@ pub struct RelayConfig {
     pub api: Option<SocketAddr>,
     /// The API's admin token.
     pub admin_token: Token,
+    /// More host names the API answers to (it always answers loopback names and addresses).
+    pub api_hosts: Vec<String>,
+    /// A token that may read `/metrics` only (the admin token may too).
+    pub metrics_token: Option<Token>,
     /// How often tunnel traffic is sampled into the history the API serves.
     pub stats_interval: Duration,
     /// Where overlay networks created without a subnet get their /24.
@@ -74,6 +78,8 @@ impl RelayConfig {
             acme: None,
             api: Some(any),
             admin_token: Token::new(format!("{token}-admin")),
+            api_hosts: Vec::new(),
+            metrics_token: None,
             stats_interval: Duration::from_secs(60),
             overlay_pool: default_overlay_pool(),
         }

@@ -127,6 +127,15 @@ struct Args {
     /// The API's admin token (default: generated once into DATA/admin-token).
     #[arg(long, value_name = "TOKEN", env = "WARREN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Another host name the API answers to (repeatable), e.g. the name a reverse proxy or
+    /// your browser reaches it by. It always answers loopback names and addresses and the
+    /// address it is bound to; other names get 421 (DNS rebinding).
+    #[arg(long, value_name = "NAME")]
+    api_host: Vec<String>,
+    /// A token that may read /metrics and nothing else, for Prometheus (the admin token works
+    /// too).
+    #[arg(long, value_name = "TOKEN", env = "WARREN_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// How often tunnel traffic is sampled into the history at /api/v1/stats.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     stats_interval: std::time::Duration,
@@ -252,6 +261,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         api: (!args.no_api).then_some(args.api),
         admin_token: Token::new(admin_token),
+        api_hosts: args.api_host,
+        metrics_token: args.metrics_token.filter(|t| !t.trim().is_empty()).map(Token::new),
         stats_interval: args.stats_interval,
         overlay_pool: args.overlay_pool,
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {

@@ -227,7 +227,13 @@ impl Relay {
                     shared: shared.clone(),
                     store,
                     admin: AdminToken::new(config.admin_token.expose()),
+                    metrics: config.metrics_token.as_ref().map(|t| AdminToken::new(t.expose())),
                     stats_interval: config.stats_interval,
+                    guard: warren_web::guard::ApiGuard::new(
+                        api_addr.unwrap_or(http_addr),
+                        config.api_hosts.clone(),
+                        Arc::new(warren_web::throttle::AuthThrottle::new()),
+                    ),
                 };
                 (l, state)
             }),

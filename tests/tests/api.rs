@@ -494,9 +494,10 @@ async fn tokens_are_checked() {
         .await
         .expect(StatusCode::OK);
 
-    // No token needed for the document and the metrics.
+    // No token needed for the document; the metrics take the admin token.
     anon.get("/api/v1/openapi.json").await.expect(StatusCode::OK);
-    let metrics = anon.get("/metrics").await;
+    anon.get("/metrics").await.expect_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let metrics = ApiClient::new(relay.api_addr, ADMIN_TOKEN).get("/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK, "{:?}", metrics.text());
     assert!(metrics.content_type().starts_with("text/plain"), "{:?}", metrics.content_type());
     let text = metrics.text();

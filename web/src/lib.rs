@@ -6,9 +6,11 @@
 //! - `relay.html`: the relay's agents, tunnels, port pool, traffic charts, tokens and forwards,
 //!   served at `/` of the relay's API; the admin token stays in the browser's session storage.
 //!
-//! It also holds what both APIs share to defend themselves: [`throttle`] slows down failed
-//! authentications per source address.
+//! It also holds what both APIs share to defend themselves: [`guard`] (allowed hosts, no
+//! foreign origins, JSON bodies only, security headers) and [`throttle`] (failed
+//! authentications slowed down per source address).
 
+pub mod guard;
 pub mod throttle;
 
 /// One embedded file.
