@@ -43,6 +43,8 @@ pub struct AgentConfig {
     pub agent_id: AgentId,
     /// The tunnels to serve, in order.
     pub tunnels: Vec<TunnelSpec>,
+    /// Targets the relay's API may open forwards to (`--allow-forward`); empty refuses all.
+    pub allow_forward: Vec<crate::tunnel::ForwardRule>,
 }
 
 /// Things the agent reports as they happen.
@@ -186,6 +188,8 @@ pub struct AgentState {
     traffic: std::sync::Mutex<HashMap<TunnelName, Arc<Traffic>>>,
     /// The overlay networks, when this agent manages networks.
     overlay: std::sync::OnceLock<Arc<dyn OverlayHooks>>,
+    /// Where the local API listens: no tunnel may point at it.
+    api: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Bytes and streams through one tunnel since the agent started.
@@ -235,6 +239,24 @@ impl AgentState {
     /// The overlay networks' hooks, if any.
     pub fn overlay(&self) -> Option<Arc<dyn OverlayHooks>> {
         self.overlay.get().cloned()
+    }
+
+    /// Records where the local API listens.
+    pub fn set_api_addr(&self, addr: std::net::SocketAddr) {
+        let _ = self.api.set(addr);
+    }
+
+    /// Whether `target` is this agent's own local API, which no tunnel may publish.
+    pub fn is_own_api(&self, target: &crate::tunnel::Target) -> bool {
+        let Some(api) = self.api.get() else { return false };
+        if target.port != api.port() {
+            return false;
+        }
+        let local = |ip: std::net::IpAddr| ip.is_loopback() || ip.is_unspecified();
+        match target.host.parse::<std::net::IpAddr>().map(|ip| ip.to_canonical()) {
+            Ok(ip) => ip == api.ip() || (local(ip) && local(api.ip())),
+            Err(_) => target.host.eq_ignore_ascii_case("localhost") && local(api.ip()),
+        }
     }
 
     /// Marks this agent as one without a relay.
@@ -451,6 +473,7 @@ async fn serve_session(
     inbox: &mut AgentInbox,
 ) -> Result<End, Failure> {
     let relay = &cfg.relay;
+    let allow_forward = &cfg.allow_forward;
     let state = inbox.state.clone();
     let control = session.open().await?;
     let (rd, wr) = tokio::io::split(control);
@@ -660,6 +683,14 @@ async fn serve_session(
                     }
                     Message::Forward(f) => {
                         let reply = match f.target.parse::<crate::tunnel::Target>() {
+                            Ok(target) if state.is_own_api(&target) => {
+                                warn!(tunnel = %f.name, target = %target, "forward refused: that is this agent's own local API");
+                                Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: format!("{target} is this agent's own local API; it is never published") }
+                            }
+                            Ok(target) if !allow_forward.iter().any(|r| r.covers(&target)) => {
+                                warn!(tunnel = %f.name, target = %target, "forward refused: no --allow-forward covers its target");
+                                Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: format!("this agent accepts no forward to {target}: start it with --allow-forward {target} (or a PORT, CIDR or CIDR:LOW-HIGH that covers it)") }
+                            }
                             Ok(target) => {
                                 let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
                                 info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");

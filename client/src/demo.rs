@@ -100,6 +100,7 @@ async fn run_in(
             },
             TunnelSpec::new(parse("demo-tcp")?, Protocol::Tcp, target),
         ],
+        allow_forward: Vec::new(),
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let agent_stop = shutdown.clone();

@@ -17,11 +17,13 @@
 //! - [`forward`]: one data stream: connect the target, splice, or answer 502.
 //! - [`udp`]: UDP tunnels: flows over QUIC datagrams or length-prefixed streams.
 //! - [`local_api`]: the agent's local API: its tunnels, listed, opened and closed.
+//! - [`api_access`]: the local API's token and `agent.json`, how the CLI finds a running agent.
 //! - [`demo`]: relay, agent and a sample service in one process.
 //! - [`net`]: networks: bridges and overlays, IPAM, NAT, DNS.
 //! - [`docker`]: the Docker API client, label-driven auto-expose and the network plugin.
 
 pub mod agent;
+pub mod api_access;
 pub mod config;
 pub mod demo;
 pub mod docker;

@@ -2,6 +2,11 @@
 //! taken): the tunnels of this agent, listed, opened and closed while it runs. Shapes follow
 //! ngrok's agent API (`/api/tunnels`, `public_url`, `config.addr`) so scripts written for it
 //! adapt easily. `warren ls` and `warren stop` use it.
+//!
+//! Every route but the dashboard's page and files needs `Authorization: Bearer TOKEN` (see
+//! [`crate::api_access`] for where the token lives and how the CLI finds it), and the whole API
+//! sits behind [`warren_web::guard`]: loopback or `--api-host` names only, no foreign origins,
+//! JSON bodies only, failed tokens slowed down per address.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -91,16 +96,86 @@ pub fn router(handle: AgentHandle) -> Router {
         .with_state(handle)
 }
 
+/// Who may use the API, and under which host names.
+#[derive(Clone)]
+pub struct Access {
+    token: Arc<str>,
+    guard: warren_web::guard::ApiGuard,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access").field("token", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+impl Access {
+    /// Requires `token`; answers loopback names, `bound`'s address and `hosts`.
+    pub fn new(token: String, bound: SocketAddr, hosts: Vec<String>) -> Self {
+        let throttle = Arc::new(warren_web::throttle::AuthThrottle::new());
+        Self {
+            token: token.into(),
+            guard: warren_web::guard::ApiGuard::new(bound, hosts, throttle),
+        }
+    }
+}
+
+/// The dashboard's page and files are open; everything else needs the token.
+async fn require_token(
+    State(access): State<Access>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let open = matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        && (path == "/" || path.starts_with("/static/"));
+    if open {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim());
+    let ok = presented.is_some_and(|t| {
+        use subtle::ConstantTimeEq;
+        t.len() == access.token.len() && bool::from(t.as_bytes().ct_eq(access.token.as_bytes()))
+    });
+    if ok {
+        return next.run(req).await;
+    }
+    let message = if presented.is_some() {
+        "this token is not the agent's API token"
+    } else {
+        "send `Authorization: Bearer TOKEN`: the agent's API token (CONFIG_DIR/api-token, or \
+         --api-token); `warren ls` and the other commands send it themselves"
+    };
+    let mut resp =
+        ApiError(StatusCode::UNAUTHORIZED, "unauthorized", message.into()).into_response();
+    resp.headers_mut()
+        .insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+    resp
+}
+
 /// Serves the API until `shutdown`;
 /// `networks` serves `/api/networks` (see [`crate::net::api`]).
 pub async fn serve(
     listener: TcpListener,
     handle: AgentHandle,
     networks: Router,
+    access: Access,
     shutdown: CancellationToken,
 ) {
-    let app = networks.merge(router(handle));
-    if let Err(e) = axum::serve(listener, app.into_make_service())
+    if let Ok(addr) = listener.local_addr() {
+        handle.state.set_api_addr(addr);
+    }
+    let app = networks
+        .merge(router(handle))
+        .layer(axum::middleware::from_fn_with_state(access.clone(), require_token));
+    let app = access.guard.wrap(app);
+    if let Err(e) = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
     {
@@ -482,6 +557,12 @@ async fn create(
     let body: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, "bad_request", format!("not JSON: {e}")))?;
     let spec = spec_from(&body)?;
+    if h.state.is_own_api(&spec.target) {
+        return Err(invalid(format!(
+            "addr {}: that is this agent's own local API, which is never published",
+            spec.target
+        )));
+    }
     let (tx, rx) = oneshot::channel();
     h.control.send(Control::Add(Box::new(spec.clone()), tx)).await.map_err(|_| {
         ApiError(StatusCode::SERVICE_UNAVAILABLE, "stopping", "the agent is stopping".into())

@@ -10,10 +10,11 @@ use clap::{Args, Parser, Subcommand};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use warren_client::agent::{self, AgentConfig, AgentEvent};
+use warren_client::api_access::{self, LocalApi, Want};
 use warren_client::config::{self, FileConfig};
 use warren_client::demo::{self, DemoOptions};
 use warren_client::identity;
-use warren_client::tunnel::{Target, TunnelSpec};
+use warren_client::tunnel::{ForwardRule, Target, TunnelSpec};
 use warren_proto::message::Token;
 use warren_proto::{AgentId, Protocol, Subdomain, TunnelName};
 use warren_server::config::PortRange;
@@ -153,9 +154,8 @@ enum Command {
         after_help = "Examples:\n  sudo warren agent &                          manages networks; no relay needed for them\n  warren net create web --subnet 10.213.5.0/24\n  warren net run web --name api -- python3 -m http.server 8000\n  warren net publish web api 8080:8000\n  warren net run web --name job -- curl -s http://api:8000/\n  warren net ls"
     )]
     Net {
-        /// The running agent's local API.
-        #[arg(long, value_name = "ADDR", env = "WARREN_AGENT_API", default_value = warren_client::local_api::DEFAULT_ADDR, global = true)]
-        agent_api: SocketAddr,
+        #[command(flatten)]
+        api: AgentApiOpts,
         #[command(subcommand)]
         cmd: net_cli::NetCmd,
     },
@@ -350,11 +350,33 @@ struct DockerOpts {
     docker_plugin_socket: PathBuf,
 }
 
+/// Which running agent a command talks to, and how it proves it may.
 #[derive(Debug, Args)]
 struct AgentApiOpts {
-    /// The running agent's local API.
-    #[arg(long, value_name = "ADDR", env = "WARREN_AGENT_API", default_value = warren_client::local_api::DEFAULT_ADDR)]
-    agent_api: SocketAddr,
+    /// The running agent's local API (default: the newest agent listed in
+    /// CONFIG_DIR/agent.json, which every agent writes at start).
+    #[arg(long, value_name = "ADDR", env = "WARREN_AGENT_API", global = true)]
+    agent_api: Option<SocketAddr>,
+    /// The agent's API token (default: the token file that agent uses, CONFIG_DIR/api-token).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "WARREN_API_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    api_token: Option<String>,
+    /// The config directory the agent runs with.
+    #[arg(long, value_name = "DIR", env = "WARREN_CONFIG_DIR", global = true)]
+    config_dir: Option<PathBuf>,
+}
+
+impl AgentApiOpts {
+    /// The local API to call: flags and environment first, else the newest running agent.
+    fn resolve(self, want: Want) -> anyhow::Result<LocalApi> {
+        let dir = self.config_dir.unwrap_or_else(identity::default_config_dir);
+        api_access::resolve(self.agent_api, self.api_token, &dir, want).map_err(anyhow::Error::msg)
+    }
 }
 
 #[derive(Debug, Args)]
@@ -392,13 +414,27 @@ struct ConnOpts {
     /// Where the agent keeps its identity.
     #[arg(long, value_name = "DIR", env = "WARREN_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
-    /// This agent's local API (`warren ls`, `warren stop`, scripts); when the port is taken the
-    /// next free one is used and logged.
+    /// This agent's local API and dashboard (`warren ls`, `warren stop`, scripts); when the
+    /// port is taken the next free one is used and logged. Only loopback unless --api-token
+    /// is given.
     #[arg(long = "api", value_name = "ADDR", env = "WARREN_API", default_value = warren_client::local_api::DEFAULT_ADDR)]
     api: SocketAddr,
+    /// The bearer token the local API requires (default: generated once into
+    /// CONFIG_DIR/api-token, 0600). The dashboard's login URL is logged at start.
+    #[arg(long, value_name = "TOKEN", env = "WARREN_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Another host name the local API answers to (repeatable); it always answers localhost and
+    /// loopback addresses, and refuses other names (DNS rebinding).
+    #[arg(long, value_name = "NAME")]
+    api_host: Vec<String>,
     /// Serve no local API.
     #[arg(long)]
     no_api: bool,
+    /// Let the relay's API open a forward into this agent to TARGET (repeatable): HOST:PORT,
+    /// PORT (on loopback), CIDR (any port) or CIDR:LOW-HIGH. Without it every forward is
+    /// refused.
+    #[arg(long, value_name = "TARGET")]
+    allow_forward: Vec<ForwardRule>,
 }
 
 fn main() -> ExitCode {
@@ -424,7 +460,10 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Net { agent_api, cmd } => rt.block_on(net_cli::run(agent_api, cmd)),
+        Command::Net { api, cmd } => rt.block_on(async move {
+            let api = api.resolve(Want::Networks)?;
+            net_cli::run(&api, cmd).await
+        }),
         other => rt.block_on(run(other)).map(|()| 0),
     };
     match result {
@@ -512,7 +551,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Demo { http, ports } => run_demo(DemoOptions { http, ports }).await,
         Command::Ls { api } => {
-            let v = agent_api(api.agent_api, "GET", "/api/tunnels", None).await?;
+            let v = agent_api(&api.resolve(Want::Any)?, "GET", "/api/tunnels", None).await?;
             let tunnels = v["tunnels"].as_array().cloned().unwrap_or_default();
             let mut out = std::io::stdout().lock();
             if tunnels.is_empty() {
@@ -532,9 +571,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Requests { limit, api } => {
-            let v =
-                agent_api(api.agent_api, "GET", &format!("/api/requests/http?limit={limit}"), None)
-                    .await?;
+            let path = format!("/api/requests/http?limit={limit}");
+            let v = agent_api(&api.resolve(Want::Any)?, "GET", &path, None).await?;
             let mut out = std::io::stdout().lock();
             let reqs = v["requests"].as_array().cloned().unwrap_or_default();
             if reqs.is_empty() {
@@ -560,7 +598,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Replay { id, api } => {
             let body = serde_json::json!({ "id": id }).to_string();
-            let v = agent_api(api.agent_api, "POST", "/api/requests/http", Some(body)).await?;
+            let v = agent_api(&api.resolve(Want::Any)?, "POST", "/api/requests/http", Some(body))
+                .await?;
             let status = v["response"]["status"].as_str().unwrap_or("no response");
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -578,7 +617,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stop { name, api } => {
-            agent_api(api.agent_api, "DELETE", &format!("/api/tunnels/{name}"), None).await?;
+            let path = format!("/api/tunnels/{name}");
+            agent_api(&api.resolve(Want::Any)?, "DELETE", &path, None).await?;
             println!("stopped {name}");
             Ok(())
         }
@@ -634,6 +674,7 @@ fn agent_config(conn: ConnOpts, file: FileConfig) -> anyhow::Result<AgentConfig>
         mode: conn.transport.or(file.transport).unwrap_or_default(),
         agent_id,
         tunnels: file.tunnels,
+        allow_forward: conn.allow_forward,
     })
 }
 
@@ -644,58 +685,20 @@ const INSPECT_BODY_LIMIT: usize = 64 << 10;
 
 /// One request to a running agent's local API; its JSON answer, or its error message.
 async fn agent_api(
-    addr: SocketAddr,
+    api: &LocalApi,
     method: &str,
     path: &str,
     body: Option<String>,
 ) -> anyhow::Result<serde_json::Value> {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| {
-        anyhow::anyhow!(
-            "no agent answers at {addr} ({e}): is `warren` running there? (--agent-api ADDR or WARREN_AGENT_API)"
-        )
-    })?;
-    let (mut send, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = http::Request::builder()
-        .method(method)
-        .uri(path)
-        .header(http::header::HOST, addr.to_string())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .body(http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or_default())))?;
-    let resp = tokio::time::timeout(std::time::Duration::from_secs(20), send.send_request(req))
-        .await
-        .map_err(|_| anyhow::anyhow!("the agent at {addr} did not answer"))??;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        let message = v["error"]["message"].as_str().unwrap_or("no message").to_owned();
-        return Err(AgentRefused { addr, status, message }.into());
-    }
-    Ok(v)
+    Ok(api.call(method, path, body, std::time::Duration::from_secs(20)).await?)
 }
-
-/// The agent answered a request of [`agent_api`] with an error status.
-#[derive(Debug)]
-struct AgentRefused {
-    addr: SocketAddr,
-    status: http::StatusCode,
-    message: String,
-}
-
-impl std::fmt::Display for AgentRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the agent at {} answered {}: {}", self.addr, self.status, self.message)
-    }
-}
-
-impl std::error::Error for AgentRefused {}
 
 /// Whether `e` is the agent answering 404 (the thing asked for does not exist).
 fn is_not_found(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<AgentRefused>().is_some_and(|r| r.status == http::StatusCode::NOT_FOUND)
+    matches!(
+        e.downcast_ref::<api_access::CallError>(),
+        Some(api_access::CallError::Refused(r)) if r.status == http::StatusCode::NOT_FOUND
+    )
 }
 
 async fn run_agent(conn: ConnOpts, file: FileConfig) -> anyhow::Result<()> {
@@ -754,7 +757,7 @@ async fn run_daemon(
             .map_err(anyhow::Error::msg)?;
     }
     if no_relay {
-        return run_local(conn, networks, shutdown).await;
+        return run_local(conn, networks, manager.is_some(), shutdown).await;
     }
     let expose = docker.docker.then_some(docker.docker_socket);
     run_agent_with(conn, file, networks, manager, expose, shutdown).await
@@ -764,6 +767,7 @@ async fn run_daemon(
 async fn run_local(
     conn: ConnOpts,
     networks: axum::Router,
+    manages_networks: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -778,14 +782,8 @@ async fn run_local(
     handle
         .state
         .set_inspector(warren_client::inspect::Inspector::new(INSPECT_BUDGET, INSPECT_BODY_LIMIT));
-    let listener = warren_client::local_api::bind(conn.api).await.map_err(|e| {
-        anyhow::anyhow!("cannot serve the local API on {}: {e} (use --api ADDR)", conn.api)
-    })?;
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(name = %"api", addr = %addr, "listening");
-    }
-    let api =
-        tokio::spawn(warren_client::local_api::serve(listener, handle, networks, shutdown.clone()));
+    let settings = ApiSettings::from(&conn)?;
+    let api = settings.serve(handle, networks, manages_networks, shutdown.clone()).await?;
     let refuse = tokio::spawn(async move {
         while let Some(c) = inbox.next_control().await {
             match c {
@@ -807,8 +805,109 @@ async fn run_local(
     });
     shutdown.cancelled().await;
     refuse.abort();
-    let _ = api.await;
+    api.finish().await;
     Ok(())
+}
+
+/// The local API's settings, checked before anything starts.
+struct ApiSettings {
+    addr: SocketAddr,
+    token: String,
+    /// The token's file when it was generated there (not given with --api-token).
+    token_file: Option<PathBuf>,
+    hosts: Vec<String>,
+    config_dir: PathBuf,
+}
+
+/// The local API being served, and this agent's entry in `agent.json`.
+struct ServedApi {
+    task: tokio::task::JoinHandle<()>,
+    _registration: Option<api_access::Registration>,
+}
+
+impl ServedApi {
+    async fn finish(self) {
+        let _ = self.task.await;
+    }
+}
+
+impl ApiSettings {
+    /// The token (given, or generated into the config directory) and the hosts; an address
+    /// others can reach needs a token given on purpose.
+    fn from(conn: &ConnOpts) -> anyhow::Result<Self> {
+        let config_dir = conn.config_dir.clone().unwrap_or_else(identity::default_config_dir);
+        let given = conn.api_token.clone().filter(|t| !t.trim().is_empty());
+        if !conn.api.ip().is_loopback() && given.is_none() {
+            anyhow::bail!(
+                "--api {}: not a loopback address, so others could reach this agent's API; give --api-token TOKEN too (and --api-host NAME for each name it is reached by)",
+                conn.api
+            );
+        }
+        let (token, token_file) = match given {
+            Some(t) if t.trim().len() < 16 => {
+                anyhow::bail!("--api-token: use 16 characters at least")
+            }
+            Some(t) => (t.trim().to_owned(), None),
+            None => {
+                let (t, path) = api_access::load_or_create_token(&config_dir)
+                    .map_err(|e| anyhow::anyhow!("the local API's token: {e}"))?;
+                (t, Some(path))
+            }
+        };
+        Ok(Self { addr: conn.api, token, token_file, hosts: conn.api_host.clone(), config_dir })
+    }
+
+    /// Binds the API (or the next free port), serves it, logs the dashboard's login URL on
+    /// stderr and lists this agent in `agent.json`.
+    async fn serve(
+        self,
+        handle: agent::AgentHandle,
+        networks: axum::Router,
+        manages_networks: bool,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<ServedApi> {
+        let listener = warren_client::local_api::bind(self.addr).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot serve the local API on {}: {e} (use --api ADDR, or --no-api)",
+                self.addr
+            )
+        })?;
+        let addr = listener.local_addr()?;
+        if addr != self.addr && self.addr.port() != 0 {
+            tracing::info!(wanted = %self.addr, "local API port taken; using the next free one");
+        }
+        tracing::info!(name = %"api", addr = %addr, "listening");
+        let shown = if addr.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port())
+        } else {
+            addr
+        };
+        tracing::info!(
+            "dashboard: http://{shown}/#token={} (the local API's token; `warren ls` and the other commands find it themselves)",
+            self.token
+        );
+        let registration = match api_access::register(
+            &self.config_dir,
+            addr,
+            self.token_file.clone(),
+            manages_networks,
+        ) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list this agent in agent.json: `warren ls` and the other commands need --agent-api and --api-token");
+                None
+            }
+        };
+        handle.state.set_inspector(warren_client::inspect::Inspector::new(
+            INSPECT_BUDGET,
+            INSPECT_BODY_LIMIT,
+        ));
+        let access = warren_client::local_api::Access::new(self.token, addr, self.hosts);
+        let task = tokio::spawn(warren_client::local_api::serve(
+            listener, handle, networks, access, shutdown,
+        ));
+        Ok(ServedApi { task, _registration: registration })
+    }
 }
 
 async fn run_agent_with(
@@ -819,7 +918,7 @@ async fn run_agent_with(
     docker_socket: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let (api_addr, no_api) = (conn.api, conn.no_api);
+    let api = if conn.no_api { None } else { Some(ApiSettings::from(&conn)?) };
     let cfg = agent_config(conn, file)?;
     tracing::info!(agent = %cfg.agent_id, relay = %cfg.relay, tunnels = cfg.tunnels.len(), "starting agent");
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -834,6 +933,7 @@ async fn run_agent_with(
         }
     });
     let (handle, mut inbox) = agent::channel(cfg.tunnels.clone());
+    let manages_networks = manager.is_some();
     if let Some(m) = manager {
         // Overlay networks run through the relay sessions of this agent.
         let overlay = m.enable_overlays(handle.control.clone());
@@ -846,33 +946,21 @@ async fn run_agent_with(
             shutdown.clone(),
         ));
     }
-    if !no_api {
-        match warren_client::local_api::bind(api_addr).await {
-            Ok(listener) => {
-                if let Ok(addr) = listener.local_addr() {
-                    if addr != api_addr && api_addr.port() != 0 {
-                        tracing::info!(wanted = %api_addr, "local API port taken; using the next free one");
-                    }
-                    tracing::info!(name = %"api", addr = %addr, "listening");
+    let served = match api {
+        Some(settings) => {
+            match settings.serve(handle, networks, manages_networks, shutdown.clone()).await {
+                Ok(served) => Some(served),
+                Err(e) => {
+                    tracing::warn!("no local API: {e:#}");
+                    None
                 }
-                handle.state.set_inspector(warren_client::inspect::Inspector::new(
-                    INSPECT_BUDGET,
-                    INSPECT_BODY_LIMIT,
-                ));
-                tokio::spawn(warren_client::local_api::serve(
-                    listener,
-                    handle,
-                    networks,
-                    shutdown.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(addr = %api_addr, error = %e, "no local API: cannot listen (use --api ADDR or --no-api)")
             }
         }
-    }
+        None => None,
+    };
     let result = agent::run_with(cfg, &mut inbox, tx, shutdown).await;
     let _ = printer.await;
+    drop(served);
     result.map_err(anyhow::Error::from)
 }
 

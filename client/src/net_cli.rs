@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use warren_client::api_access::LocalApi;
+
 use crate::{agent_api, is_not_found};
 
 /// Options of the agent's networks (`warren agent`).
@@ -217,7 +219,7 @@ fn warn_all(v: &Value) {
 }
 
 /// Runs one `warren net` command; returns the exit code.
-pub(crate) async fn run(api: SocketAddr, cmd: NetCmd) -> anyhow::Result<u8> {
+pub(crate) async fn run(api: &LocalApi, cmd: NetCmd) -> anyhow::Result<u8> {
     match cmd {
         NetCmd::Create { name, driver, subnet, gateway, ip_range, mtu } => {
             let body = json!({"name": name, "driver": driver, "subnet": subnet,
@@ -392,7 +394,7 @@ pub(crate) async fn run(api: SocketAddr, cmd: NetCmd) -> anyhow::Result<u8> {
 
 /// `warren net run`: the parent side (see `warren_client::net::sandbox`).
 async fn run_sandboxed(
-    api: SocketAddr,
+    api: &LocalApi,
     network: String,
     ep: EndpointArgs,
     cmd: Vec<String>,

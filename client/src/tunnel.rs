@@ -51,6 +51,94 @@ impl fmt::Display for Target {
     }
 }
 
+/// A target the relay's API may open a forward to (`--allow-forward`): an agent obeys a
+/// `Forward` only when one of its rules covers the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardRule {
+    /// `HOST:PORT`: exactly that host (name or address) and port.
+    Exact(Target),
+    /// `PORT`: that port on a loopback address (or `localhost`).
+    LoopbackPort(u16),
+    /// `CIDR` (any port) or `CIDR:LOW-HIGH`: addresses in the network, ports in the range.
+    Net(ipnet::IpNet, u16, u16),
+}
+
+impl ForwardRule {
+    /// Whether this rule lets a forward reach `t`.
+    pub fn covers(&self, t: &Target) -> bool {
+        let ip = t.host.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        match self {
+            Self::Exact(x) => {
+                x.port == t.port
+                    && (x.host.eq_ignore_ascii_case(&t.host)
+                        || matches!((x.host.parse::<IpAddr>(), ip), (Ok(a), Some(b)) if a.to_canonical() == b))
+            }
+            Self::LoopbackPort(p) => {
+                *p == t.port
+                    && (t.host.eq_ignore_ascii_case("localhost")
+                        || ip.is_some_and(|ip| ip.is_loopback()))
+            }
+            Self::Net(net, lo, hi) => {
+                ip.is_some_and(|ip| net.contains(&ip)) && (*lo..=*hi).contains(&t.port)
+            }
+        }
+    }
+}
+
+impl FromStr for ForwardRule {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid forward rule {s:?}: expected HOST:PORT, PORT, CIDR or CIDR:LOW-HIGH \
+                 (e.g. 127.0.0.1:8080, 8080, 10.0.0.0/8, 192.168.1.0/24:8000-8999)"
+            )
+        };
+        let s = s.trim();
+        if let Ok(port) = s.parse::<u16>() {
+            return if port == 0 { Err(bad()) } else { Ok(Self::LoopbackPort(port)) };
+        }
+        if s.contains('/') {
+            let (net, ports) = match s.rsplit_once(':') {
+                // An IPv6 network's own colons come before the slash.
+                Some((n, p)) if !p.contains('/') => (n, Some(p)),
+                _ => (s, None),
+            };
+            let net = net.trim_start_matches('[').trim_end_matches(']');
+            let net: ipnet::IpNet = net.parse().map_err(|_| bad())?;
+            let (lo, hi) = match ports {
+                None => (1, u16::MAX),
+                Some(p) => {
+                    let (lo, hi) = p.split_once('-').unwrap_or((p, p));
+                    let lo = lo.parse::<u16>().map_err(|_| bad())?;
+                    let hi = hi.parse::<u16>().map_err(|_| bad())?;
+                    if lo == 0 || hi < lo {
+                        return Err(bad());
+                    }
+                    (lo, hi)
+                }
+            };
+            return Ok(Self::Net(net.trunc(), lo, hi));
+        }
+        if !s.contains(':') {
+            return Err(bad());
+        }
+        s.parse::<Target>().map(Self::Exact).map_err(|_| bad())
+    }
+}
+
+impl fmt::Display for ForwardRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(t) => t.fmt(f),
+            Self::LoopbackPort(p) => write!(f, "{p}"),
+            Self::Net(n, 1, u16::MAX) => write!(f, "{n}"),
+            Self::Net(n, lo, hi) if lo == hi => write!(f, "{n}:{lo}"),
+            Self::Net(n, lo, hi) => write!(f, "{n}:{lo}-{hi}"),
+        }
+    }
+}
+
 /// One tunnel the agent serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelSpec {
@@ -310,6 +398,32 @@ fn parse_bool(s: &str) -> Result<bool, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forward_rules() {
+        let t = |s: &str| s.parse::<Target>().unwrap();
+        let r = |s: &str| s.parse::<ForwardRule>().unwrap();
+        assert!(r("8080").covers(&t("8080")));
+        assert!(r("8080").covers(&t("localhost:8080")));
+        assert!(r("8080").covers(&t("[::1]:8080")));
+        assert!(!r("8080").covers(&t("10.0.0.1:8080")));
+        assert!(!r("8080").covers(&t("4040")));
+        assert!(r("api.web:80").covers(&t("API.web:80")));
+        assert!(!r("api.web:80").covers(&t("api.web:81")));
+        assert!(r("127.0.0.1:22").covers(&t("127.0.0.1:22")));
+        assert!(r("10.0.0.0/8").covers(&t("10.2.3.4:1")));
+        assert!(!r("10.0.0.0/8").covers(&t("11.2.3.4:1")));
+        assert!(!r("10.0.0.0/8").covers(&t("host.example:1")), "names are not in networks");
+        let ranged = r("192.168.1.0/24:8000-8999");
+        assert!(ranged.covers(&t("192.168.1.9:8500")) && !ranged.covers(&t("192.168.1.9:9000")));
+        assert!(r("fd00::/8:443").covers(&t("[fd00::1]:443")));
+        assert!(r("::1/128").covers(&t("[::1]:9")));
+        for bad in ["0", "host", "10.0.0.0/33", "10.0.0.0/8:9-1", "10.0.0.0/8:0", "a b:1", ""] {
+            assert!(bad.parse::<ForwardRule>().is_err(), "{bad} should be refused");
+        }
+        assert_eq!(r("192.168.1.7/24:8000-8999").to_string(), "192.168.1.0/24:8000-8999");
+        assert_eq!(r("10.0.0.0/8").to_string(), "10.0.0.0/8");
+    }
 
     #[test]
     fn targets() {

@@ -20,6 +20,34 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
+/// Creates `path` (and parents) when missing; the directory itself gets mode 0700.
+pub fn private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
+    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+        tracing::warn!(dir = %path.display(), old_mode = format!("{mode:o}"), "directory was open to other users; now 0700");
+    }
+    Ok(())
+}
+
+/// Makes a secret file 0600 when group or others may read it (with a warning); a missing file
+/// is fine.
+pub fn check_private_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        tracing::warn!(file = %path.display(), old_mode = format!("{mode:o}"), "secret file was readable by other users; now 0600");
+    }
+    Ok(())
+}
+
 /// Logs to stderr, filtered by `WARREN_LOG` (or `RUST_LOG`, else `default`), with colours only
 /// on a terminal.
 pub fn init_logging(default: &str) {

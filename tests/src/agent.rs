@@ -11,6 +11,10 @@ use tokio::time::Instant;
 use crate::process::{Lines, Proc, binary, dump};
 use crate::util::{READY_TIMEOUT, localhost};
 
+/// The local API token every agent the harness starts requires (`WARREN_API_TOKEN`), unless the
+/// test gives its own; CLI runs in tests send it the same way.
+pub const AGENT_API_TOKEN: &str = "warren-test-agent-api-token";
+
 /// A running `warren` process. Killed on drop; its output is printed if the test is failing.
 #[derive(Debug)]
 pub struct Agent {
@@ -46,8 +50,12 @@ impl Agent {
     {
         let args: Vec<String> =
             args.into_iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
-        // Every agent's local API on a port of its own unless the test says otherwise.
-        let mut all: Vec<(String, String)> = vec![("WARREN_API".into(), "127.0.0.1:0".into())];
+        // Every agent's local API on a port of its own unless the test says otherwise, with the
+        // harness's token.
+        let mut all: Vec<(String, String)> = vec![
+            ("WARREN_API".into(), "127.0.0.1:0".into()),
+            ("WARREN_API_TOKEN".into(), AGENT_API_TOKEN.into()),
+        ];
         all.extend(envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
         let envs = all;
         let stdout = Lines::default();
@@ -73,6 +81,11 @@ impl Agent {
             );
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
+    }
+
+    /// A client of the agent's local API sending [`AGENT_API_TOKEN`].
+    pub async fn api(&mut self) -> crate::api_client::ApiClient {
+        crate::api_client::ApiClient::new(self.api_addr().await, AGENT_API_TOKEN)
     }
 
     /// The first URL the agent prints on stdout; panics (with its stderr) if it exits first or

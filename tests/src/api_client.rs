@@ -205,3 +205,13 @@ pub async fn curl_json(
         serde_json::from_str(json).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// The tunnel names of an agent's `GET /api/tunnels` answer.
+pub fn tunnel_names(v: &serde_json::Value) -> Vec<String> {
+    v["tunnels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect()
+}

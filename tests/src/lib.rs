@@ -37,7 +37,7 @@ pub mod relay;
 pub mod udp;
 pub mod util;
 
-pub use agent::{Agent, HttpUrl, Outcome, TcpUrl, TlsUrl, UdpUrl};
+pub use agent::{AGENT_API_TOKEN, Agent, HttpUrl, Outcome, TcpUrl, TlsUrl, UdpUrl};
 pub use api_client::{ApiClient, ApiResponse, curl_json};
 pub use backend::{EchoBackend, HttpBackend, parse_headers};
 pub use client::{HttpConn, HttpResponse, expect_get, http_get, http_post, tcp_echo};

@@ -991,7 +991,11 @@ impl HostNs {
     ) -> CliOut {
         let mut cmd = Command::new(binary("warren"));
         cmd.args(args);
-        scrub_env(&mut cmd, envs.iter().copied());
+        // The CLI finds the agent through agent.json in the agent's config dir, as a user's does.
+        let dir = self.config_dir().display().to_string();
+        let mut all: Vec<(&str, &str)> = vec![("WARREN_CONFIG_DIR", &dir)];
+        all.extend_from_slice(envs);
+        scrub_env(&mut cmd, all);
         let out = output_in(Some(&self.h.path()), cmd, timeout);
         CliOut::from_output(format!("warren {}", args.join(" ")), out)
     }
@@ -1151,6 +1155,7 @@ pub fn api_call(
     let max = timeout.as_secs().max(1).to_string();
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", &max, "-X", method, "-w", "\n%{http_code}"]);
+    cmd.args(["-H", &format!("Authorization: Bearer {}", crate::AGENT_API_TOKEN)]);
     if let Some(b) = body {
         cmd.args(["-H", "content-type: application/json", "--data", &b.to_string()]);
     }

@@ -326,7 +326,8 @@ impl OverlayHost {
     pub fn net(&self, args: &[&str]) -> CliOut {
         let mut cmd = Command::new(binary("warren"));
         cmd.arg("net").args(args);
-        scrub_env(&mut cmd, std::iter::empty::<(&str, &str)>());
+        // The CLI finds the agent through agent.json in the agent's config dir.
+        scrub_env(&mut cmd, [("WARREN_CONFIG_DIR", self.config.dir("agent"))]);
         let out = output_in(Some(&self.ns.path()), cmd, CMD_TIMEOUT);
         CliOut::from_output(format!("warren net {} (host {})", args.join(" "), self.index), out)
     }

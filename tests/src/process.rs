@@ -22,7 +22,8 @@ const SCRUBBED_ENV: &[&str] = &[
     "WARREN_AGENT_API",
 ];
 
-/// A child's environment without [`SCRUBBED_ENV`], without colours, plus `envs`.
+/// A child's environment without [`SCRUBBED_ENV`], without colours, with the harness's local
+/// API token ([`crate::AGENT_API_TOKEN`], for agents to require and CLIs to send), plus `envs`.
 pub(crate) fn scrub_env<K, V>(
     cmd: &mut std::process::Command,
     envs: impl IntoIterator<Item = (K, V)>,
@@ -34,6 +35,7 @@ pub(crate) fn scrub_env<K, V>(
         cmd.env_remove(var);
     }
     cmd.env("NO_COLOR", "1");
+    cmd.env("WARREN_API_TOKEN", crate::AGENT_API_TOKEN);
     cmd.envs(envs);
 }
 

@@ -198,8 +198,13 @@ async fn forwards_are_opened_kept_and_closed() {
     let tmp = TempDir::new("forwards");
     let mut relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
-    let mut agent =
-        spawn(&relay, &tmp, "fw-agent", relay.token(), &["agent", "--agent-id", "laptop"]);
+    let mut agent = spawn(
+        &relay,
+        &tmp,
+        "fw-agent",
+        relay.token(),
+        &["agent", "--agent-id", "laptop", "--allow-forward", "127.0.0.0/8"],
+    );
     let relay_ref = &relay;
     eventually(IO_TIMEOUT, || async move {
         let (_, v) = call(relay_ref, "GET", "/api/v1/agents", ADMIN_TOKEN, None).await;
@@ -255,8 +260,13 @@ async fn forwards_are_opened_kept_and_closed() {
     })
     .await;
     agent.kill().await;
-    let mut agent =
-        spawn(&relay, &tmp, "fw-agent", relay.token(), &["agent", "--agent-id", "laptop"]);
+    let mut agent = spawn(
+        &relay,
+        &tmp,
+        "fw-agent",
+        relay.token(),
+        &["agent", "--agent-id", "laptop", "--allow-forward", "127.0.0.0/8"],
+    );
     eventually(Duration::from_secs(15), || {
         let (host, greeting) = (host2.clone(), greeting.clone());
         async move { expect_get(relay_ref.http_addr, &host, &greeting).await }
@@ -300,6 +310,7 @@ async fn metrics_have_histograms_and_errors() {
     assert_eq!(resp.status, http::StatusCode::NOT_FOUND);
     let out = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "10", &format!("http://{}/metrics", relay.api_addr)])
+        .args(["-H", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
         .output()
         .await
         .expect("curl");

@@ -125,8 +125,15 @@ async fn agent_dashboard_shows_and_replays_requests_live() {
     let url = agent.http_url().await;
     let api = agent.api_addr().await;
     let browser = Browser::start(&tmp).await;
+    // Without the token the dashboard asks for it and shows nothing of the agent.
     browser.client.goto(&format!("http://{api}/")).await.expect("open the dashboard");
+    browser.wait_text("#login", "Log in").await;
+    // The login URL the agent logs: the token is kept in the tab and leaves the address bar.
+    let token = warren_tests::AGENT_API_TOKEN;
+    browser.client.goto(&format!("http://{api}/#token={token}")).await.expect("open the login URL");
     browser.wait_text("#tunnels", &url.url).await;
+    let shown = browser.client.current_url().await.expect("the address");
+    assert!(!shown.as_str().contains(token), "the token stays in the address bar: {shown}");
     browser.wait_text("#live", "(live)").await;
 
     let resp =
@@ -161,6 +168,8 @@ async fn relay_dashboard_logs_in_and_creates_a_forward() {
             "agent".to_owned(),
             "--agent-id".into(),
             "laptop".into(),
+            "--allow-forward".into(),
+            "127.0.0.1/32".into(),
             "--config-dir".into(),
             tmp.dir("agent").display().to_string(),
         ]
@@ -220,6 +229,7 @@ fn agent_dashboard_shows_networks() {
         "api,worker",
     ]);
     let ns_path = host.h.path();
+    let token = warren_tests::AGENT_API_TOKEN;
     let tmp = TempDir::new("browser-networks");
     let detach = || host.net_ok(&["detach", "web", "worker"]);
     std::thread::scope(|scope| {
@@ -231,7 +241,8 @@ fn agent_dashboard_shows_networks() {
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
             rt.block_on(async {
                 let browser = Browser::start(&tmp).await;
-                browser.client.goto("http://127.0.0.1:4040/").await.expect("open the dashboard");
+                let login = format!("http://127.0.0.1:4040/#token={token}");
+                browser.client.goto(&login).await.expect("open the dashboard");
                 let shown = browser.wait_text("#networks", "10.213.5.0/24").await;
                 for needle in ["web", "api", "backend", "worker", "*:8080/tcp", "shop", "dnsrr"] {
                     assert!(shown.contains(needle), "the networks table lacks {needle:?}: {shown}");

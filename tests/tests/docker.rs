@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use warren_tests::agent::Agent;
-use warren_tests::api_client::ApiClient;
 use warren_tests::client::http_get;
 use warren_tests::docker::{
     BUSYBOX, Cleanup, IMAGE, PAGE, bridge_network, container_ip, docker, docker_fails, docker_ok,
@@ -195,7 +194,7 @@ async fn labelled_containers_get_tunnels_while_they_run() {
     assert!(String::from_utf8_lossy(&page.stdout).contains(PAGE));
 
     // The agent's API says which container each tunnel serves.
-    let api = ApiClient::anonymous(agent.api_addr().await);
+    let api = agent.api().await;
     let tunnels = api.get("/api/tunnels").await.json();
     let by_name = |n: &str| -> Value {
         tunnels["tunnels"]
@@ -286,7 +285,7 @@ fn clear_plugin_leftovers(driver: &str) {
 }
 
 async fn networks(agent: &mut Agent) -> Value {
-    ApiClient::anonymous(agent.api_addr().await).get("/api/networks").await.json()
+    agent.api().await.get("/api/networks").await.json()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,7 +543,7 @@ fn plugin_create<'a>(driver: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 async fn agent_connected(agent: &mut Agent) {
-    let api = ApiClient::anonymous(agent.api_addr().await);
+    let api = agent.api().await;
     for _ in 0..300 {
         let v: Value = api.get("/api/status").await.json();
         if v["connected"] == true {

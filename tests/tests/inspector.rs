@@ -11,12 +11,14 @@ use warren_tests::{
 
 /// `curl` against an agent's API: (status, JSON or Null).
 async fn call(api: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    warren_tests::curl_json(method, &format!("http://{api}{path}"), &[], body).await
+    let auth = format!("Authorization: Bearer {}", warren_tests::AGENT_API_TOKEN);
+    warren_tests::curl_json(method, &format!("http://{api}{path}"), &[auth], body).await
 }
 
 async fn cli(args: &[&str]) -> (Option<i32>, String) {
     let out = tokio::process::Command::new(warren_tests::process::binary("warren"))
         .args(args)
+        .env("WARREN_API_TOKEN", warren_tests::AGENT_API_TOKEN)
         .output()
         .await
         .expect("run warren");

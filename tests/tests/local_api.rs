@@ -13,7 +13,8 @@ use warren_tests::{
 
 /// `curl` against an agent's API: (status, JSON or Null).
 async fn call(api: SocketAddr, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    warren_tests::curl_json(method, &format!("http://{api}{path}"), &[], body).await
+    let auth = format!("Authorization: Bearer {}", warren_tests::AGENT_API_TOKEN);
+    warren_tests::curl_json(method, &format!("http://{api}{path}"), &[auth], body).await
 }
 
 /// Runs `warren ARGS` to completion: (exit code, stdout, stderr).
@@ -21,6 +22,7 @@ async fn cli(args: &[&str]) -> (Option<i32>, String, String) {
     let out = tokio::process::Command::new(warren_tests::process::binary("warren"))
         .args(args)
         .env_remove("WARREN_AGENT_API")
+        .env("WARREN_API_TOKEN", warren_tests::AGENT_API_TOKEN)
         .output()
         .await
         .expect("run warren");
@@ -31,14 +33,7 @@ async fn cli(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
-fn names(v: &Value) -> Vec<String> {
-    v["tunnels"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|t| t["name"].as_str().map(str::to_owned))
-        .collect()
-}
+use warren_tests::api_client::tunnel_names as names;
 
 /// Tunnels listed, opened and closed through the API and the CLI while the agent runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,6 +69,7 @@ async fn tunnels_through_the_local_api_and_cli() {
     assert!(one["metrics"]["conns_total"].as_u64() >= Some(1), "{one}");
     let metrics = tokio::process::Command::new("curl")
         .args(["-sS", "--max-time", "10", &format!("http://{api}/metrics")])
+        .args(["-H", &format!("Authorization: Bearer {}", warren_tests::AGENT_API_TOKEN)])
         .output()
         .await
         .expect("curl");

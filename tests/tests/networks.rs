@@ -1341,7 +1341,15 @@ fn tunnel_to_an_endpoint_by_name() {
     .map(|s| (*s).to_owned())
     .chain([host.tmp().dir("tunnel").display().to_string()])
     .collect();
-    let _tunnel = NsDaemon::spawn(&host.h, "tunnel", &binary("warren"), &tunnel_args, &[]);
+    // The networks agent is found through agent.json in its config dir, as a user's would be.
+    let agent_dir = host.config_dir().display().to_string();
+    let _tunnel = NsDaemon::spawn(
+        &host.h,
+        "tunnel",
+        &binary("warren"),
+        &tunnel_args,
+        &[("WARREN_CONFIG_DIR", &agent_dir)],
+    );
     let w = retry(REACH, "the tunnel to api.web:80", || {
         tcp_whoami_ask(&host.h, "127.0.0.1:21005".parse().expect("addr"), Duration::from_secs(3))
     });

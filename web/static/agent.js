@@ -1,6 +1,18 @@
 // The agent dashboard: tunnels, and the request inspector, live through server-sent events.
+// The API token comes from the login URL the agent logs at start (/#token=...): it is kept in
+// this tab's session storage and taken out of the address bar at once.
 "use strict";
 let selected = null;
+const KEY = "warren-agent-token";
+{
+  const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (m) {
+    sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+}
+const token = () => sessionStorage.getItem(KEY);
+const api = (m, p, b) => callApi(m, p, b, token());
 
 async function loadTunnels() {
   try {
@@ -97,11 +109,22 @@ async function show(id) {
 $("#clear").addEventListener("click", async () => { await api("DELETE", "/api/requests/http"); selected = null; loadRequests(); });
 
 function live() {
-  const es = new EventSource("/api/events");
-  es.addEventListener("request", () => loadRequests());
-  es.onopen = () => { $("#live").textContent = "(live)"; };
-  es.onerror = () => { $("#live").textContent = "(reconnecting…)"; };
+  return liveEvents("/api/events", token, name => { if (name === "request") loadRequests().catch(() => {}); },
+    up => { $("#live").textContent = up ? "(live)" : "(reconnecting…)"; });
 }
 
-loadTunnels(); loadNetworks(); loadRequests(); live();
-setInterval(() => { loadTunnels(); loadNetworks(); }, 3000);
+function enter() {
+  $("#login").classList.add("hidden");
+  $("#app").classList.remove("hidden");
+  loadTunnels(); loadNetworks(); loadRequests().catch(() => {}); live();
+}
+
+$("#login-form").addEventListener("submit", async e => {
+  e.preventDefault();
+  sessionStorage.setItem(KEY, $("#token").value.trim());
+  try { await api("GET", "/api/status"); enter(); }
+  catch (err) { sessionStorage.removeItem(KEY); $("#login-error").textContent = err.message; }
+});
+
+if (token()) enter();
+setInterval(() => { if (token()) { loadTunnels(); loadNetworks(); } }, 3000);

@@ -11,7 +11,7 @@ function el(tag, attrs = {}, ...kids) {
   for (const k of kids) e.append(k instanceof Node ? k : document.createTextNode(k ?? ""));
   return e;
 }
-async function api(method, path, body, token) {
+async function callApi(method, path, body, token) {
   const headers = {};
   if (token) headers["Authorization"] = "Bearer " + token;
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -28,3 +28,31 @@ function bytes(n) {
   return (n / 1048576).toFixed(1) + " MiB";
 }
 function statusClass(code) { return code ? "s" + String(code)[0] : ""; }
+// Server-sent events read with fetch (EventSource cannot send the token): calls onEvent(name)
+// for each event, onState(true|false) as the stream opens and drops, and reconnects every 2 s
+// while token() gives a token.
+async function liveEvents(path, token, onEvent, onState) {
+  while (token()) {
+    try {
+      const r = await fetch(path, { headers: { Authorization: "Bearer " + token() } });
+      if (!r.ok || !r.body) throw new Error(r.statusText);
+      onState(true);
+      const reader = r.body.getReader(), dec = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let i;
+        while ((i = buf.indexOf("\n\n")) >= 0) {
+          const block = buf.slice(0, i);
+          buf = buf.slice(i + 2);
+          const m = /^event: ?(.*)$/m.exec(block);
+          if (m) onEvent(m[1]);
+        }
+      }
+    } catch (_) { /* reconnect below */ }
+    onState(false);
+    await new Promise(res => setTimeout(res, 2000));
+  }
+}

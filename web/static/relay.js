@@ -2,7 +2,7 @@
 "use strict";
 const KEY = "warren-admin-token";
 const token = () => sessionStorage.getItem(KEY);
-const call = (m, p, b) => api(m, p, b, token());
+const call = (m, p, b) => callApi(m, p, b, token());
 
 function chart(points) {
   const w = 240, h = 40, svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
@@ -72,31 +72,11 @@ $("#token-form").addEventListener("submit", async e => {
   refresh();
 });
 
-// Live: server-sent events (read with fetch, which can send the token) reload what changed;
-// traffic counters are also refreshed every few seconds.
-async function live() {
-  while (token()) {
-    try {
-      const r = await fetch("/api/v1/events", { headers: { Authorization: "Bearer " + token() } });
-      if (!r.ok || !r.body) throw new Error(r.statusText);
-      $("#who").textContent = "admin · live";
-      const reader = r.body.getReader(), dec = new TextDecoder();
-      let buf = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buf += dec.decode(value, { stream: true });
-        let i;
-        while ((i = buf.indexOf("\n\n")) >= 0) {
-          const block = buf.slice(0, i);
-          buf = buf.slice(i + 2);
-          if (/^event: /m.test(block)) refresh().catch(() => {});
-        }
-      }
-    } catch (_) { /* reconnect below */ }
-    $("#who").textContent = "admin · reconnecting…";
-    await new Promise(res => setTimeout(res, 2000));
-  }
+// Live: server-sent events reload what changed; traffic counters are also refreshed every few
+// seconds.
+function live() {
+  return liveEvents("/api/v1/events", token, () => refresh().catch(() => {}),
+    up => { $("#who").textContent = up ? "admin · live" : "admin · reconnecting…"; });
 }
 
 if (token()) { enter(); live(); }

@@ -171,32 +171,29 @@ async fn resolve(State(m): Net, Path(name): Path<String>) -> Answer {
     Ok(Json(json!({"name": name, "addresses": addrs})).into_response())
 }
 
-/// Asks the agent's local API (`WARREN_AGENT_API`, default 127.0.0.1:4040) for the addresses
-/// of `NAME.NETWORK`; for tunnel processes whose target is an endpoint's name.
+/// Asks the networks agent's local API for the addresses of `NAME.NETWORK`; for tunnel
+/// processes whose target is an endpoint's name. The agent is found as the CLI finds it
+/// (`WARREN_AGENT_API` and `WARREN_API_TOKEN`, else the newest agent in `agent.json` that
+/// manages networks).
 pub async fn ask_agent(name: &str) -> Option<Vec<Ipv4Addr>> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
         return None;
     }
-    let addr = std::env::var("WARREN_AGENT_API")
-        .ok()
-        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
-        .or_else(|| crate::local_api::DEFAULT_ADDR.parse().ok())?;
-    let work = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET /api/networks/resolve/{name} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut buf = Vec::new();
-        s.take(64 * 1024).read_to_end(&mut buf).await.ok()?;
-        let text = String::from_utf8_lossy(&buf);
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            return None;
-        }
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        let ips: Vec<Ipv4Addr> =
-            v["addresses"].as_array()?.iter().filter_map(|x| x.as_str()?.parse().ok()).collect();
-        (!ips.is_empty()).then_some(ips)
-    };
-    tokio::time::timeout(std::time::Duration::from_secs(3), work).await.ok().flatten()
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let addr = env("WARREN_AGENT_API").and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+    let dir = env("WARREN_CONFIG_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(crate::identity::default_config_dir);
+    let api = crate::api_access::resolve(
+        addr,
+        env("WARREN_API_TOKEN"),
+        &dir,
+        crate::api_access::Want::Networks,
+    )
+    .ok()?;
+    let path = format!("/api/networks/resolve/{name}");
+    let v = api.call("GET", &path, None, std::time::Duration::from_secs(3)).await.ok()?;
+    let ips: Vec<Ipv4Addr> =
+        v["addresses"].as_array()?.iter().filter_map(|x| x.as_str()?.parse().ok()).collect();
+    (!ips.is_empty()).then_some(ips)
 }
