@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub insecure: bool,
     /// `agent_id = "..."`.
     pub agent_id: Option<String>,
+    /// `allow_forward = ["8080", "10.0.0.0/8:80-443"]`: targets the relay's API may forward to.
+    pub allow_forward: Vec<crate::tunnel::ForwardRule>,
     /// `[tunnels.NAME]` tables, in file order.
     pub tunnels: Vec<TunnelSpec>,
 }
@@ -147,6 +149,18 @@ pub fn parse(text: &str, base: &Path) -> Result<FileConfig, Vec<Problem>> {
                     }
                 }
             }
+            "allow_forward" => match value.get_ref().as_array() {
+                Some(items) => {
+                    for item in items.iter() {
+                        match item.get_ref().as_str().map(str::parse::<crate::tunnel::ForwardRule>) {
+                            Some(Ok(rule)) => out.allow_forward.push(rule),
+                            Some(Err(e)) => cx.err(item.span(), e),
+                            None => cx.err(item.span(), "`allow_forward` items are strings"),
+                        }
+                    }
+                }
+                None => cx.err(value.span(), "`allow_forward` must be a list of strings"),
+            },
             "insecure" => match value.get_ref().as_bool() {
                 Some(b) => out.insecure = b,
                 None => cx.err(value.span(), "`insecure` must be true or false"),
@@ -165,7 +179,7 @@ pub fn parse(text: &str, base: &Path) -> Result<FileConfig, Vec<Problem>> {
             },
             other => cx.err(
                 key.span(),
-                format!("unknown key `{other}` (expected relay, token, transport, relay_ca, relay_fingerprint, insecure, agent_id or [tunnels.NAME])"),
+                format!("unknown key `{other}` (expected relay, token, transport, relay_ca, relay_fingerprint, insecure, agent_id, allow_forward or [tunnels.NAME])"),
             ),
         }
     }
@@ -359,5 +373,17 @@ remote_port = 20432
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/warren.toml");
         let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.tunnels.is_empty());
+        assert_eq!(c.allow_forward.len(), 2);
+    }
+
+    #[test]
+    fn forward_rules() {
+        let c = parse("allow_forward = [\"8080\", \"10.0.0.0/8\"]\n", Path::new(".")).unwrap();
+        let t: Target = "10.1.2.3:22".parse().unwrap();
+        assert!(c.allow_forward.iter().any(|r| r.covers(&t)));
+        let problems = parse("allow_forward = [\"nope\", 3]\nallow_forward2 = 1\n", Path::new("."))
+            .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].message.contains("invalid forward rule"), "{problems:?}");
     }
 }

@@ -674,7 +674,8 @@ fn agent_config(conn: ConnOpts, file: FileConfig) -> anyhow::Result<AgentConfig>
         mode: conn.transport.or(file.transport).unwrap_or_default(),
         agent_id,
         tunnels: file.tunnels,
-        allow_forward: conn.allow_forward,
+        // Flags add to the file's rules: both are the user's consent.
+        allow_forward: conn.allow_forward.into_iter().chain(file.allow_forward).collect(),
     })
 }
 

@@ -46,6 +46,9 @@ pub struct RelayConfig {
     pub api_hosts: Vec<String>,
     /// A token that may read `/metrics` only (the admin token may too).
     pub metrics_token: Option<Token>,
+    /// Failed authentications a minute one address may have (API and control port) before it
+    /// is locked out for a doubling while.
+    pub auth_failures_per_minute: u32,
     /// How often tunnel traffic is sampled into the history the API serves.
     pub stats_interval: Duration,
     /// Where overlay networks created without a subnet get their /24.
@@ -80,6 +83,7 @@ impl RelayConfig {
             admin_token: Token::new(format!("{token}-admin")),
             api_hosts: Vec::new(),
             metrics_token: None,
+            auth_failures_per_minute: warren_web::throttle::FREE_FAILURES,
             stats_interval: Duration::from_secs(60),
             overlay_pool: default_overlay_pool(),
         }

@@ -136,6 +136,11 @@ struct Args {
     /// too).
     #[arg(long, value_name = "TOKEN", env = "WARREN_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
+    /// Failed authentications one address may have in a minute, on the API and the control
+    /// port, before it is locked out (0.25 s, doubling up to 30 s) and even right tokens get
+    /// 429 until the lockout ends.
+    #[arg(long, value_name = "N", default_value_t = warren_web::throttle::FREE_FAILURES)]
+    auth_failures_per_minute: u32,
     /// How often tunnel traffic is sampled into the history at /api/v1/stats.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     stats_interval: std::time::Duration,
@@ -263,6 +268,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_token: Token::new(admin_token),
         api_hosts: args.api_host,
         metrics_token: args.metrics_token.filter(|t| !t.trim().is_empty()).map(Token::new),
+        auth_failures_per_minute: args.auth_failures_per_minute,
         stats_interval: args.stats_interval,
         overlay_pool: args.overlay_pool,
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {

@@ -232,7 +232,9 @@ impl Relay {
                     guard: warren_web::guard::ApiGuard::new(
                         api_addr.unwrap_or(http_addr),
                         config.api_hosts.clone(),
-                        Arc::new(warren_web::throttle::AuthThrottle::new()),
+                        Arc::new(warren_web::throttle::AuthThrottle::with_free_failures(
+                            config.auth_failures_per_minute,
+                        )),
                     ),
                 };
                 (l, state)

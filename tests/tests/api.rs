@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use warren_tests::{
     ADMIN_TOKEN, Agent, ApiClient, EchoBackend, HttpBackend, IO_TIMEOUT, READY_TIMEOUT, Relay,
-    TempDir, eventually, http_get, http_post, random_bytes, tcp_echo, within,
+    RelayOpts, TempDir, eventually, http_get, http_post, random_bytes, tcp_echo, within,
 };
 
 /// How long a state change seen through the API (a session ending, a counter moving) may take.
@@ -413,11 +413,13 @@ async fn openapi_document_matches_the_routes() {
 
 /// No token, a wrong token or a malformed header: 401 everywhere it is needed. Agent tokens
 /// (given on the relay's command line or created through the API) get 403 on tokens and see
-/// (empty) agent and tunnel lists; a revoked one gets 401. `/metrics` and the document need no
-/// token.
+/// (empty) agent and tunnel lists; a revoked one gets 401. The document needs no token,
+/// `/metrics` the admin token. (So many wrong tokens from one address would be locked out:
+/// this relay allows more failures; `security.rs` tests the lockout.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_checked() {
-    let relay = Relay::start_default().await;
+    let relay =
+        Relay::start(RelayOpts::default().args(&["--auth-failures-per-minute", "1000"])).await;
     let api = admin(&relay);
     let (_, id, secret) = create_token(&api, json!({ "name": "scoped" })).await;
 
@@ -981,9 +983,8 @@ async fn traffic_is_counted() {
     .await;
 
     // /metrics agrees.
-    let anon = ApiClient::anonymous(relay.api_addr);
     eventually(SETTLE, || async {
-        let resp = anon.get("/metrics").await;
+        let resp = api.get("/metrics").await;
         anyhow::ensure!(resp.status == StatusCode::OK, "{} {:?}", resp.status, resp.text());
         let text = resp.text();
         for line in [

@@ -192,7 +192,7 @@ async fn check(State(guard): State<ApiGuard>, req: Request, next: Next) -> Respo
         return secured(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
-            "request bodies must be JSON: send `Content-Type: application/json`",
+            "request bodies must be JSON: send `Content-Type: application/json` (curl: --json)",
         ));
     }
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());

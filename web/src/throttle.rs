@@ -31,15 +31,27 @@ struct Entry {
 }
 
 /// The failure table; share it behind an `Arc`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AuthThrottle {
     table: Mutex<HashMap<IpAddr, Entry>>,
+    free: u32,
+}
+
+impl Default for AuthThrottle {
+    fn default() -> Self {
+        Self::with_free_failures(FREE_FAILURES)
+    }
 }
 
 impl AuthThrottle {
-    /// An empty table.
+    /// An empty table allowing [`FREE_FAILURES`] a minute.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table allowing `free` failures a minute per address before lockouts.
+    pub fn with_free_failures(free: u32) -> Self {
+        Self { table: Mutex::default(), free }
     }
 
     /// Whether `ip` is locked out now; `Some(how long still)` if so. Check before the token.
@@ -84,10 +96,10 @@ impl AuthThrottle {
             *e = Entry { window_start: now, failures: 0, locked_until: None };
         }
         e.failures = e.failures.saturating_add(1);
-        if e.failures <= FREE_FAILURES {
+        if e.failures <= self.free {
             return None;
         }
-        let over = (e.failures - FREE_FAILURES - 1).min(16);
+        let over = (e.failures - self.free - 1).min(16);
         let delay = FIRST_DELAY.saturating_mul(1 << over).min(MAX_DELAY);
         e.locked_until = Some(now + delay);
         // The window restarts with the lockout, so the count survives until it has passed.

@@ -4,13 +4,14 @@
 "use strict";
 let selected = null;
 const KEY = "warren-agent-token";
-{
+function takeToken() {
   const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
-  if (m) {
-    sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+  if (!m) return false;
+  sessionStorage.setItem(KEY, decodeURIComponent(m[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+  return true;
 }
+takeToken();
 const token = () => sessionStorage.getItem(KEY);
 const api = (m, p, b) => callApi(m, p, b, token());
 
@@ -113,7 +114,10 @@ function live() {
     up => { $("#live").textContent = up ? "(live)" : "(reconnecting…)"; });
 }
 
+let entered = false;
 function enter() {
+  if (entered) return;
+  entered = true;
   $("#login").classList.add("hidden");
   $("#app").classList.remove("hidden");
   loadTunnels(); loadNetworks(); loadRequests().catch(() => {}); live();
@@ -127,4 +131,6 @@ $("#login-form").addEventListener("submit", async e => {
 });
 
 if (token()) enter();
+// The login URL pasted into a tab that shows the login form already.
+window.addEventListener("hashchange", () => { if (takeToken()) enter(); });
 setInterval(() => { if (token()) { loadTunnels(); loadNetworks(); } }, 3000);
