@@ -135,7 +135,7 @@ enum Command {
     /// (POST /api/v1/forwards), plus the tunnels of a config file if one is given. Prints each
     /// forward's URL as it arrives.
     #[command(
-        after_help = "Examples:\n  warren agent --relay example.com:7443 --token s3cret\n  warren agent --config warren.toml\n  warren agent --docker --relay example.com:7443 --token s3cret     tunnels for labelled containers\n  sudo warren agent --docker-plugin                                   docker network create -d warren ...\n\nThen, on the relay's host:\n  curl -H \"Authorization: Bearer $(cat warren-data/admin-token)\" \\\n       -d '{\"agent\": \"AGENT_ID\", \"proto\": \"http\", \"target\": \"8080\"}' http://127.0.0.1:7400/api/v1/forwards"
+        after_help = "Examples:\n  warren agent --relay example.com:7443 --token s3cret --allow-forward 8080\n  warren agent --config warren.toml\n  warren agent --docker --relay example.com:7443 --token s3cret     tunnels for labelled containers\n  sudo warren agent --docker-plugin                                   docker network create -d warren ...\n\nThen, on the relay's host:\n  curl -H \"Authorization: Bearer $(cat warren-data/admin-token)\" \\\n       --json '{\"agent\": \"AGENT_ID\", \"proto\": \"http\", \"target\": \"8080\"}' http://127.0.0.1:7400/api/v1/forwards\n\nForwards are served only when an --allow-forward rule covers their target."
     )]
     Agent {
         /// A config file whose tunnels are served too.

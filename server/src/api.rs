@@ -175,6 +175,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/networks", get(list_networks).post(create_network))
         .route("/api/v1/networks/{name}", get(get_network).delete(delete_network))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/api/v1/events", get(events))
         .route("/", get(|| async { page("relay.html") }))
         .route("/static/{file}", get(|Path(file): Path<String>| async move { page(&file) }))
