@@ -6,6 +6,9 @@
 //! over one data stream each, or, for tunnels whose target speaks h2c, one HTTP/2 connection that
 //! carries all of that visitor's requests. A tunnel's policy (allow/deny, rate limit, basic auth,
 //! header edits, body limit, HTTPS only) is enforced here, before anything crosses the tunnel.
+//! A request is routed by the host its target names (see [`crate::hop`]: two `Host` headers, or
+//! a `Host` other than the target's, are refused), and its hop-by-hop headers, and the
+//! response's, stay on this side.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,10 +20,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HOST, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -34,6 +37,7 @@ use warren_proto::{Protocol, StreamHeader};
 use warren_transport::Stream;
 
 use crate::edge::{ConnGuard, Edge, IdleTimeout, Prefixed, read_proxy_header};
+use crate::hop::{self, Keep};
 use crate::policy::Admit;
 use crate::router::{Live, Route, Router, TunnelStats};
 
@@ -472,16 +476,6 @@ async fn read_client_hello(
     }
 }
 
-/// The host a request is for: its `Host` header, or the authority of its URI (HTTP/2).
-fn request_host<B>(req: &Request<B>) -> String {
-    req.headers()
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))
-        .unwrap_or_default()
-}
-
 /// The HTTP/2 connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -591,7 +585,7 @@ impl ConnState {
         let method = req.method().clone();
         let version = req.version();
         let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or_default();
-        let host = request_host(&req);
+        let host = hop::target_host(&req).unwrap_or_default();
         let (_, visitor) = self.forwarded_for(req.headers());
         let resp = self.handle(req).await;
         crate::metrics::global().request.observe(started.elapsed());
@@ -616,7 +610,25 @@ impl ConnState {
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json"));
-        let host = request_host(&req);
+        // Which host the request is for, before anything routes by it.
+        let host = match hop::target_host(&req) {
+            Ok(host) => host,
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "request refused");
+                return error_page(StatusCode::BAD_REQUEST, "Bad request", &e.to_string(), json);
+            }
+        };
+        if let Some(coding) = hop::foreign_coding(req.headers()) {
+            return error_page(
+                StatusCode::NOT_IMPLEMENTED,
+                "Transfer coding not supported",
+                &format!(
+                    "The relay forwards request bodies sent plain or chunked, not with the \
+                     transfer coding {coding:?}; send the body without it."
+                ),
+                json,
+            );
+        }
         let ingress = &self.ingress;
         if !self.https
             && let Some(token) = req.uri().path().strip_prefix(crate::acme::CHALLENGE_PREFIX)
@@ -730,7 +742,17 @@ impl ConnState {
             }
         }
 
+        // What was meant for this hop stays here; only then does the relay add its own headers.
+        let h2 = policy.options.upstream_http2;
+        let keep = if h2 {
+            Keep::TeTrailers
+        } else if hop::asks_upgrade(req.headers()) {
+            Keep::Upgrade
+        } else {
+            Keep::Nothing
+        };
         let headers = req.headers_mut();
+        hop::strip_hop_by_hop(headers, keep);
         if policy.needs_auth() {
             // The credentials are for the relay, not the service.
             headers.remove(header::AUTHORIZATION);
@@ -752,9 +774,7 @@ impl ConnState {
         }
         policy.edit_request(headers);
 
-        let upgrade =
-            req.headers().contains_key(header::UPGRADE).then(|| hyper::upgrade::on(&mut req));
-        let h2 = policy.options.upstream_http2;
+        let upgrade = (keep == Keep::Upgrade).then(|| hyper::upgrade::on(&mut req));
         let req = match prepare_upstream(req, h2, &host, policy.options.max_body) {
             Ok(r) => r,
             Err(e) => {
@@ -802,9 +822,14 @@ impl ConnState {
                 );
             }
         };
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        hop::strip_hop_by_hop(
+            resp.headers_mut(),
+            if switched { Keep::Upgrade } else { Keep::Nothing },
+        );
         policy.edit_response(resp.headers_mut());
         match upgrade {
-            Some(visitor_side) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            Some(visitor_side) if switched => {
                 let agent_side = hyper::upgrade::on(&mut resp);
                 let name = live.name.clone();
                 self.tasks.spawn(async move {
@@ -905,12 +930,9 @@ impl ConnState {
     }
 }
 
-/// Hop-by-hop headers, which HTTP/2 forbids.
-const HOP_BY_HOP: [&str; 5] =
-    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"];
-
-/// Turns a visitor's request into one for the upstream connection: HTTP/1.1 (origin-form URI,
-/// a `Host` header) or HTTP/2 (absolute URI, no connection headers), with the body limited.
+/// Turns a visitor's request, its hop-by-hop headers already gone, into one for the upstream
+/// connection: HTTP/1.1 (origin-form target, a `Host` header, a body of unknown length marked
+/// chunked) or HTTP/2 (absolute target, no `Host`), with the body limited.
 fn prepare_upstream(
     req: Request<Incoming>,
     h2: bool,
@@ -918,6 +940,8 @@ fn prepare_upstream(
     max_body: Option<u64>,
 ) -> Result<Request<UpBody>, String> {
     let (mut parts, body) = req.into_parts();
+    // hyper sends a GET's or HEAD's body of unknown length as no body at all unless told.
+    let unframed = !body.is_end_stream() && body.size_hint().exact().is_none();
     let body: UpBody = match max_body {
         Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).boxed(),
         None => body.map_err(|e| Box::new(e) as BoxError).boxed(),
@@ -932,18 +956,20 @@ fn prepare_upstream(
             .build()
             .map_err(|e| format!("the host or path cannot be forwarded: {e}"))?;
         parts.headers.remove(HOST);
-        for h in HOP_BY_HOP {
-            parts.headers.remove(h);
+    } else {
+        if parts.version == Version::HTTP_2 {
+            parts.version = Version::HTTP_11;
         }
-        if parts.headers.get(header::TE).is_some_and(|v| v != "trailers") {
-            parts.headers.remove(header::TE);
+        // CONNECT's target is an authority; every other target goes in origin form.
+        if parts.method != Method::CONNECT {
+            parts.uri = path.parse().map_err(|e| format!("the path cannot be forwarded: {e}"))?;
         }
-    } else if parts.version == Version::HTTP_2 {
-        parts.version = Version::HTTP_11;
-        parts.uri = path.parse().map_err(|e| format!("the path cannot be forwarded: {e}"))?;
         if !parts.headers.contains_key(HOST) {
             let v = HeaderValue::from_str(host).map_err(|_| "bad host".to_owned())?;
             parts.headers.insert(HOST, v);
+        }
+        if unframed && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+            parts.headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
     }
     Ok(Request::from_parts(parts, body))
@@ -956,6 +982,7 @@ fn escape(s: &str) -> String {
 /// An error answer from the relay itself: a small HTML page, or JSON when the visitor asks.
 pub fn error_page(status: StatusCode, title: &str, detail: &str, json: bool) -> Response<Body> {
     crate::metrics::global().error(match status.as_u16() {
+        400 => "http_400_bad_request",
         401 => "http_401_unauthorized",
         403 => "http_403_forbidden",
         404 => "http_404_unknown_host",

@@ -15,6 +15,7 @@
 //! - [`certstore`]: certificates for the HTTPS listener, by SNI.
 //! - [`acme`]: certificates from an ACME CA, with HTTP-01 challenges.
 //! - [`edge`]: limits, timeouts and real client addresses on the public listeners.
+//! - [`hop`]: hop-by-hop headers, and the one host a request is for.
 //! - [`policy`]: a tunnel's access rules and HTTP options.
 //! - [`auth`]: token checks.
 //! - [`router`]: tunnels, leases and routes — who serves which subdomain and port.
@@ -39,6 +40,7 @@ pub mod certstore;
 pub mod config;
 pub mod edge;
 pub mod forwards;
+pub mod hop;
 pub mod ingress;
 pub mod metrics;
 pub mod overlay;

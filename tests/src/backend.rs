@@ -9,7 +9,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use tokio::net::TcpListener;
@@ -22,6 +22,11 @@ pub const ECHO_LIMIT: usize = 64 * 1024 * 1024;
 /// - `GET /`: `hello from NAME` (so a test can tell which backend answered);
 /// - `POST /echo`: the request body, unchanged;
 /// - `GET /headers`: the request headers, one `name: value` per line;
+/// - `GET /target`: the request target as it arrived (`/target`, or `http://NAME/target` when
+///   a proxy passed on an absolute form);
+/// - `GET /hop-by-hop`: an answer carrying the headers a proxy must not pass on (`Connection:
+///   x-hop-secret`, `X-Hop-Secret`, `Keep-Alive`, `Proxy-Authenticate`) and one it must
+///   (`X-End-To-End`);
 /// - `GET /ws`: a WebSocket echo.
 ///
 /// Stops on drop.
@@ -47,6 +52,8 @@ impl HttpBackend {
             .route("/", get(move || async move { greeting }))
             .route("/echo", post(|body: Bytes| async move { body }))
             .route("/headers", any(headers))
+            .route("/target", any(|uri: Uri| async move { uri.to_string() }))
+            .route("/hop-by-hop", get(hop_by_hop))
             .route("/ws", get(ws))
             .layer(DefaultBodyLimit::max(ECHO_LIMIT));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http backend");
@@ -84,6 +91,19 @@ async fn headers(headers: HeaderMap) -> String {
         let _ = writeln!(out, "{}: {}", name, String::from_utf8_lossy(value.as_bytes()));
     }
     out
+}
+
+async fn hop_by_hop() -> ([(&'static str, &'static str); 5], &'static str) {
+    (
+        [
+            ("connection", "x-hop-secret"),
+            ("x-hop-secret", "for the next hop only"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authenticate", "Basic realm=\"backend\""),
+            ("x-end-to-end", "kept"),
+        ],
+        "hop-by-hop\n",
+    )
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {

@@ -145,6 +145,95 @@ pub async fn expect_get(addr: SocketAddr, host: &str, expected: &str) -> anyhow:
     Ok(())
 }
 
+/// A response read off a raw connection (see [`raw_exchange`]).
+#[derive(Debug, Clone)]
+pub struct RawResponse {
+    /// The status code.
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    /// The body, de-chunked when it came chunked.
+    pub body: String,
+}
+
+impl RawResponse {
+    /// The values of response header `name` (any case), as sent.
+    pub fn header(&self, name: &str) -> Vec<String> {
+        self.head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    }
+
+    /// The values a [`crate::HttpBackend`]'s `/headers` answer gives for `name` (lower case).
+    pub fn seen(&self, name: &str) -> Vec<String> {
+        crate::parse_headers(&self.body)
+            .into_iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    /// The single value the backend saw for `name`.
+    pub fn seen_one(&self, name: &str) -> String {
+        let values = self.seen(name);
+        assert_eq!(
+            values.len(),
+            1,
+            "backend saw {name} {values:?}; response:\n{}\n\n{}",
+            self.head,
+            self.body
+        );
+        values[0].clone()
+    }
+}
+
+/// Connects to `addr`, writes `request` exactly as given (a PROXY header, odd request lines,
+/// repeated headers: whatever a client library would not send) and reads until the peer closes,
+/// so the request should end its head with `Connection: close`. Bounded by [`IO_TIMEOUT`].
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> anyhow::Result<RawResponse> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        s.write_all(request).await.context("write request")?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.context("read response")?;
+        anyhow::Ok(out)
+    };
+    let out = tokio::time::timeout(IO_TIMEOUT, fut).await.context("no response in time")??;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("no complete response head in {text:?}");
+    };
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked { dechunk(body) } else { body.to_owned() };
+    Ok(RawResponse { status, head: head.to_owned(), body })
+}
+
+/// The data of a chunked body (extensions and trailers dropped).
+pub fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
 /// Connects to `addr`, sends `len` random bytes, reads `len` bytes back and checks they match.
 pub async fn tcp_echo(addr: SocketAddr, len: usize) -> anyhow::Result<()> {
     let payload = random_bytes(len);

@@ -448,10 +448,27 @@ pub async fn h2_get<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    h2_get_with(conn, scheme, authority, path, &[]).await
+}
+
+/// [`h2_get`] with extra request headers (`host` among them if wanted: it travels beside
+/// `:authority`).
+pub async fn h2_get_with<S>(
+    conn: S,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, Version, HeaderMap, Vec<u8>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, _conn) = h2_handshake::<S, Empty<Bytes>>(conn).await?;
-    let req = Request::get(format!("{scheme}://{authority}{path}"))
-        .body(Empty::new())
-        .context("build GET request")?;
+    let mut req = Request::get(format!("{scheme}://{authority}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::new()).context("build GET request")?;
     let resp = tokio::time::timeout(IO_TIMEOUT, sender.send_request(req))
         .await
         .context("no response in time")?

@@ -42,7 +42,7 @@ pub use api_client::{ApiClient, ApiResponse, curl_json};
 pub use backend::{EchoBackend, HttpBackend, parse_headers};
 pub use client::{HttpConn, HttpResponse, expect_get, http_get, http_post, tcp_echo};
 pub use grpc::{
-    GrpcEchoBackend, GrpcOutcome, grpc_ping_pong, h2_get, peer_leaf, tls_connect,
+    GrpcEchoBackend, GrpcOutcome, grpc_ping_pong, h2_get, h2_get_with, peer_leaf, tls_connect,
     tls_connect_any_cert,
 };
 pub use pki::Pki;

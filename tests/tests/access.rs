@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode, header};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use warren_tests::client::{chunked_body, expect_eof, request};
+use warren_tests::client::{RawResponse, chunked_body, dechunk, expect_eof, raw_exchange, request};
 use warren_tests::{
     Agent, EchoBackend, HttpBackend, HttpConn, HttpResponse, IO_TIMEOUT, ProxyBackend, Relay,
     RelayOpts, TempDir, Transport, parse_headers, random_bytes, tcp_echo, within,
@@ -73,14 +73,6 @@ fn basic(user: &str, pass: &str) -> String {
     format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
 }
 
-/// A response read off a raw connection.
-#[derive(Debug)]
-struct RawResponse {
-    status: u16,
-    head: String,
-    body: String,
-}
-
 /// Connects to `addr`, writes `prefix` (e.g. a PROXY header) and then
 /// `GET path HTTP/1.1` with `Host`, the extra header lines and `Connection: close`, and reads
 /// the whole response.
@@ -91,68 +83,13 @@ async fn raw_get(
     path: &str,
     lines: &[&str],
 ) -> RawResponse {
-    let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let mut req = prefix.to_vec();
-        req.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n").as_bytes());
-        for l in lines {
-            req.extend_from_slice(format!("{l}\r\n").as_bytes());
-        }
-        req.extend_from_slice(b"Connection: close\r\n\r\n");
-        s.write_all(&req).await?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out).await?;
-        anyhow::Ok(out)
-    };
-    let out = within(IO_TIMEOUT, "raw GET", fut)
-        .await
-        .unwrap_or_else(|e| panic!("raw GET {path}: {e:#}"));
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        panic!("no complete response head in {text:?}");
-    };
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    RawResponse { status, head: head.to_owned(), body }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+    let mut req = prefix.to_vec();
+    req.extend_from_slice(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n").as_bytes());
+    for l in lines {
+        req.extend_from_slice(format!("{l}\r\n").as_bytes());
     }
-    out
-}
-
-impl RawResponse {
-    fn seen(&self, name: &str) -> Vec<String> {
-        parse_headers(&self.body).into_iter().filter(|(n, _)| n == name).map(|(_, v)| v).collect()
-    }
-
-    fn seen_one(&self, name: &str) -> String {
-        let values = self.seen(name);
-        assert_eq!(
-            values.len(),
-            1,
-            "backend saw {name} {values:?}; response:\n{}\n\n{}",
-            self.head,
-            self.body
-        );
-        values[0].clone()
-    }
+    req.extend_from_slice(b"Connection: close\r\n\r\n");
+    raw_exchange(addr, &req).await.unwrap_or_else(|e| panic!("raw GET {path}: {e:#}"))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 //! The relay's public edge: slow visitors are cut off, one address cannot hold too many
-//! connections, and every error a visitor can meet comes as an HTML page or, when asked for,
-//! as JSON, with the right status.
+//! connections, hop-by-hop headers stop at the relay, a request goes where its target says or
+//! is refused, and every error a visitor can meet comes as an HTML page or, when asked for, as
+//! JSON, with the right status.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,10 +11,11 @@ use http::{Method, StatusCode, header};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use warren_tests::client::request;
+use warren_tests::client::{RawResponse, raw_exchange, request};
 use warren_tests::{
     EchoBackend, HttpBackend, HttpConn, HttpResponse, HttpSetup, IO_TIMEOUT, Relay, RelayOpts,
-    TempDir, Transport, closed_port, eventually, expect_get, tcp_echo, tls_connect, within,
+    TempDir, Transport, closed_port, eventually, expect_get, h2_get_with, parse_headers, tcp_echo,
+    tls_connect, within,
 };
 
 /// Reads until the peer closes (EOF or reset) and returns what it sent before, or `None` if
@@ -557,6 +559,200 @@ async fn error_page_unauthorized() {
         assert!(resp.headers.contains_key(header::WWW_AUTHENTICATE), "401 without a challenge");
     }
     agent.assert_running();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hop-by-hop headers and the host a request is for.
+
+/// Headers that describe one connection and must never reach the target.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+/// `raw_exchange`, failing the test on a broken exchange.
+async fn exchange(addr: SocketAddr, request: &str) -> RawResponse {
+    raw_exchange(addr, request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("request {request:?}: {e:#}"))
+}
+
+/// A request head naming `X-Secret` in `Connection`, with every other hop-by-hop header a
+/// visitor can send, and one ordinary header.
+fn hop_by_hop_request(target: &str, host: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: X-Secret, keep-alive\r\n\
+         Connection: close\r\nX-Secret: for the relay only\r\nKeep-Alive: timeout=5\r\n\
+         Proxy-Connection: keep-alive\r\nTE: trailers\r\n\
+         Proxy-Authorization: Basic dTpw\r\nX-End-To-End: kept\r\n\r\n"
+    )
+}
+
+/// The target saw none of `names` and `X-End-To-End: kept`.
+fn assert_target_saw_none(what: &str, resp: &RawResponse, names: &[&str]) {
+    assert_eq!(resp.status, 200, "{what}: {}\n\n{}", resp.head, resp.body);
+    let leaked: Vec<(&str, Vec<String>)> =
+        names.iter().map(|n| (*n, resp.seen(n))).filter(|(_, v)| !v.is_empty()).collect();
+    assert!(leaked.is_empty(), "{what}: the target saw {leaked:?}; all it saw:\n{}", resp.body);
+    assert_eq!(resp.seen_one("x-end-to-end"), "kept", "{what}");
+}
+
+/// HTTP/1.1 visitor, HTTP/1.1 upstream: `Connection` and the header it names, `Keep-Alive`,
+/// `Proxy-Connection`, `TE` and `Proxy-Authorization` stop at the relay, and so do the
+/// target's `Connection`-named, `Keep-Alive` and `Proxy-Authenticate` on the way back; a
+/// transfer coding the relay would have to drop unannounced is refused with 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stop_at_the_relay() {
+    let s = HttpSetup::start(Transport::Quic).await;
+    let (addr, host) = (s.addr(), s.host());
+    let resp = exchange(addr, &hop_by_hop_request("/headers", &host)).await;
+    let mut names = HOP_BY_HOP.to_vec();
+    names.push("x-secret");
+    assert_target_saw_none("HTTP/1.1 upstream", &resp, &names);
+
+    let resp = exchange(
+        addr,
+        &format!("GET /hop-by-hop HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.head);
+    for name in ["x-hop-secret", "keep-alive", "proxy-authenticate"] {
+        assert!(resp.header(name).is_empty(), "the visitor got {name}:\n{}", resp.head);
+    }
+    let connection = resp.header("connection").join(", ").to_ascii_lowercase();
+    assert!(!connection.contains("x-hop-secret"), "the visitor got {connection:?}");
+    assert_eq!(resp.header("x-end-to-end"), ["kept"], "{}", resp.head);
+
+    let resp = exchange(
+        addr,
+        &format!(
+            "POST /echo HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip, chunked\r\n\
+             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 501, "gzip, chunked: {}\n\n{}", resp.head, resp.body);
+    assert!(resp.body.contains("gzip"), "the 501 should name the coding: {}", resp.body);
+}
+
+/// HTTP/1.1 visitor, HTTP/2 upstream (`--upstream-http2`): the header `Connection` names stops
+/// at the relay too (HTTP/2 forbids `Connection` itself), while `TE: trailers` goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stop_before_an_h2_upstream() {
+    let tmp = TempDir::new("hop-h2");
+    let relay = Relay::start_default().await;
+    let backend = HttpBackend::start().await;
+    let mut agent = relay.spawn_tunnel(&tmp, "http", "h2up", backend.port(), &["--upstream-http2"]);
+    let host = agent.http_url().await.host();
+    let resp = exchange(relay.http_addr, &hop_by_hop_request("/headers", &host)).await;
+    let names: Vec<&str> =
+        HOP_BY_HOP.iter().copied().filter(|n| *n != "te").chain(["x-secret"]).collect();
+    assert_target_saw_none("HTTP/2 upstream", &resp, &names);
+    assert_eq!(resp.seen_one("te"), "trailers", "gRPC needs `te: trailers`");
+    agent.assert_running();
+}
+
+/// HTTP/2 visitors (h2c with prior knowledge): `te: trailers` does not reach an HTTP/1.1
+/// upstream, and a `host` header naming another host than `:authority` is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_visitor_headers() {
+    let s = HttpSetup::start(Transport::Quic).await;
+    let (addr, host) = (s.addr(), s.host());
+    let tcp = TcpStream::connect(addr).await.expect("connect to the HTTP listener");
+    let (status, _, _, body) = h2_get_with(
+        tcp,
+        "http",
+        &host,
+        "/headers",
+        &[("te", "trailers"), ("x-end-to-end", "kept")],
+    )
+    .await
+    .expect("h2c GET /headers");
+    let seen = parse_headers(&String::from_utf8_lossy(&body));
+    assert_eq!(status, StatusCode::OK, "{seen:?}");
+    assert!(seen.iter().all(|(n, _)| n != "te"), "the HTTP/1.1 target saw te: {seen:?}");
+    assert!(seen.contains(&("x-end-to-end".into(), "kept".into())), "{seen:?}");
+
+    let other = format!("{}.localhost:{}", warren_tests::unique("other"), addr.port());
+    let tcp = TcpStream::connect(addr).await.expect("connect to the HTTP listener");
+    let (status, _, headers, body) =
+        h2_get_with(tcp, "http", &host, "/headers", &[("host", &other)]).await.expect("h2c GET");
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, StatusCode::BAD_REQUEST, ":authority {host} with host {other}: {body}");
+    assert!(body.contains("Host header"), "the page should say what is wrong: {body}");
+    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(ct.starts_with("text/html"), "{ct}");
+}
+
+/// Two `Host` headers, the same twice or two different ones: 400 from the relay, before any
+/// tunnel is chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_host_is_refused() {
+    let s = HttpSetup::start(Transport::Quic).await;
+    let (addr, host) = (s.addr(), s.host());
+    let other = format!("{}.localhost:{}", warren_tests::unique("other"), addr.port());
+    for second in [host.clone(), other] {
+        let resp = exchange(
+            addr,
+            &format!(
+                "GET /headers HTTP/1.1\r\nHost: {host}\r\nHost: {second}\r\n\
+                 Connection: close\r\n\r\n"
+            ),
+        )
+        .await;
+        assert_eq!(resp.status, 400, "Host {host} and {second}: {}\n\n{}", resp.head, resp.body);
+        assert!(resp.body.contains("2 Host headers"), "{}", resp.body);
+        assert!(!resp.body.contains("x-forwarded-for"), "the target answered: {}", resp.body);
+    }
+    expect_get(addr, &host, &s.backend.greeting()).await.expect("one Host still works");
+}
+
+/// `GET http://NAME/x HTTP/1.1`: routed by NAME, whatever tunnel `Host` would pick; a `Host`
+/// naming another host (or port) is refused with 400; the target gets the origin form `/x`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absolute_form_is_routed_by_its_authority() {
+    let tmp = TempDir::new("absolute");
+    let relay = Relay::start_default().await;
+    let (a, b) = (HttpBackend::start_named("a").await, HttpBackend::start_named("b").await);
+    let mut agent_a = relay.spawn_tunnel(&tmp, "http", "a", a.port(), &[]);
+    let mut agent_b = relay.spawn_tunnel(&tmp, "http", "b", b.port(), &[]);
+    let url_a = agent_a.http_url().await;
+    let url_b = agent_b.http_url().await;
+    let (host_a, host_b) = (url_a.host(), url_b.host());
+    let addr = relay.http_addr;
+    let get = |target: String, host: Option<String>| async move {
+        let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        exchange(addr, &format!("GET {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n")).await
+    };
+
+    // Routed by the target, with or without a Host that agrees (in another case).
+    for host in [None, Some(host_b.to_ascii_uppercase())] {
+        let resp = get(format!("http://{host_b}/"), host.clone()).await;
+        assert_eq!((resp.status, resp.body.as_str()), (200, "hello from b\n"), "Host {host:?}");
+        let resp = get(format!("http://{host_b}/target"), host.clone()).await;
+        assert_eq!(
+            (resp.status, resp.body.as_str()),
+            (200, "/target"),
+            "the target must get the origin form (Host {host:?})"
+        );
+    }
+
+    // A Host naming another tunnel, or the same name on another port: refused.
+    let name_b = format!("{}.localhost", url_b.subdomain);
+    for host in [host_a.clone(), name_b] {
+        let resp = get(format!("http://{host_b}/"), Some(host.clone())).await;
+        assert_eq!(resp.status, 400, "http://{host_b}/ with Host {host}: {}", resp.body);
+        assert!(resp.body.contains("Host header says"), "{}", resp.body);
+    }
+    expect_get(addr, &host_a, &a.greeting()).await.expect("tunnel a by Host");
+    agent_a.assert_running();
+    agent_b.assert_running();
 }
 
 // ---------------------------------------------------------------------------------------------
