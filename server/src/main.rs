@@ -118,6 +118,17 @@ struct Args {
     /// roots: for private CAs (step-ca) and test CAs (pebble).
     #[arg(long, value_name = "FILE", requires = "acme_email")]
     acme_ca: Option<PathBuf>,
+    /// Most ACME orders started in any hour (at most 4 run at once). Names past it are served
+    /// with the fallback certificate and ordered later, from a bounded queue; keep it under your
+    /// CA's rate limits (Let's Encrypt: 300 new orders per account per 3 hours).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = warren_server::acme::DEFAULT_ORDERS_PER_HOUR,
+        value_parser = clap::value_parser!(u32).range(1..),
+        requires = "acme_email"
+    )]
+    acme_orders_per_hour: u32,
     /// REST API (/api/v1, see /api/v1/openapi.json) and Prometheus metrics (/metrics).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400", conflicts_with = "no_api")]
     api: SocketAddr,
@@ -258,6 +269,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             email,
             directory: args.acme_directory,
             directory_ca: args.acme_ca,
+            orders_per_hour: args.acme_orders_per_hour,
         }),
     };
     let ports = config.ports;
