@@ -17,7 +17,10 @@
 //! - [`edge`]: limits, timeouts and real client addresses on the public listeners.
 //! - [`policy`]: a tunnel's access rules and HTTP options.
 //! - [`auth`]: token checks.
-//! - [`router`]: tunnels, leases and routes — who serves which subdomain and port.
+//! - [`router`]: tunnels, leases and routes — who serves which subdomain and port — and the caps
+//!   on what a token or session may hold.
+//! - [`leases`]: leases as stored, so a relay restart gives names and ports back to their
+//!   owners; the `LeaseStore` a shared store implements.
 //! - [`pool`]: the TCP and UDP port pool.
 //! - [`session`]: one agent session: handshake, control loop, heartbeats.
 //! - [`ingress`]: the public HTTP and HTTPS listeners and the TCP tunnel listeners.
@@ -40,6 +43,7 @@ pub mod config;
 pub mod edge;
 pub mod forwards;
 pub mod ingress;
+pub mod leases;
 pub mod metrics;
 pub mod overlay;
 pub mod policy;

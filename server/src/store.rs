@@ -1,9 +1,9 @@
 //! The relay's embedded SQLite store: state that must outlive a restart.
 //!
 //! That is the agent tokens managed through the API, reservations, forwards, traffic history,
-//! and overlay networks with their address claims and services (`crate::overlay::store`). The
-//! store keeps only a token's SHA-256 digest, never the secret itself, so a leaked database file
-//! does not leak usable tokens.
+//! tunnels' leases (`crate::leases`), and overlay networks with their address claims and
+//! services (`crate::overlay::store`). The store keeps only a token's SHA-256 digest, never the
+//! secret itself, so a leaked database file does not leak usable tokens.
 //!
 //! The schema is versioned: `MIGRATIONS` lists SQL batches in order, and the database's
 //! `PRAGMA user_version` records how many of them have run. [`Store::open`] runs the missing
@@ -92,6 +92,20 @@ const MIGRATIONS: &[&str] = &[
         vip TEXT,
         endpoints TEXT NOT NULL,
         PRIMARY KEY (vni, name)
+    );",
+    // 5: leases (`crate::leases`): which owner holds which subdomain or pool port, so a relay
+    // restart hands them back to their owners rather than to whoever asks first.
+    "CREATE TABLE leases (
+        token TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        name TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        subdomain TEXT UNIQUE,
+        port INTEGER,
+        offline_until INTEGER,
+        PRIMARY KEY (token, agent, name),
+        UNIQUE (port, proto),
+        CHECK ((subdomain IS NULL) <> (port IS NULL))
     );",
 ];
 
