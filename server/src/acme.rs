@@ -8,10 +8,16 @@
 //! once two thirds of their lifetime have passed. A failed order is retried after
 //! [`RETRY_AFTER`], or at the next bind after that.
 //!
+//! Orders are budgeted, since every new tunnel name would otherwise start one: at most
+//! [`MAX_ORDERS_IN_FLIGHT`] run at once and at most `--acme-orders-per-hour` start in any hour.
+//! Names past that wait in a queue (bounded by [`QUEUE_LIMIT`], each name once) and are served
+//! with the fallback certificate meanwhile; the queue is said once in the log each time it
+//! starts to fill.
+//!
 //! Wildcards need DNS-01 challenges, which the relay cannot answer; each name gets its own
 //! certificate.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,6 +40,22 @@ pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 /// How long after a failed order the same name is tried again.
 pub const RETRY_AFTER: Duration = Duration::from_secs(600);
 
+/// How many orders may run at once.
+pub const MAX_ORDERS_IN_FLIGHT: usize = 4;
+
+/// The default of `--acme-orders-per-hour`.
+pub const DEFAULT_ORDERS_PER_HOUR: u32 = 50;
+
+/// How many names may wait for an order; names past it are not queued (they are asked for again
+/// at their next bind or renewal check).
+pub const QUEUE_LIMIT: usize = 1024;
+
+/// The window of the hourly budget.
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// How often waiting names are looked at again, for budget that freed up with time.
+const PUMP_EVERY: Duration = Duration::from_secs(30);
+
 /// Where ACME orders go and who is asking.
 #[derive(Debug, Clone)]
 pub struct AcmeSettings {
@@ -44,6 +66,8 @@ pub struct AcmeSettings {
     /// A root certificate (PEM) to trust for the directory's HTTPS instead of the system's,
     /// for private and test CAs.
     pub directory_ca: Option<PathBuf>,
+    /// How many orders may start in any hour; names past it wait in a queue.
+    pub orders_per_hour: u32,
 }
 
 /// The answers to pending HTTP-01 challenges, by token; the HTTP listener serves them at
@@ -111,10 +135,87 @@ impl std::fmt::Debug for Acme {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct AcmeState {
-    running: std::collections::HashSet<String>,
+    budget: Budget,
     failed: HashMap<String, Instant>,
+}
+
+/// What [`Budget::ask`] did with a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Asked {
+    /// It waits its turn now (see [`Budget::next`]).
+    Queued,
+    /// It was already running or waiting.
+    Known,
+    /// The queue is full; it was not taken.
+    Full,
+}
+
+/// The order budget: orders running, when orders started in the last hour, and the names
+/// waiting, in the order they were asked for. Pure bookkeeping: time comes in as arguments.
+#[derive(Debug)]
+struct Budget {
+    per_hour: usize,
+    running: HashSet<String>,
+    started: VecDeque<Instant>,
+    waiting: VecDeque<String>,
+    /// Whether names waiting was logged since the queue was last empty.
+    told: bool,
+}
+
+impl Budget {
+    fn new(per_hour: u32) -> Self {
+        Self {
+            per_hour: usize::try_from(per_hour).unwrap_or(usize::MAX).max(1),
+            running: HashSet::new(),
+            started: VecDeque::new(),
+            waiting: VecDeque::new(),
+            told: false,
+        }
+    }
+
+    /// Puts `name` at the end of the queue, unless it is running or waiting already.
+    fn ask(&mut self, name: &str) -> Asked {
+        if self.running.contains(name) || self.waiting.iter().any(|n| n == name) {
+            Asked::Known
+        } else if self.waiting.len() >= QUEUE_LIMIT {
+            Asked::Full
+        } else {
+            self.waiting.push_back(name.to_owned());
+            Asked::Queued
+        }
+    }
+
+    /// The names whose order may start at `now`, taken off the queue and counted as started.
+    fn next(&mut self, now: Instant) -> Vec<String> {
+        while self.started.front().is_some_and(|t| now.saturating_duration_since(*t) >= HOUR) {
+            self.started.pop_front();
+        }
+        let mut go = Vec::new();
+        while self.running.len() < MAX_ORDERS_IN_FLIGHT && self.started.len() < self.per_hour {
+            let Some(name) = self.waiting.pop_front() else { break };
+            self.running.insert(name.clone());
+            self.started.push_back(now);
+            go.push(name);
+        }
+        if self.waiting.is_empty() {
+            self.told = false;
+        }
+        go
+    }
+
+    /// An order ended, well or not.
+    fn finished(&mut self, name: &str) {
+        self.running.remove(name);
+    }
+
+    /// True the first time it is asked while names wait, then not until the queue emptied.
+    fn tell_waiting(&mut self) -> bool {
+        let tell = !self.waiting.is_empty() && !self.told;
+        self.told |= tell;
+        tell
+    }
 }
 
 impl Acme {
@@ -125,13 +226,17 @@ impl Acme {
         store: Arc<CertStore>,
         challenges: Challenges,
     ) -> Arc<Self> {
+        let settings_orders_per_hour = settings.orders_per_hour;
         let acme = Arc::new(Self {
             settings,
             dir: data_dir.join("acme"),
             store,
             challenges,
             account: OnceCell::new(),
-            state: Mutex::default(),
+            state: Mutex::new(AcmeState {
+                budget: Budget::new(settings_orders_per_hour),
+                failed: HashMap::new(),
+            }),
         });
         acme.load_issued();
         acme
@@ -171,49 +276,90 @@ impl Acme {
         self.start(name);
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, AcmeState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues an order for `name` and starts what the budget allows.
     fn start(self: &Arc<Self>, name: String) {
-        {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if st.running.contains(&name)
-                || st.failed.get(&name).is_some_and(|t| t.elapsed() < RETRY_AFTER)
-            {
+        let (go, tell, asked) = {
+            let mut st = self.lock();
+            if st.failed.get(&name).is_some_and(|t| t.elapsed() < RETRY_AFTER) {
                 return;
             }
-            st.running.insert(name.clone());
+            let asked = st.budget.ask(&name);
+            let go = st.budget.next(Instant::now());
+            (go, st.budget.tell_waiting(), asked)
+        };
+        if tell {
+            warn!(
+                name,
+                in_flight = MAX_ORDERS_IN_FLIGHT,
+                per_hour = self.settings.orders_per_hour,
+                queue_limit = QUEUE_LIMIT,
+                "ACME order budget used up; names wait in a queue and get the fallback certificate \
+                 until their turn (raise --acme-orders-per-hour if your CA allows more)"
+            );
         }
+        if asked == Asked::Full {
+            debug!(name, "ACME queue full; the name is asked for again at its next bind");
+        }
+        for n in go {
+            self.spawn_order(n);
+        }
+    }
+
+    /// Starts the queued orders the budget allows now (as the hour's window moves on).
+    fn pump(self: &Arc<Self>) {
+        let go = {
+            let mut st = self.lock();
+            st.failed.retain(|_, t| t.elapsed() < RETRY_AFTER);
+            st.budget.next(Instant::now())
+        };
+        for n in go {
+            self.spawn_order(n);
+        }
+    }
+
+    fn spawn_order(self: &Arc<Self>, name: String) {
         let this = self.clone();
         tokio::spawn(async move {
             info!(name, directory = %this.settings.directory, "ordering a certificate from ACME");
             let result = this.order(&name).await;
-            let mut st = this.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.running.remove(&name);
-            match result {
-                Ok(()) => {
-                    st.failed.remove(&name);
-                    info!(name, "certificate from ACME installed");
-                }
-                Err(e) => {
-                    st.failed.insert(name.clone(), Instant::now());
-                    warn!(
-                        name,
-                        error = %crate::util::error_chain(&e),
-                        retry_in_s = RETRY_AFTER.as_secs(),
-                        "ACME order failed; serving the development certificate meanwhile"
-                    );
+            {
+                let mut st = this.lock();
+                st.budget.finished(&name);
+                match result {
+                    Ok(()) => {
+                        st.failed.remove(&name);
+                        info!(name, "certificate from ACME installed");
+                    }
+                    Err(e) => {
+                        st.failed.insert(name.clone(), Instant::now());
+                        warn!(
+                            name,
+                            error = %crate::util::error_chain(&e),
+                            retry_in_s = RETRY_AFTER.as_secs(),
+                            "ACME order failed; serving the development certificate meanwhile"
+                        );
+                    }
                 }
             }
+            this.pump();
         });
     }
 
-    /// Renews certificates past two thirds of their lifetime, checking every `every`, until
-    /// `shutdown`.
+    /// Renews certificates past two thirds of their lifetime, checking every `every`, and starts
+    /// queued orders as the budget allows, until `shutdown`.
     pub fn watch_renewals(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let this = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            let mut pump = tokio::time::interval(PUMP_EVERY);
             loop {
                 tokio::select! {
                     _ = tick.tick() => this.renew_due(SystemTime::now()),
+                    _ = pump.tick() => this.pump(),
                     () = shutdown.cancelled() => return,
                 }
             }
@@ -453,6 +599,60 @@ mod tests {
             let _ = validity(&der[..cut]);
         }
         assert_eq!(validity(&der[..40]), None);
+    }
+
+    #[test]
+    fn at_most_four_orders_run_at_once() {
+        let mut b = Budget::new(50);
+        let t0 = Instant::now();
+        for i in 0..6 {
+            assert_eq!(b.ask(&format!("n{i}.example")), Asked::Queued);
+        }
+        assert_eq!(b.next(t0), ["n0.example", "n1.example", "n2.example", "n3.example"]);
+        assert!(b.tell_waiting(), "names wait: say it");
+        assert!(!b.tell_waiting(), "said once");
+        assert!(b.next(t0).is_empty(), "four are running");
+        b.finished("n1.example");
+        assert_eq!(b.next(t0), ["n4.example"]);
+        b.finished("n0.example");
+        assert_eq!(b.next(t0), ["n5.example"]);
+        assert!(!b.tell_waiting(), "nothing waits");
+    }
+
+    #[test]
+    fn the_hourly_budget_holds_names_until_the_window_moves() {
+        let mut b = Budget::new(2);
+        let t0 = Instant::now();
+        for n in ["a", "b", "c"] {
+            b.ask(n);
+        }
+        assert_eq!(b.next(t0), ["a", "b"]);
+        b.finished("a");
+        b.finished("b");
+        assert!(b.next(t0 + Duration::from_secs(3599)).is_empty(), "budget spent for the hour");
+        assert!(b.tell_waiting());
+        assert_eq!(b.next(t0 + HOUR), ["c"]);
+        // The queue emptied: the next time names wait, it is said again.
+        b.ask("d");
+        b.ask("e");
+        assert_eq!(b.next(t0 + HOUR), ["d"]);
+        assert!(b.tell_waiting());
+    }
+
+    #[test]
+    fn names_are_queued_once_and_the_queue_is_bounded() {
+        let mut b = Budget::new(1);
+        let t0 = Instant::now();
+        b.ask("running");
+        assert_eq!(b.next(t0), ["running"]);
+        assert_eq!(b.ask("running"), Asked::Known);
+        assert_eq!(b.ask("w"), Asked::Queued);
+        assert_eq!(b.ask("w"), Asked::Known);
+        for i in 1..QUEUE_LIMIT {
+            assert_eq!(b.ask(&format!("w{i}")), Asked::Queued);
+        }
+        assert_eq!(b.ask("one-too-many"), Asked::Full);
+        assert_eq!(b.waiting.len(), QUEUE_LIMIT);
     }
 
     #[test]

@@ -757,7 +757,24 @@ async fn create_reservation(
             "another token's tunnel holds it now; reserve it once that lease ends",
         ));
     }
-    let r = st.store.create_reservation(&token.to_string(), what, unix_now())?;
+    // An agent token is capped; the admin token may reserve past the cap, for any token.
+    let cap = st.shared.router.caps().reservations_per_token;
+    let limit = matches!(who, Caller::Agent(_)).then_some(cap);
+    let r = match st.store.create_reservation(&token.to_string(), what, unix_now(), limit) {
+        Err(StoreError::TooMany { held }) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "limit_reached",
+                format!(
+                    "this token holds {held} reservation(s) and an agent token may hold {cap} \
+                     (the relay's --max-reservations); delete one with DELETE \
+                     /api/v1/reservations/ID, or ask the relay's operator, whose admin token may \
+                     reserve past the cap"
+                ),
+            ));
+        }
+        r => r?,
+    };
     st.shared.router.set_reserved(reserved_index(&st.store)?);
     Ok((StatusCode::CREATED, Json(reservation_json(&r))))
 }

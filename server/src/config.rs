@@ -24,8 +24,11 @@ pub struct RelayConfig {
     pub data_dir: PathBuf,
     /// Tokens agents may present.
     pub tokens: Vec<Token>,
-    /// How long a tunnel's subdomain and port stay reserved after its session ends.
+    /// How long a tunnel's subdomain and port stay reserved after its session ends (and, after
+    /// a restart, from the start for every stored lease).
     pub lease_grace: Duration,
+    /// What one token and one session may hold: tunnels, reservations.
+    pub caps: crate::router::Caps,
     /// Extra names for the relay's development certificate.
     pub tls_names: Vec<String>,
     /// Public HTTPS listener (SNI routing, TLS tunnels), if any.
@@ -73,6 +76,7 @@ impl RelayConfig {
             data_dir,
             tokens: vec![Token::new(token)],
             lease_grace: Duration::from_secs(300),
+            caps: crate::router::Caps::default(),
             tls_names: Vec::new(),
             https: Some(any),
             cert_dir: None,

@@ -18,7 +18,10 @@
 //! - [`hop`]: hop-by-hop headers, and the one host a request is for.
 //! - [`policy`]: a tunnel's access rules and HTTP options.
 //! - [`auth`]: token checks.
-//! - [`router`]: tunnels, leases and routes — who serves which subdomain and port.
+//! - [`router`]: tunnels, leases and routes — who serves which subdomain and port — and the caps
+//!   on what a token or session may hold.
+//! - [`leases`]: leases as stored, so a relay restart gives names and ports back to their
+//!   owners; the `LeaseStore` a shared store implements.
 //! - [`pool`]: the TCP and UDP port pool.
 //! - [`session`]: one agent session: handshake, control loop, heartbeats.
 //! - [`ingress`]: the public HTTP and HTTPS listeners and the TCP tunnel listeners.
@@ -42,6 +45,7 @@ pub mod edge;
 pub mod forwards;
 pub mod hop;
 pub mod ingress;
+pub mod leases;
 pub mod metrics;
 pub mod overlay;
 pub mod policy;

@@ -10,6 +10,7 @@ use warren_proto::Cidr;
 use warren_proto::message::Token;
 use warren_server::config::{PortRange, RelayConfig, parse_duration};
 use warren_server::edge::EdgeConfig;
+use warren_server::router::Caps;
 use warren_server::{Relay, util};
 
 /// warren relay: puts services that sit behind NAT on this host's public address.
@@ -58,10 +59,26 @@ struct Args {
     )]
     tokens: Vec<String>,
     /// How long a disconnected agent's subdomains and ports stay reserved for it (e.g. 30s, 5m).
-    /// Overlay networks: a member agent that disconnected keeps its place for this long too;
-    /// then its endpoints are withdrawn from the other members.
+    /// Leases are kept in DATA/warren.db: after a restart of the relay every one is held for its
+    /// owner for this long from the start (whoever reconnects first), so another token cannot
+    /// take a name while its owner's agent is still reconnecting. Overlay networks: a member
+    /// agent that disconnected keeps its place for this long too; then its endpoints are
+    /// withdrawn from the other members.
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     lease_grace: std::time::Duration,
+    /// Most tunnels one token may hold over all its agents and sessions, leases of disconnected
+    /// agents within their grace included (0: no cap). Binds past it are refused. A token created
+    /// through the API with a smaller `max_tunnels` gets that.
+    #[arg(long, value_name = "N", default_value_t = Caps::default().tunnels_per_token)]
+    max_tunnels_per_token: u32,
+    /// Most tunnels one agent session may hold (0: no cap). Binds past it are refused.
+    #[arg(long, value_name = "N", default_value_t = Caps::default().tunnels_per_session)]
+    max_tunnels_per_session: u32,
+    /// Most reservations (POST /api/v1/reservations) an agent token may hold for itself; past it
+    /// the API answers 409. 0: agent tokens may not reserve. The admin token is not capped and
+    /// may reserve for any token.
+    #[arg(long, value_name = "N", default_value_t = Caps::default().reservations_per_token)]
+    max_reservations: u32,
     /// Overlay networks created without --subnet get a free /24 of this pool (per account).
     #[arg(long, value_name = "CIDR", default_value = "10.214.0.0/16")]
     overlay_pool: ipnet::Ipv4Net,
@@ -118,6 +135,17 @@ struct Args {
     /// roots: for private CAs (step-ca) and test CAs (pebble).
     #[arg(long, value_name = "FILE", requires = "acme_email")]
     acme_ca: Option<PathBuf>,
+    /// Most ACME orders started in any hour (at most 4 run at once). Names past it are served
+    /// with the fallback certificate and ordered later, from a bounded queue; keep it under your
+    /// CA's rate limits (Let's Encrypt: 300 new orders per account per 3 hours).
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = warren_server::acme::DEFAULT_ORDERS_PER_HOUR,
+        value_parser = clap::value_parser!(u32).range(1..),
+        requires = "acme_email"
+    )]
+    acme_orders_per_hour: u32,
     /// REST API (/api/v1, see /api/v1/openapi.json) and Prometheus metrics (/metrics).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7400", conflicts_with = "no_api")]
     api: SocketAddr,
@@ -250,6 +278,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         data_dir: args.data,
         tokens,
         lease_grace: args.lease_grace,
+        caps: Caps {
+            tunnels_per_token: args.max_tunnels_per_token,
+            tunnels_per_session: args.max_tunnels_per_session,
+            reservations_per_token: args.max_reservations,
+        },
         tls_names: args.tls_names,
         https: (!args.no_https).then_some(args.https),
         cert_dir: args.cert_dir,
@@ -275,6 +308,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             email,
             directory: args.acme_directory,
             directory_ca: args.acme_ca,
+            orders_per_hour: args.acme_orders_per_hour,
         }),
     };
     let ports = config.ports;

@@ -191,6 +191,17 @@ impl Relay {
         if let Some(addr) = https_addr {
             router = router.with_https(addr.port(), config.prefer_https);
         }
+        let router = router.with_caps(config.caps).with_lease_store(store.clone());
+        let restored = router
+            .restore()
+            .map_err(|source| RelayError::Store { path: db_path.clone(), source })?;
+        if restored > 0 {
+            info!(
+                leases = restored,
+                grace_s = config.lease_grace.as_secs(),
+                "leases restored, held for their owners"
+            );
+        }
         let reserved = crate::api::reserved_index(&store)
             .map_err(|source| RelayError::Store { path: db_path.clone(), source })?;
         router.set_reserved(reserved);

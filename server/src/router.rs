@@ -4,34 +4,49 @@
 //! subdomain or port for as long as a session serves it, plus a grace period after that session
 //! ends. A bind of the same key from a newer session takes the tunnel over at once; the older
 //! session is told. The router is all in memory behind one lock; nothing in it awaits.
+//!
+//! With a [`LeaseStore`] the maps are written through: every lease granted, taken over, gone
+//! offline or released is written, in order, after the change (behind a second lock, so
+//! visitors' lookups never wait for the disk). [`Router::restore`] loads the stored leases at
+//! start, all offline for one grace period. Binds are also capped per token and per session
+//! ([`Caps`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::task::AbortOnDropHandle;
-use warren_proto::{
-    AgentId, Bind, Bound, ErrorCode, Message, Protocol, Subdomain, TunnelId, TunnelName,
-};
+use warren_proto::{Bind, Bound, ErrorCode, Message, Protocol, Subdomain, TunnelId, TunnelName};
 use warren_transport::Session;
 
 use crate::auth::TokenId;
+pub use crate::leases::{LeaseKey, Owner};
+use crate::leases::{LeaseStore, StoredLease};
 use crate::policy::Policy;
 use crate::pool::{PoolError, PoolSocket, PortPool};
+use crate::store::StoreError;
 use crate::udp::DatagramRoutes;
 
-/// Who owns a lease.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Owner {
-    /// The token the agent presented.
-    pub token: TokenId,
-    /// The agent's identity.
-    pub agent: AgentId,
+/// What one token and one session may hold. A bind past a cap is refused with
+/// `InvalidRequest`, naming the cap and the flag that sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Tunnels one token may hold over all its sessions, offline leases included
+    /// (`--max-tunnels-per-token`; 0: no cap). A token's own `max_tunnels` applies if smaller.
+    pub tunnels_per_token: u32,
+    /// Tunnels one agent session may hold (`--max-tunnels-per-session`; 0: no cap).
+    pub tunnels_per_session: u32,
+    /// Reservations an agent token may hold (`--max-reservations`; 0: none). The admin token
+    /// may reserve past it, for any token.
+    pub reservations_per_token: u32,
 }
 
-/// The key of a lease.
-pub type LeaseKey = (Owner, TunnelName);
+impl Default for Caps {
+    fn default() -> Self {
+        Self { tunnels_per_token: 256, tunnels_per_session: 256, reservations_per_token: 16 }
+    }
+}
 
 /// The session currently serving a tunnel.
 #[derive(Debug, Clone)]
@@ -150,12 +165,42 @@ struct Entry {
     _listener: Option<AbortOnDropHandle<()>>,
 }
 
+/// A change of a lease, to be written to the lease store.
+enum LeaseOp {
+    Put(StoredLease),
+    Release(LeaseKey),
+}
+
 #[derive(Default)]
 struct State {
     entries: HashMap<LeaseKey, Entry>,
     by_sub: HashMap<Subdomain, LeaseKey>,
     by_port: HashMap<PortKey, LeaseKey>,
     next_id: u32,
+    /// Lease changes made under the lock and not yet written, in order.
+    journal: Vec<LeaseOp>,
+}
+
+impl State {
+    /// Records that `key`'s lease is now as its entry says; `offline_until` (Unix seconds) while
+    /// its agent is away.
+    fn journal_put(&mut self, key: &LeaseKey, offline_until: Option<i64>) {
+        if let Some(e) = self.entries.get(key) {
+            self.journal.push(LeaseOp::Put(StoredLease {
+                key: key.clone(),
+                protocol: e.protocol,
+                subdomain: e.subdomain.clone(),
+                port: e.port,
+                offline_until,
+            }));
+        }
+    }
+}
+
+/// Locks `m`. A panic while holding one of the router's locks cannot leave its maps
+/// half-updated in a way that matters more than stopping the relay would; keep serving.
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Counts for logs and status.
@@ -178,6 +223,11 @@ pub struct Router {
     grace: Duration,
     spawn_listener: ListenerSpawner,
     reserved: std::sync::RwLock<ReservedIndex>,
+    caps: Caps,
+    leases: Option<Arc<dyn LeaseStore>>,
+    /// Held by every change from before it takes `state` until its leases are written, so the
+    /// store sees changes in the order the maps did.
+    writes: Mutex<()>,
 }
 
 /// Subdomains and ports kept for tokens: no other token's tunnel is given them.
@@ -230,7 +280,103 @@ impl Router {
             grace,
             spawn_listener,
             reserved: std::sync::RwLock::default(),
+            caps: Caps::default(),
+            leases: None,
+            writes: Mutex::default(),
         }
+    }
+
+    /// Caps binds per token and per session.
+    pub fn with_caps(mut self, caps: Caps) -> Self {
+        self.caps = caps;
+        self
+    }
+
+    /// The caps in force.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// Writes every lease change through to `store`; [`Router::restore`] loads what it holds.
+    pub fn with_lease_store(mut self, store: Arc<dyn LeaseStore>) -> Self {
+        self.leases = Some(store);
+        self
+    }
+
+    /// Loads the stored leases, each offline and held for its owner for one grace period from
+    /// now (its agent could not reconnect while the relay was down): within it, its name or
+    /// port is refused to everybody else and given back to its owner. A lease whose pool port
+    /// cannot be bound any more (outside the pool now, or taken by another program) is dropped,
+    /// with a warning. Returns how many were loaded.
+    pub fn restore(&self) -> Result<usize, StoreError> {
+        let Some(store) = &self.leases else { return Ok(0) };
+        let stored = store.load()?;
+        let until = crate::util::unix_now()
+            .saturating_add(i64::try_from(self.grace.as_secs()).unwrap_or(i64::MAX));
+        Ok(self.change(|st| {
+            let now = Instant::now();
+            let mut loaded = 0;
+            for lease in stored {
+                let udp = lease.protocol == Protocol::Udp;
+                let clash = lease.subdomain.as_ref().is_some_and(|s| st.by_sub.contains_key(s))
+                    || lease.port.is_some_and(|p| st.by_port.contains_key(&(udp, p)))
+                    || st.entries.contains_key(&lease.key);
+                let socket = match lease.port {
+                    _ if clash => Err("another stored lease holds the same name or port".into()),
+                    Some(p) => self.pool.bind(p, udp).map(Some).map_err(|e| e.to_string()),
+                    None => Ok(None),
+                };
+                let socket = match socket {
+                    Ok(s) => s,
+                    Err(why) => {
+                        tracing::warn!(
+                            agent = %lease.key.0.agent, tunnel = %lease.key.1, reason = %why,
+                            "stored lease dropped"
+                        );
+                        st.journal.push(LeaseOp::Release(lease.key));
+                        continue;
+                    }
+                };
+                let (live, watcher) = watch::channel(None);
+                let listener = socket.map(|s| (self.spawn_listener)(s, watcher));
+                if let Some(s) = &lease.subdomain {
+                    st.by_sub.insert(s.clone(), lease.key.clone());
+                }
+                if let Some(p) = lease.port {
+                    st.by_port.insert((udp, p), lease.key.clone());
+                }
+                st.entries.insert(
+                    lease.key.clone(),
+                    Entry {
+                        protocol: lease.protocol,
+                        stats: Arc::default(),
+                        subdomain: lease.subdomain,
+                        port: lease.port,
+                        live,
+                        offline_since: Some(now),
+                        _listener: listener,
+                    },
+                );
+                st.journal_put(&lease.key, Some(until));
+                loaded += 1;
+            }
+            loaded
+        }))
+    }
+
+    /// Runs `f` on the maps, then writes the lease changes it journaled to the lease store
+    /// (outside the maps' lock, in order with every other change).
+    fn change<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let _in_order = guard(&self.writes);
+        let (out, ops) = {
+            let mut st = self.lock();
+            let out = f(&mut st);
+            (out, std::mem::take(&mut st.journal))
+        };
+        if let Some(store) = &self.leases {
+            persist(store.as_ref(), ops);
+        }
+        out
     }
 
     /// Replaces the reservations the router honours.
@@ -267,10 +413,8 @@ impl Router {
         self.https_port
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way that
-        // matters more than stopping the relay would; keep serving.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        guard(&self.state)
     }
 
     fn url(&self, protocol: Protocol, sub: Option<&Subdomain>, port: Option<u16>) -> String {
@@ -324,23 +468,72 @@ impl Router {
             ));
         }
         let policy = Arc::new(policy);
-        let key: LeaseKey = (owner.clone(), req.name.clone());
-        let mut st = self.lock();
-        if let Some(max) = ctx.max_tunnels {
-            let held = st
-                .entries
-                .keys()
-                .filter(|(o, n)| o.token == owner.token && !(*o == *owner && *n == req.name))
-                .count();
+        self.change(|st| self.grant(st, owner, req, ctx, policy))
+    }
+
+    /// Refuses a bind of `key` that would take its token or session past a cap.
+    fn check_caps(&self, st: &State, key: &LeaseKey, ctx: &SessionCtx) -> Result<(), BindError> {
+        let others = || st.entries.iter().filter(move |(k, _)| *k != key);
+        let cap = |n: u32| (n > 0).then_some(n);
+        let own = ctx.max_tunnels.map(|n| {
+            (
+                n,
+                "the max_tunnels limit set on it through the relay's API",
+                "ask the relay's operator for a higher limit",
+            )
+        });
+        let flag = cap(self.caps.tunnels_per_token).map(|n| {
+            (
+                n,
+                "the relay's --max-tunnels-per-token",
+                "ask the relay's operator to raise --max-tunnels-per-token",
+            )
+        });
+        // The smaller applies; on a tie, the token's own limit is the one named.
+        let per_token = [own, flag].into_iter().flatten().min_by_key(|(n, _, _)| *n);
+        if let Some((max, why, raise)) = per_token {
+            let held = others().filter(|(k, _)| k.0.token == key.0.token).count();
             if held >= max as usize {
                 return Err(BindError::new(
                     ErrorCode::InvalidRequest,
                     format!(
-                        "this token may hold {max} tunnel(s) and holds {held}; close one or ask for a higher limit"
+                        "tunnel limit reached: this token may hold {max} tunnel(s) ({why}) and \
+                         holds {held}; close one, or {raise}"
                     ),
                 ));
             }
         }
+        if let Some(max) = cap(self.caps.tunnels_per_session) {
+            let ours = |e: &Entry| {
+                e.live.borrow().as_ref().is_some_and(|l| l.session_id == ctx.session_id)
+            };
+            let held = others().filter(|(_, e)| ours(e)).count();
+            if held >= max as usize {
+                return Err(BindError::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "tunnel limit reached: one agent session may hold {max} tunnel(s) (the \
+                         relay's --max-tunnels-per-session) and this one holds {held}; close one, \
+                         run another agent, or ask the relay's operator to raise \
+                         --max-tunnels-per-session"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The part of [`Router::bind`] that runs under the lock.
+    fn grant(
+        &self,
+        st: &mut State,
+        owner: &Owner,
+        req: &Bind,
+        ctx: &SessionCtx,
+        policy: Arc<Policy>,
+    ) -> Result<Bound, BindError> {
+        let key: LeaseKey = (owner.clone(), req.name.clone());
+        self.check_caps(st, &key, ctx)?;
         let stats = st.entries.get(&key).map(|e| e.stats.clone()).unwrap_or_default();
         st.next_id = st.next_id.wrapping_add(1).max(1);
         let id = TunnelId(st.next_id);
@@ -368,6 +561,8 @@ impl Router {
                 let entry = st.entries.get_mut(&key).unwrap_or_else(|| unreachable!());
                 let previous = entry.live.send_replace(Some(live));
                 entry.offline_since = None;
+                let (sub, port) = (entry.subdomain.clone(), entry.port);
+                st.journal_put(&key, None);
                 if let Some(old) = previous.filter(|o| o.session_id != session_id) {
                     let _ = old.notify.try_send(Message::TunnelClosed {
                         tunnel: old.tunnel,
@@ -378,7 +573,6 @@ impl Router {
                         ),
                     });
                 }
-                let (sub, port) = (entry.subdomain.clone(), entry.port);
                 return Ok(Bound {
                     req: req.req,
                     tunnel: id,
@@ -389,7 +583,7 @@ impl Router {
                 });
             }
             // The same tunnel name now asks for something else: its old lease goes.
-            remove(&mut st, &key);
+            remove(st, &key);
         }
 
         let (subdomain, port, listener) = match req.protocol {
@@ -474,7 +668,7 @@ impl Router {
             st.by_port.insert((req.protocol == Protocol::Udp, p), key.clone());
         }
         st.entries.insert(
-            key,
+            key.clone(),
             Entry {
                 protocol: req.protocol,
                 stats,
@@ -485,6 +679,7 @@ impl Router {
                 _listener: listener,
             },
         );
+        st.journal_put(&key, None);
         Ok(Bound {
             req: req.req,
             tunnel: id,
@@ -497,49 +692,60 @@ impl Router {
 
     /// Closes a tunnel of this session and releases its lease at once.
     pub fn unbind(&self, owner: &Owner, session_id: u64, tunnel: TunnelId) -> bool {
-        let mut st = self.lock();
-        let key = st.entries.iter().find_map(|(k, e)| {
-            let live = e.live.borrow();
-            let ours =
-                live.as_ref().is_some_and(|l| l.session_id == session_id && l.tunnel == tunnel);
-            (ours && k.0 == *owner).then(|| k.clone())
-        });
-        match key {
-            Some(k) => {
-                remove(&mut st, &k);
-                true
+        self.change(|st| {
+            let key = st.entries.iter().find_map(|(k, e)| {
+                let live = e.live.borrow();
+                let ours =
+                    live.as_ref().is_some_and(|l| l.session_id == session_id && l.tunnel == tunnel);
+                (ours && k.0 == *owner).then(|| k.clone())
+            });
+            match key {
+                Some(k) => {
+                    remove(st, &k);
+                    true
+                }
+                None => false,
             }
-            None => false,
-        }
+        })
     }
 
     /// Marks every tunnel still served by this session offline; their leases start to run out.
     pub fn session_ended(&self, session_id: u64) {
-        let st = &mut *self.lock();
-        let now = Instant::now();
-        for entry in st.entries.values_mut() {
-            let ours = entry.live.borrow().as_ref().is_some_and(|l| l.session_id == session_id);
-            if ours {
-                entry.live.send_replace(None);
-                entry.offline_since = Some(now);
+        let until = crate::util::unix_now()
+            .saturating_add(i64::try_from(self.grace.as_secs()).unwrap_or(i64::MAX));
+        self.change(|st| {
+            let now = Instant::now();
+            let mut gone = Vec::new();
+            for (key, entry) in &mut st.entries {
+                let ours = entry.live.borrow().as_ref().is_some_and(|l| l.session_id == session_id);
+                if ours {
+                    entry.live.send_replace(None);
+                    entry.offline_since = Some(now);
+                    gone.push(key.clone());
+                }
             }
-        }
+            for key in &gone {
+                st.journal_put(key, Some(until));
+            }
+        });
     }
 
     /// Releases leases whose grace period has run out; returns how many.
     pub fn expire(&self, now: Instant) -> usize {
-        let mut st = self.lock();
-        let expired: Vec<LeaseKey> = st
-            .entries
-            .iter()
-            .filter(|(_, e)| e.offline_since.is_some_and(|t| now.duration_since(t) >= self.grace))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in &expired {
-            tracing::info!(agent = %k.0.agent, tunnel = %k.1, "lease expired");
-            remove(&mut st, k);
+        let due = |e: &Entry| e.offline_since.is_some_and(|t| now.duration_since(t) >= self.grace);
+        if !self.lock().entries.values().any(due) {
+            // The common case, every second: nothing to write, so no need to wait for writers.
+            return 0;
         }
-        expired.len()
+        self.change(|st| {
+            let expired: Vec<LeaseKey> =
+                st.entries.iter().filter(|(_, e)| due(e)).map(|(k, _)| k.clone()).collect();
+            for k in &expired {
+                tracing::info!(agent = %k.0.agent, tunnel = %k.1, "lease expired");
+                remove(st, k);
+            }
+            expired.len()
+        })
     }
 
     /// The route for a subdomain: an HTTP or a TLS tunnel.
@@ -569,13 +775,15 @@ impl Router {
     /// Ends the lease of `owner`'s tunnel `name` at once; its serving session is told with
     /// `TunnelClosed` code `Removed`. False if there was no such lease.
     pub fn remove_lease(&self, owner: &Owner, name: &TunnelName, why: &str) -> bool {
-        let mut st = self.lock();
         let key = (owner.clone(), name.clone());
-        let live = match st.entries.get(&key) {
-            Some(e) => e.live.borrow().clone(),
-            None => return false,
-        };
-        remove(&mut st, &key);
+        let removed = self.change(|st| {
+            let live = st.entries.get(&key).map(|e| e.live.borrow().clone());
+            if live.is_some() {
+                remove(st, &key);
+            }
+            live
+        });
+        let Some(live) = removed else { return false };
         if let Some(l) = live {
             let _ = l.notify.try_send(Message::TunnelClosed {
                 tunnel: l.tunnel,
@@ -618,6 +826,44 @@ fn remove(st: &mut State, key: &LeaseKey) {
         if let Some(p) = e.port {
             st.by_port.remove(&(e.protocol == Protocol::Udp, p));
         }
+        st.journal.push(LeaseOp::Release(key.clone()));
+    }
+}
+
+/// Writes lease changes in order, each run of puts or releases as one write. A failed write is
+/// logged, not fatal: the tunnels keep being served, only a restart would forget those leases.
+fn persist(store: &dyn LeaseStore, ops: Vec<LeaseOp>) {
+    let mut puts = Vec::new();
+    let mut releases = Vec::new();
+    let report = |r: Result<(), StoreError>| {
+        if let Err(e) = r {
+            tracing::warn!(
+                error = %e,
+                "cannot write leases to the store; a relay restart would forget them"
+            );
+        }
+    };
+    for op in ops {
+        match op {
+            LeaseOp::Put(l) => {
+                if !releases.is_empty() {
+                    report(store.release(&std::mem::take(&mut releases)));
+                }
+                puts.push(l);
+            }
+            LeaseOp::Release(k) => {
+                if !puts.is_empty() {
+                    report(store.put(&std::mem::take(&mut puts)));
+                }
+                releases.push(k);
+            }
+        }
+    }
+    if !puts.is_empty() {
+        report(store.put(&puts));
+    }
+    if !releases.is_empty() {
+        report(store.release(&releases));
     }
 }
 
@@ -629,4 +875,56 @@ fn pool_error(e: PoolError) -> BindError {
         PoolError::Bind { .. } => ErrorCode::Internal,
     };
     BindError::new(code, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use warren_proto::AgentId;
+
+    /// A router writing through to `store`; no tunnel in these tests needs a pool port.
+    fn router(grace: Duration, store: Arc<Store>) -> Router {
+        let pool = PortPool::new("127.0.0.1:1-1".parse().unwrap());
+        let spawn: ListenerSpawner = Box::new(|_, _| unreachable!("no pool port in these tests"));
+        Router::new("localhost".into(), 80, pool, grace, spawn).with_lease_store(store)
+    }
+
+    #[test]
+    fn stored_leases_are_held_one_grace_from_the_start_then_expire() {
+        let store = Arc::new(Store::open_in_memory().unwrap());
+        let owner = Owner { token: TokenId([1; 8]), agent: AgentId::parse("laptop").unwrap() };
+        let name = TunnelName::parse("web").unwrap();
+        store
+            .put(&[StoredLease {
+                key: (owner.clone(), name.clone()),
+                protocol: Protocol::Http,
+                subdomain: Some(Subdomain::parse("shop").unwrap()),
+                port: None,
+                offline_until: Some(0),
+            }])
+            .unwrap();
+        let grace = Duration::from_secs(60);
+        let r = router(grace, store.clone());
+        let before = Instant::now();
+        assert_eq!(r.restore().unwrap(), 1);
+        assert_eq!(r.holder(Some("shop"), None), Some(owner.token));
+        assert!(matches!(r.http_route("shop"), Some(Route::Offline(n)) if n == name));
+        assert_eq!(r.stats(), RouterStats { live: 0, offline: 1 });
+        // Held from the start, whenever it went offline before.
+        assert_ne!(store.load().unwrap()[0].offline_until, Some(0));
+        assert_eq!(r.expire(before + grace - Duration::from_secs(1)), 0);
+        assert_eq!(r.expire(Instant::now() + grace), 1);
+        assert_eq!(r.holder(Some("shop"), None), None);
+        assert!(store.load().unwrap().is_empty(), "an expired lease stays in the store");
+    }
+
+    #[test]
+    fn a_router_without_a_store_restores_nothing() {
+        let pool = PortPool::new("127.0.0.1:1-1".parse().unwrap());
+        let spawn: ListenerSpawner = Box::new(|_, _| unreachable!("no pool port in these tests"));
+        let r = Router::new("localhost".into(), 80, pool, Duration::from_secs(1), spawn);
+        assert_eq!(r.restore().unwrap(), 0);
+        assert_eq!(r.stats(), RouterStats { live: 0, offline: 0 });
+    }
 }

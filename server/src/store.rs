@@ -1,9 +1,9 @@
 //! The relay's embedded SQLite store: state that must outlive a restart.
 //!
 //! That is the agent tokens managed through the API, reservations, forwards, traffic history,
-//! and overlay networks with their address claims and services (`crate::overlay::store`). The
-//! store keeps only a token's SHA-256 digest, never the secret itself, so a leaked database file
-//! does not leak usable tokens.
+//! tunnels' leases (`crate::leases`), and overlay networks with their address claims and
+//! services (`crate::overlay::store`). The store keeps only a token's SHA-256 digest, never the
+//! secret itself, so a leaked database file does not leak usable tokens.
 //!
 //! The schema is versioned: `MIGRATIONS` lists SQL batches in order, and the database's
 //! `PRAGMA user_version` records how many of them have run. [`Store::open`] runs the missing
@@ -92,6 +92,20 @@ const MIGRATIONS: &[&str] = &[
         vip TEXT,
         endpoints TEXT NOT NULL,
         PRIMARY KEY (vni, name)
+    );",
+    // 5: leases (`crate::leases`): which owner holds which subdomain or pool port, so a relay
+    // restart hands them back to their owners rather than to whoever asks first.
+    "CREATE TABLE leases (
+        token TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        name TEXT NOT NULL,
+        proto TEXT NOT NULL,
+        subdomain TEXT UNIQUE,
+        port INTEGER,
+        offline_until INTEGER,
+        PRIMARY KEY (token, agent, name),
+        UNIQUE (port, proto),
+        CHECK ((subdomain IS NULL) <> (port IS NULL))
     );",
 ];
 
@@ -204,6 +218,12 @@ pub enum StoreError {
     /// Another reservation keeps this subdomain or port.
     #[error("{0} is reserved already")]
     Taken(String),
+    /// The token holds as many reservations as it may.
+    #[error("the token holds {held} reservation(s) already, as many as it may")]
+    TooMany {
+        /// How many it holds.
+        held: u32,
+    },
     /// The database was migrated by a newer build; running on would risk misreading it.
     #[error(
         "database schema version {found} was created by a newer warren-server \
@@ -336,12 +356,15 @@ impl Store {
         }
     }
 
-    /// Keeps `what` for `token`; `Taken` when another reservation has it.
+    /// Keeps `what` for `token`; `Taken` when another reservation has it, `TooMany` when the
+    /// token holds `limit` reservations already (counted in the same transaction, so concurrent
+    /// calls cannot go past it).
     pub fn create_reservation(
         &self,
         token: &str,
         what: Reserved,
         now: i64,
+        limit: Option<u32>,
     ) -> Result<Reservation, StoreError> {
         let id = format!("res_{}", crate::util::random_alnum(TOKEN_ID_LEN));
         let (sub, port, proto) = match &what {
@@ -350,13 +373,25 @@ impl Store {
                 (None, Some(i64::from(*port)), Some(if *udp { "udp" } else { "tcp" }))
             }
         };
-        let inserted = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(limit) = limit {
+            let held: u32 = tx.query_row(
+                "SELECT COUNT(*) FROM reservations WHERE token = ?1",
+                params![token],
+                |row| row.get(0),
+            )?;
+            if held >= limit {
+                return Err(StoreError::TooMany { held });
+            }
+        }
+        let inserted = tx.execute(
             "INSERT INTO reservations (id, token, subdomain, port, proto, created_at) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![id, token, sub, port, proto, now],
         );
-        match inserted {
-            Ok(_) => Ok(Reservation { id, token: token.to_owned(), what, created_at: now }),
+        match inserted.and_then(|_| tx.commit()) {
+            Ok(()) => Ok(Reservation { id, token: token.to_owned(), what, created_at: now }),
             Err(e) if unique_violation(&e).is_some() => Err(StoreError::Taken(match what {
                 Reserved::Subdomain(s) => format!("subdomain {s}"),
                 Reserved::Port { port, udp } => {

@@ -247,14 +247,34 @@ impl Relay {
 
     /// The arguments every agent needs to reach this relay: `--relay`, `--token`, `--relay-ca`.
     pub fn agent_args(&self) -> Vec<String> {
+        self.agent_args_with(self.token())
+    }
+
+    /// [`Relay::agent_args`] with another token the relay accepts.
+    fn agent_args_with(&self, token: &str) -> Vec<String> {
         vec![
             "--relay".into(),
             self.relay_arg(),
             "--token".into(),
-            self.token().to_owned(),
+            token.to_owned(),
             "--relay-ca".into(),
             self.ca_path.display().to_string(),
         ]
+    }
+
+    /// Spawns `warren ARGS... --relay ... --token TOKEN --relay-ca ... --config-dir TMP/LABEL`:
+    /// an agent presenting `token` (any the relay accepts) with an identity of its own.
+    pub fn spawn_with_token(
+        &self,
+        tmp: &TempDir,
+        label: &str,
+        token: &str,
+        args: &[&str],
+    ) -> Agent {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend(self.agent_args_with(token));
+        all.extend(["--config-dir".into(), tmp.dir(label).display().to_string()]);
+        Agent::spawn(label, all)
     }
 
     /// Spawns `warren PROTO TARGET --name NAME --config-dir TMP/NAME EXTRA...` against this

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use warren_tests::{
-    Daemon, HttpBackend, Pki, READY_TIMEOUT, Relay, RelayOpts, TempDir, closed_port, eventually,
+    Agent, Daemon, HttpBackend, Pki, READY_TIMEOUT, Relay, RelayOpts, TempDir, closed_port,
+    eventually,
 };
 
 /// How long pebble may take to validate and issue.
@@ -119,6 +120,63 @@ async fn curl(args: &[&str]) -> std::process::Output {
         .expect("run curl")
 }
 
+/// A relay ordering certificates from a pebble that validates against its HTTP listener, with
+/// `extra` relay arguments.
+async fn relay_with_pebble(pki: &Pki, extra: &[&str]) -> (Relay, Pebble) {
+    // The relay must know pebble's address, and pebble the relay's HTTP port: reserve pebble's
+    // ports first through a relay started with a placeholder, then restart it on the same ports.
+    let pebble_ca = pki.path("pebble-listener-ca.pem");
+    let acme_port_hint = closed_port();
+    let placeholder = format!("https://127.0.0.1:{acme_port_hint}/dir");
+    let acme_args = |directory: &str, ca: &str| {
+        let mut args = vec!["--acme-email", "ops@example.com", "--acme-directory"];
+        args.extend([directory, "--acme-ca", ca]);
+        args.extend(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let first = acme_args(&placeholder, &pebble_ca.display().to_string());
+    let first: Vec<&str> = first.iter().map(String::as_str).collect();
+    let mut relay = Relay::start(RelayOpts::default().args(&first)).await;
+    let pebble = Pebble::start(pki, relay.http_addr.port()).await;
+    let real = acme_args(&pebble.dir_url, &pebble.listener_ca.display().to_string());
+    relay.set_extra_args(&real.iter().map(String::as_str).collect::<Vec<_>>());
+    relay.restart().await;
+    (relay, pebble)
+}
+
+/// `warren http PORT --subdomain SUB` against `relay`, waited until bound.
+async fn http_agent(relay: &Relay, tmp: &TempDir, port: u16, sub: &str) -> Agent {
+    let mut agent = relay.spawn_agent(
+        sub,
+        [
+            "http".to_owned(),
+            port.to_string(),
+            "--subdomain".into(),
+            sub.into(),
+            "--config-dir".into(),
+            tmp.dir(sub).display().to_string(),
+        ],
+    );
+    let _ = agent.url().await;
+    agent
+}
+
+/// `curl https://SUB.localhost:PORT/` trusting only `root`: the body, or why it failed.
+async fn get_trusting(
+    root: &std::path::Path,
+    https_port: u16,
+    sub: &str,
+) -> anyhow::Result<String> {
+    let url = format!("https://{sub}.localhost:{https_port}/");
+    let resolve = format!("{sub}.localhost:{https_port}:127.0.0.1");
+    let root = root.display().to_string();
+    let out = curl(&["--cacert", &root, "--resolve", &resolve, &url]).await;
+    if !out.status.success() {
+        anyhow::bail!("curl: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// An HTTP tunnel bound on a relay with `--acme-email` gets a certificate from the ACME CA,
 /// which visitors trusting only that CA accept; after a relay restart it is served at once
 /// from the data directory, without a new order.
@@ -126,43 +184,9 @@ async fn curl(args: &[&str]) -> std::process::Output {
 async fn http_tunnel_gets_a_certificate_from_acme() {
     let pki = Pki::new("acme-pki");
     let tmp = TempDir::new("acme");
-    // The relay must know pebble's address, and pebble the relay's HTTP port: reserve pebble's
-    // ports first through a relay started with a placeholder, then restart it on the same ports.
-    let pebble_ca = pki.path("pebble-listener-ca.pem");
-    let acme_port_hint = closed_port();
-    let mut relay = Relay::start(RelayOpts::default().args(&[
-        "--acme-email",
-        "ops@example.com",
-        "--acme-directory",
-        &format!("https://127.0.0.1:{acme_port_hint}/dir"),
-        "--acme-ca",
-        &pebble_ca.display().to_string(),
-    ]))
-    .await;
-    let pebble = Pebble::start(&pki, relay.http_addr.port()).await;
-    relay.set_extra_args(&[
-        "--acme-email",
-        "ops@example.com",
-        "--acme-directory",
-        &pebble.dir_url,
-        "--acme-ca",
-        &pebble.listener_ca.display().to_string(),
-    ]);
-    relay.restart().await;
-
+    let (mut relay, pebble) = relay_with_pebble(&pki, &[]).await;
     let backend = HttpBackend::start().await;
-    let mut agent = relay.spawn_agent(
-        "acme-agent",
-        [
-            "http".to_owned(),
-            backend.port().to_string(),
-            "--subdomain".into(),
-            "acmeshop".into(),
-            "--config-dir".into(),
-            tmp.dir("agent").display().to_string(),
-        ],
-    );
-    let _ = agent.url().await;
+    let _agent = http_agent(&relay, &tmp, backend.port(), "acmeshop").await;
 
     let root = tmp.join("pebble-root.pem");
     pebble.issuing_root(&root).await;
@@ -172,17 +196,7 @@ async fn http_tunnel_gets_a_certificate_from_acme() {
     let root_arg = root.display().to_string();
     // Trusting only pebble's root: fails while the development certificate is served, works
     // once the ACME certificate is in.
-    let body = eventually(ISSUE_TIMEOUT, || {
-        let (root_arg, resolve, url) = (root_arg.clone(), resolve.clone(), url.clone());
-        async move {
-            let out = curl(&["--cacert", &root_arg, "--resolve", &resolve, &url]).await;
-            if !out.status.success() {
-                anyhow::bail!("curl: {}", String::from_utf8_lossy(&out.stderr).trim());
-            }
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
-    })
-    .await;
+    let body = eventually(ISSUE_TIMEOUT, || get_trusting(&root, https_port, "acmeshop")).await;
     assert_eq!(body, backend.greeting());
     assert!(
         relay.stderr().iter().any(|l| l.contains("certificate from ACME installed")),
@@ -215,4 +229,40 @@ async fn http_tunnel_gets_a_certificate_from_acme() {
         !relay.stderr()[restart_at..].iter().any(|l| l.contains("ordering a certificate")),
         "a covered name was ordered again"
     );
+}
+
+/// With `--acme-orders-per-hour 1`, the second HTTP name is not ordered within the hour: the
+/// relay says once that names wait, serves that name with the fallback certificate, and the
+/// first name still gets its certificate from the CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acme_orders_stay_within_the_hourly_budget() {
+    let pki = Pki::new("acme-budget-pki");
+    let tmp = TempDir::new("acme-budget");
+    let (relay, pebble) = relay_with_pebble(&pki, &["--acme-orders-per-hour", "1"]).await;
+    let backend = HttpBackend::start().await;
+    let _first = http_agent(&relay, &tmp, backend.port(), "budget-one").await;
+    let _second = http_agent(&relay, &tmp, backend.port(), "budget-two").await;
+    let _third = http_agent(&relay, &tmp, backend.port(), "budget-three").await;
+
+    let root = tmp.join("pebble-root.pem");
+    pebble.issuing_root(&root).await;
+    let https_port = relay.https_addr.port();
+    let body = eventually(ISSUE_TIMEOUT, || get_trusting(&root, https_port, "budget-one")).await;
+    assert_eq!(body, backend.greeting());
+
+    let lines = relay.stderr();
+    let ordered: Vec<&String> =
+        lines.iter().filter(|l| l.contains("ordering a certificate")).collect();
+    assert_eq!(ordered.len(), 1, "one order in the hour, not {}: {ordered:#?}", ordered.len());
+    assert!(ordered[0].contains("budget-one.localhost"), "{ordered:?}");
+    let told = lines.iter().filter(|l| l.contains("ACME order budget used up")).count();
+    assert_eq!(told, 1, "the waiting names should be said once in the log");
+    let err = get_trusting(&root, https_port, "budget-two").await.expect_err("no ACME certificate");
+    assert!(err.to_string().contains("curl"), "{err}");
+    // Served all the same, with the fallback certificate.
+    let dev_ca = relay.ca_path.display().to_string();
+    let resolve = format!("budget-two.localhost:{https_port}:127.0.0.1");
+    let url = format!("https://budget-two.localhost:{https_port}/");
+    let out = curl(&["--cacert", &dev_ca, "--resolve", &resolve, &url]).await;
+    assert!(out.status.success(), "the waiting name is not served: {out:?}");
 }

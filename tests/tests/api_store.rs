@@ -23,18 +23,7 @@ async fn call(
 }
 
 fn spawn(relay: &Relay, tmp: &TempDir, label: &str, token: &str, args: &[&str]) -> Agent {
-    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    all.extend([
-        "--relay".into(),
-        relay.relay_arg(),
-        "--token".into(),
-        token.into(),
-        "--relay-ca".into(),
-        relay.ca_path.display().to_string(),
-        "--config-dir".into(),
-        tmp.dir(label).display().to_string(),
-    ]);
-    Agent::spawn(label, all)
+    relay.spawn_with_token(tmp, label, token, args)
 }
 
 /// A subdomain and a TCP port reserved for one API token: another token's agent is refused
