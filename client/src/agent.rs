@@ -507,6 +507,13 @@ async fn serve_session(
                 "relay {relay} refused the session: {code}: {message}"
             )));
         }
+        // Not a wrong token (it was not even checked): try again later.
+        Message::Error { code: ErrorCode::Throttled, message, .. } => {
+            return Err(Failure::Retry(format!(
+                "relay {relay} refuses this address for now: {message} (an agent or script on \
+                 this host keeps using a wrong token; fix its --token or stop it)"
+            )));
+        }
         Message::Error { code, message, .. } => {
             return Err(Failure::Retry(format!(
                 "relay {relay} refused the session: {code}: {message}"

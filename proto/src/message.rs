@@ -99,6 +99,10 @@ pub enum ErrorCode {
     /// An overlay name or address that is taken, a subnet that overlaps, a pool that is
     /// exhausted, a network still in use.
     Conflict,
+    /// Too many failed authentications came from the agent's address: the relay refuses its
+    /// sessions for a while without looking at the token. Not fatal: the message says when to
+    /// try again, and the right token works then.
+    Throttled,
     /// A code this version does not know.
     Other(u16),
 }
@@ -124,6 +128,7 @@ impl ErrorCode {
             Self::Removed => 15,
             Self::NotFound => 16,
             Self::Conflict => 17,
+            Self::Throttled => 18,
             Self::Other(c) => c,
         }
     }
@@ -148,6 +153,7 @@ impl ErrorCode {
             15 => Self::Removed,
             16 => Self::NotFound,
             17 => Self::Conflict,
+            18 => Self::Throttled,
             c => Self::Other(c),
         }
     }
@@ -190,6 +196,7 @@ impl fmt::Display for ErrorCode {
             Self::Removed => "removed",
             Self::NotFound => "not found",
             Self::Conflict => "conflict",
+            Self::Throttled => "throttled",
             Self::Other(c) => return write!(f, "error {c}"),
         };
         f.write_str(s)

@@ -56,7 +56,7 @@ fn protocol() -> impl Strategy<Value = Protocol> {
 /// Codes as they come out of `from_code`: `Other` never holds a known number.
 fn error_code() -> impl Strategy<Value = ErrorCode> {
     prop_oneof![
-        3 => (1u16..=17).prop_map(ErrorCode::from_code),
+        3 => (1u16..=18).prop_map(ErrorCode::from_code),
         1 => any::<u16>().prop_map(ErrorCode::from_code),
     ]
 }

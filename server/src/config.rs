@@ -56,6 +56,24 @@ pub struct RelayConfig {
     pub stats_interval: Duration,
     /// Where overlay networks created without a subnet get their /24.
     pub overlay_pool: ipnet::Ipv4Net,
+    /// How many agent handshakes may be in progress at once on the control port.
+    pub handshakes: HandshakeLimits,
+}
+
+/// Bounds on agent handshakes in progress (from accept to `Welcome` or refusal): what peers
+/// without a token can make the relay hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Per source address (0: no limit).
+    pub per_ip: usize,
+    /// In all (0: no limit).
+    pub total: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self { per_ip: 16, total: 1024 }
+    }
 }
 
 /// The default overlay pool: 10.214.0.0/16 (agents' local networks default to 10.213.0.0/16).
@@ -90,6 +108,7 @@ impl RelayConfig {
             auth_failures_per_minute: warren_web::throttle::FREE_FAILURES,
             stats_interval: Duration::from_secs(60),
             overlay_pool: default_overlay_pool(),
+            handshakes: HandshakeLimits::default(),
         }
     }
 }

@@ -127,7 +127,7 @@ impl ConnLimiter {
 
     /// Counts a new connection from `ip`, or `None` when that address is at its limit.
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.lock();
         let n = open.entry(ip).or_insert(0);
         if self.max != 0 && *n >= self.max {
             return None;
@@ -135,11 +135,21 @@ impl ConnLimiter {
         *n += 1;
         Some(ConnGuard { limiter: self.clone(), ip })
     }
+
+    /// Connections from `ip` counted now.
+    pub fn count(&self, ip: IpAddr) -> usize {
+        self.lock().get(&ip).copied().unwrap_or(0)
+    }
+
+    /// The counts; a panic elsewhere while they were held leaves them usable.
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut open = self.limiter.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.limiter.lock();
         if let Some(n) = open.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

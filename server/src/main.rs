@@ -8,7 +8,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use warren_proto::Cidr;
 use warren_proto::message::Token;
-use warren_server::config::{PortRange, RelayConfig, parse_duration};
+use warren_server::config::{HandshakeLimits, PortRange, RelayConfig, parse_duration};
 use warren_server::edge::EdgeConfig;
 use warren_server::router::Caps;
 use warren_server::{Relay, util};
@@ -120,6 +120,18 @@ struct Args {
     /// Most concurrent connections from one visitor address, over all listeners (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 1024)]
     max_conns_per_ip: usize,
+    /// Most agent handshakes in progress at once from one address, on the control port (0: no
+    /// limit). A handshake counts from the connection's accept until the relay's Welcome or
+    /// refusal (5 s at most); past the limit, TCP connections are closed at once and QUIC ones
+    /// refused. Raise it when many agents share one public address (a NAT) and all reconnect
+    /// at once after a relay restart; they retry with backoff either way.
+    #[arg(long, value_name = "N", default_value_t = HandshakeLimits::default().per_ip)]
+    max_handshakes_per_ip: usize,
+    /// Most agent handshakes in progress at once on the control port, from all addresses (0: no
+    /// limit). Bounds the memory peers without a token can make the relay hold (at most a
+    /// 256 KiB window each); agents turned away retry with backoff.
+    #[arg(long, value_name = "N", default_value_t = HandshakeLimits::default().total)]
+    max_handshakes: usize,
     /// Most concurrent visitor streams to one agent session (0: no limit).
     #[arg(long, value_name = "N", default_value_t = 8192)]
     max_streams_per_agent: usize,
@@ -304,6 +316,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         auth_failures_per_minute: args.auth_failures_per_minute,
         stats_interval: args.stats_interval,
         overlay_pool: args.overlay_pool,
+        handshakes: HandshakeLimits {
+            per_ip: args.max_handshakes_per_ip,
+            total: args.max_handshakes,
+        },
         acme: args.acme_email.map(|email| warren_server::acme::AcmeSettings {
             email,
             directory: args.acme_directory,

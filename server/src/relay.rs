@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use warren_transport::ControlListener;
 use warren_transport::listen::ListenError;
 
@@ -20,7 +20,7 @@ use crate::edge::Edge;
 use crate::ingress::{self, HttpIngress};
 use crate::pool::{PoolSocket, PortPool};
 use crate::router::Router;
-use crate::session::{self, Shared};
+use crate::session::{self, Admission, Handshakes, Shared};
 use crate::store::{Store, StoreError};
 
 /// Why the relay could not start.
@@ -102,6 +102,7 @@ pub struct BoundRelay {
     edge: Arc<Edge>,
     challenges: crate::acme::Challenges,
     api: Option<(TcpListener, crate::api::ApiState)>,
+    handshakes: Handshakes,
     shared: Arc<Shared>,
 }
 
@@ -219,6 +220,7 @@ impl Relay {
             acme,
             store: Some(store.clone()),
             overlays: Arc::new(overlays),
+            auth_throttle: Arc::new(warren_web::throttle::AuthThrottle::new()),
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),
@@ -251,6 +253,7 @@ impl Relay {
                 (l, state)
             }),
             api_addr,
+            handshakes: Handshakes::new(config.handshakes),
             shared,
         })
     }
@@ -313,7 +316,18 @@ impl BoundRelay {
         loop {
             tokio::select! {
                 accepted = self.control.accept() => match accepted {
-                    Ok(a) => { tasks.spawn(session::serve(a, self.shared.clone())); }
+                    Ok(a) => match self.handshakes.admit(a.remote_addr().ip(), a.address_validated()) {
+                        Admission::Serve(guard) => {
+                            tasks.spawn(session::serve(a, self.shared.clone(), guard));
+                        }
+                        Admission::Validate => a.validate(),
+                        Admission::Refuse(why) => {
+                            // A flood would flood the log too: counted, logged at debug.
+                            crate::metrics::global().error("handshake_refused");
+                            debug!(peer = %a.remote_addr(), reason = why, "control connection turned away");
+                            a.refuse();
+                        }
+                    },
                     Err(e) => {
                         warn!(error = %e, "control accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;

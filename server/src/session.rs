@@ -1,10 +1,18 @@
 //! One agent session on the relay: handshake, control loop, heartbeats.
+//!
+//! Before `Welcome` a peer is a stranger, so what it can make the relay hold is bounded:
+//! [`Handshakes`] caps handshakes in progress per address and in all, each has
+//! [`HANDSHAKE_TIMEOUT`], the transports accept only the control stream with small windows
+//! (see `warren_transport::mux` and [`Session::lift_pre_auth_limits`]), and addresses that
+//! failed to authenticate too often are refused without their token being checked
+//! ([`Shared::auth_throttle`]).
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -12,15 +20,18 @@ use warren_proto::preface::mismatch_message;
 use warren_proto::{ErrorCode, Message, Welcome};
 use warren_transport::control::read_preface;
 use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
+use warren_web::throttle::AuthThrottle;
 
 use crate::auth::Auth;
-use crate::edge::EdgeConfig;
+use crate::config::HandshakeLimits;
+use crate::edge::{ConnGuard, ConnLimiter, EdgeConfig};
 use crate::registry::{Registry, SessionInfo};
 use crate::router::{Owner, Router, SessionCtx};
 
-/// Deadline for everything before `Welcome`: transport handshake, control stream, preface,
-/// hello.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Deadline for everything before `Welcome`, counted from the connection's accept: transport
+/// handshake, control stream, preface, hello. An agent on a slow link needs a few round trips;
+/// a peer that needs longer holds a handshake slot of its address for nothing.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Interval between the relay's pings.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// A session from which nothing arrived for this long is dead.
@@ -49,17 +60,88 @@ pub struct Shared {
     pub store: Option<Arc<crate::store::Store>>,
     /// Overlay networks: their control plane and relay path.
     pub overlays: Arc<crate::overlay::Overlays>,
+    /// Failed authentications per source address, shared by the control port and the API: a
+    /// locked-out address is refused before its token is looked at.
+    pub auth_throttle: Arc<AuthThrottle>,
+}
+
+/// Agent handshakes in progress on the control port, per source address and in all, each
+/// counted from accept until `Welcome` or refusal.
+#[derive(Debug)]
+pub struct Handshakes {
+    per_ip: Arc<ConnLimiter>,
+    total: Option<Arc<Semaphore>>,
+    total_max: usize,
+}
+
+/// One handshake in progress; it stops counting when dropped.
+#[derive(Debug)]
+pub struct HandshakeGuard {
+    _ip: ConnGuard,
+    _total: Option<OwnedSemaphorePermit>,
+}
+
+/// What to do with a connection just accepted on the control port.
+#[derive(Debug)]
+pub enum Admission {
+    /// Serve it, counted until the guard is dropped.
+    Serve(HandshakeGuard),
+    /// Ask the (QUIC) peer to prove its address first.
+    Validate,
+    /// Turn it away, for this reason.
+    Refuse(&'static str),
+}
+
+impl Handshakes {
+    /// Counts within `limits`.
+    pub fn new(limits: HandshakeLimits) -> Self {
+        Self {
+            per_ip: ConnLimiter::new(limits.per_ip),
+            total: (limits.total > 0).then(|| Arc::new(Semaphore::new(limits.total))),
+            total_max: limits.total,
+        }
+    }
+
+    /// Decides on a connection from `ip`; `validated` tells whether its address is proven (see
+    /// [`Accepted::address_validated`]).
+    ///
+    /// A QUIC source address may be forged until validated, so one peer could use up another
+    /// address's handshakes or the relay's: an unproven address is asked to prove itself (a
+    /// stateless Retry, nothing kept) whenever it already has a handshake in progress or half of
+    /// the relay's are taken. Proven addresses that are over a limit are refused.
+    pub fn admit(&self, ip: IpAddr, validated: bool) -> Admission {
+        let ip = ip.to_canonical();
+        let crowded = self
+            .total
+            .as_ref()
+            .is_some_and(|t| t.available_permits().saturating_mul(2) <= self.total_max);
+        if !validated && (crowded || self.per_ip.count(ip) > 0) {
+            return Admission::Validate;
+        }
+        let total = match &self.total {
+            Some(t) => match t.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Admission::Refuse("too many agent handshakes in progress"),
+            },
+            None => None,
+        };
+        match self.per_ip.enter(ip) {
+            Some(guard) => Admission::Serve(HandshakeGuard { _ip: guard, _total: total }),
+            None => Admission::Refuse("too many agent handshakes in progress from this address"),
+        }
+    }
 }
 
 static NEXT_SESSION: AtomicU64 = AtomicU64::new(1);
 
-/// Serves one accepted connection until it ends. Never panics on what the peer sends.
-pub async fn serve(accepted: Accepted, shared: Arc<Shared>) {
+/// Serves one accepted connection until it ends. Never panics on what the peer sends. The
+/// handshake counts against its limits until `Welcome` or refusal.
+pub async fn serve(accepted: Accepted, shared: Arc<Shared>, handshake: HandshakeGuard) {
     let peer = accepted.remote_addr();
     let id = NEXT_SESSION.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id, %peer);
     async move {
-        match run(accepted, id, &shared).await {
+        match run(accepted, id, &shared, handshake).await {
             Ok(()) => info!("session ended"),
             Err(e) => info!(reason = %e, "session ended"),
         }
@@ -88,12 +170,17 @@ enum SessionError {
     Ended(String),
 }
 
-async fn run(accepted: Accepted, id: u64, shared: &Shared) -> Result<(), SessionError> {
+async fn run(
+    accepted: Accepted,
+    id: u64,
+    shared: &Shared,
+    handshake: HandshakeGuard,
+) -> Result<(), SessionError> {
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     let session = tokio::time::timeout_at(deadline, accepted.establish())
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
-    let result = run_session(&session, id, shared, deadline).await;
+    let result = run_session(&session, id, shared, deadline, handshake).await;
     if matches!(
         result,
         Err(SessionError::Refused(_) | SessionError::Shutdown | SessionError::Ended(_))
@@ -110,7 +197,16 @@ async fn run_session(
     id: u64,
     shared: &Shared,
     deadline: Instant,
+    handshake: HandshakeGuard,
 ) -> Result<(), SessionError> {
+    // An agent sends no datagram before `Welcome`; a stranger's are dropped as they come rather
+    // than left in QUIC's receive buffer (4 MiB).
+    let discard_datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
+        let session = session.clone();
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+            while session.read_datagram().await.is_ok() {}
+        }))
+    });
     let stream = tokio::time::timeout_at(deadline, session.accept())
         .await
         .map_err(|_| SessionError::HandshakeTimeout)??;
@@ -148,12 +244,30 @@ async fn run_session(
         refuse(&mut writer, ErrorCode::Malformed, "expected Hello after the preface".into()).await;
         return Err(SessionError::Refused("no Hello".into()));
     };
+    // As the throttle counts it: an IPv4 peer of a dual-stack listener as IPv4.
+    let ip = session.remote_addr().ip().to_canonical();
+    if let Some(wait) = shared.auth_throttle.locked(ip) {
+        crate::metrics::global().error("auth_throttled");
+        let msg = throttled_message(ip, wait);
+        refuse(&mut writer, ErrorCode::Throttled, msg.clone()).await;
+        return Err(SessionError::Refused(msg));
+    }
     let Some(accepted) = shared.auth.check(&hello.token) else {
         crate::metrics::global().error("bad_token");
-        refuse(&mut writer, ErrorCode::Unauthorized, "the relay does not accept this token".into())
-            .await;
+        let message = match shared.auth_throttle.failed(ip) {
+            None => "the relay does not accept this token".to_owned(),
+            Some(wait) => {
+                format!("the relay does not accept this token; {}", throttled_message(ip, wait))
+            }
+        };
+        refuse(&mut writer, ErrorCode::Unauthorized, message).await;
         return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
     };
+    shared.auth_throttle.succeeded(ip);
+    session.lift_pre_auth_limits();
+    // The reader of the session's datagrams is started below, after `Welcome`: the agent
+    // sends none before it has read that.
+    drop(discard_datagrams);
     let owner = Owner { token: accepted.id, agent: hello.agent_id.clone() };
     writer
         .send(&Message::Welcome(Welcome {
@@ -165,6 +279,7 @@ async fn run_session(
             lease_grace_secs: shared.lease_grace.as_secs() as u32,
         }))
         .await?;
+    drop(handshake);
     crate::metrics::global().handshake.observe(Instant::now() - (deadline - HANDSHAKE_TIMEOUT));
     info!(
         agent = %owner.agent,
@@ -446,6 +561,12 @@ async fn run_session(
     }
 }
 
+/// Why a locked-out address is refused, and when it may try again (whole seconds, rounded up).
+fn throttled_message(ip: IpAddr, wait: Duration) -> String {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    format!("too many failed authentications from {ip}; retry in {secs}s")
+}
+
 async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut ControlWriter<W>,
     code: ErrorCode,
@@ -456,4 +577,65 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
         let _ = writer.shutdown().await;
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_ip: usize, total: usize) -> Handshakes {
+        Handshakes::new(HandshakeLimits { per_ip, total })
+    }
+
+    fn served(a: Admission) -> HandshakeGuard {
+        match a {
+            Admission::Serve(g) => g,
+            other => panic!("expected to be served, got {other:?}"),
+        }
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+
+    /// With a cap of 2 reached by `a` and `b`, `over` is refused until `a`'s handshake ends.
+    fn refused_until_one_ends(h: &Handshakes, a: IpAddr, b: IpAddr, over: IpAddr) {
+        let first = served(h.admit(a, true));
+        let _second = served(h.admit(b, true));
+        assert!(matches!(h.admit(over, true), Admission::Refuse(_)));
+        drop(first);
+        let _third = served(h.admit(over, true));
+    }
+
+    #[test]
+    fn per_address_cap() {
+        let h = limits(2, 0);
+        let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        refused_until_one_ends(&h, A, A, mapped);
+        let _other = served(h.admit(B, true));
+    }
+
+    #[test]
+    fn total_cap() {
+        refused_until_one_ends(&limits(0, 2), A, B, IpAddr::from([192, 0, 2, 3]));
+    }
+
+    #[test]
+    fn unproven_addresses_must_validate_when_busy() {
+        let h = limits(16, 8);
+        let _first = served(h.admit(A, false));
+        assert!(matches!(h.admit(A, false), Admission::Validate), "A is busy");
+        let _proven = served(h.admit(A, true));
+        let _b = served(h.admit(B, false));
+        // Half of the relay's 8 handshakes are now taken (3 + 1).
+        let _c = served(h.admit(IpAddr::from([192, 0, 2, 3]), true));
+        assert!(matches!(h.admit(IpAddr::from([192, 0, 2, 4]), false), Admission::Validate));
+        let _d = served(h.admit(IpAddr::from([192, 0, 2, 4]), true));
+    }
+
+    #[test]
+    fn throttled_message_rounds_up() {
+        let m = throttled_message(A, Duration::from_millis(250));
+        assert_eq!(m, "too many failed authentications from 192.0.2.1; retry in 1s");
+        assert!(throttled_message(A, Duration::from_secs(4)).ends_with("retry in 4s"));
+    }
 }

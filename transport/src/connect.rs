@@ -193,7 +193,7 @@ async fn connect_quic(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(io::Error::other)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(tuning::MAX_STREAMS)));
+    cfg.transport_config(Arc::new(transport_config(tuning::MAX_STREAMS, tuning::QUIC_CONN_WINDOW)));
     let mut last = io::Error::other("relay host resolved to no address");
     for addr in addrs {
         let bind: SocketAddr = if addr.is_ipv4() {

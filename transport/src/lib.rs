@@ -39,9 +39,18 @@ pub mod tuning {
 
     /// Most concurrent streams per session (visitor connections in flight on one agent).
     pub const MAX_STREAMS: u32 = 16_384;
-    /// Most concurrent streams an agent may open to the relay (the control stream, and room
-    /// for later use).
-    pub const AGENT_STREAMS: u32 = 8;
+    /// Streams an agent may open to the relay: its control stream, nothing else. Every other
+    /// stream is opened by the relay (data streams, UDP flows and the overlay relay path over
+    /// TLS + yamux), so a peer has no use for more, and each one would hold a receive window.
+    pub const AGENT_STREAMS: u32 = 1;
+    /// Streams beyond [`AGENT_STREAMS`] the relay resets over TLS + yamux before it closes the
+    /// connection: a stream reset while the peer does not read keeps its buffered bytes until
+    /// the reset can be written, so a peer that keeps opening them is cut off.
+    pub const MAX_REFUSED_STREAMS: usize = 4;
+    /// QUIC per-connection receive window the relay grants before the agent is authenticated
+    /// (raised to [`QUIC_CONN_WINDOW`] once it is): bytes a peer without a token can make the
+    /// relay hold per connection. The preface and `Hello` take well under 1 KiB.
+    pub const PRE_AUTH_WINDOW: u32 = 64 * 1024;
     /// QUIC per-stream receive window.
     pub const QUIC_STREAM_WINDOW: u32 = 8 * 1024 * 1024;
     /// QUIC per-connection receive window and send window.
@@ -59,6 +68,8 @@ pub mod tuning {
     /// Bytes of copy buffer per direction of a forwarded connection, held only while bytes are
     /// in flight (see [`crate::splice`]).
     pub const SPLICE_BUF: usize = 64 * 1024;
-    /// Deadline for a transport handshake (TCP connect plus TLS, or QUIC).
+    /// The agent's deadline for a transport handshake (TCP connect plus TLS, or QUIC), and for
+    /// the relay's `Welcome` after `Hello`. (The relay gives a whole handshake less: see
+    /// `warren_server::session::HANDSHAKE_TIMEOUT`.)
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 }

@@ -61,13 +61,15 @@ impl std::fmt::Debug for Accepted {
 }
 
 /// QUIC transport settings; `peer_streams` bounds how many streams the peer may open at once
-/// (the relay opens one per visitor connection; an agent opens only its control stream).
-pub(crate) fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+/// (the relay opens one per visitor connection; an agent opens only its control stream), and
+/// `receive_window` how many bytes the peer may have in flight on all of them (the relay starts
+/// agents small, see [`Session::lift_pre_auth_limits`]).
+pub(crate) fn transport_config(peer_streams: u32, receive_window: u32) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(tuning::QUIC_STREAM_WINDOW.into())
-        .receive_window(tuning::QUIC_CONN_WINDOW.into())
+        .receive_window(receive_window.into())
         .send_window(tuning::QUIC_CONN_WINDOW.into())
         .keep_alive_interval(Some(tuning::KEEP_ALIVE))
         // UDP tunnels ride datagrams: room for bursts, after which the oldest are dropped.
@@ -138,7 +140,10 @@ impl ControlListener {
             )
             .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
             let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-            cfg.transport_config(Arc::new(transport_config(tuning::AGENT_STREAMS)));
+            cfg.transport_config(Arc::new(transport_config(
+                tuning::AGENT_STREAMS,
+                tuning::PRE_AUTH_WINDOW,
+            )));
             Some(cfg)
         } else {
             None
@@ -239,6 +244,39 @@ impl Accepted {
         match self {
             Self::Tcp(_, peer, _) => *peer,
             Self::Quic(i) => i.remote_address(),
+        }
+    }
+
+    /// Whether the peer has shown it receives what is sent to [`Accepted::remote_addr`]. Always
+    /// true over TCP (its handshake does that); over QUIC only after a Retry, so a QUIC source
+    /// address may be forged until then.
+    pub fn address_validated(&self) -> bool {
+        match self {
+            Self::Tcp(..) => true,
+            Self::Quic(i) => i.remote_address_validated(),
+        }
+    }
+
+    /// Turns the connection away at once: TCP is closed, QUIC is refused (the peer learns it
+    /// at once instead of waiting for its timeout).
+    pub fn refuse(self) {
+        match self {
+            Self::Tcp(..) => {}
+            Self::Quic(i) => i.refuse(),
+        }
+    }
+
+    /// Asks a QUIC peer to prove its address first (a stateless Retry: nothing is kept for
+    /// it); its next attempt comes back with [`Accepted::address_validated`] true. A TCP peer,
+    /// or a QUIC one that was already asked, is refused instead.
+    pub fn validate(self) {
+        match self {
+            Self::Quic(i) if i.may_retry() => {
+                if let Err(e) = i.retry() {
+                    e.into_incoming().refuse();
+                }
+            }
+            other => other.refuse(),
         }
     }
 

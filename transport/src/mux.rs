@@ -2,6 +2,13 @@
 //!
 //! yamux moves no bytes unless its connection is polled, outbound streams included, so the
 //! driver polls inbound streams, outbound requests and the connection itself in one place.
+//!
+//! On the relay's side ([`Side::Server`]) the driver hands out only the first stream the agent
+//! opens, its control stream; every later one is reset the moment it arrives, never queued, and
+//! after [`tuning::MAX_REFUSED_STREAMS`] of them the connection is closed. So an agent, even one
+//! without a token, can make the relay hold at most one stream's receive window (256 KiB, the
+//! yamux default, until the relay reads) plus the few it resets. The agent's side takes every
+//! stream the relay opens (data streams, UDP flows, the overlay relay path).
 
 use std::collections::VecDeque;
 use std::io;
@@ -13,6 +20,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument as _;
 
 use crate::tuning;
 
@@ -62,7 +70,9 @@ impl MuxHandle {
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let close_req = CancellationToken::new();
         let closed = CancellationToken::new();
-        let driver = tokio::spawn(drive(conn, open_rx, in_tx, close_req.clone(), closed.clone()));
+        let driver = tokio::spawn(
+            drive(conn, side, open_rx, in_tx, close_req.clone(), closed.clone()).in_current_span(),
+        );
         Self {
             open_tx,
             inbound: Mutex::new(in_rx),
@@ -93,12 +103,20 @@ impl MuxHandle {
     }
 }
 
+/// Why the driver stopped polling the connection.
+enum Ended {
+    Yamux(yamux::ConnectionError),
+    /// The relay's side reset this many streams opened by the agent.
+    TooManyStreams(usize),
+}
+
 fn closed_error() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "session closed")
 }
 
 async fn drive<T>(
     mut conn: yamux::Connection<T>,
+    side: Side,
     mut open_rx: mpsc::Receiver<OpenReply>,
     in_tx: mpsc::UnboundedSender<yamux::Stream>,
     close_req: CancellationToken,
@@ -107,6 +125,7 @@ async fn drive<T>(
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
 {
     let mut pending: VecDeque<OpenReply> = VecDeque::new();
+    let (mut taken, mut refused) = (0usize, 0usize);
     let run = poll_fn(|cx| {
         while let Poll::Ready(Some(tx)) = open_rx.poll_recv(cx) {
             pending.push_back(tx);
@@ -124,11 +143,21 @@ async fn drive<T>(
         loop {
             match conn.poll_next_inbound(cx) {
                 Poll::Ready(Some(Ok(stream))) => {
+                    if side == Side::Server && taken >= tuning::AGENT_STREAMS as usize {
+                        // Dropped, so yamux resets it and forgets its bytes.
+                        drop(stream);
+                        refused += 1;
+                        if refused > tuning::MAX_REFUSED_STREAMS {
+                            return Poll::Ready(Err(Ended::TooManyStreams(refused)));
+                        }
+                        continue;
+                    }
+                    taken += 1;
                     // The receiver only goes away with the handle, and then the driver is
                     // aborted too; a stream refused here is simply dropped (reset).
                     let _ = in_tx.send(stream);
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Ended::Yamux(e))),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }
@@ -136,8 +165,14 @@ async fn drive<T>(
     });
     let asked_to_close = tokio::select! {
         res = run => {
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "yamux connection ended");
+            match res {
+                Ok(()) => {}
+                Err(Ended::Yamux(e)) => tracing::debug!(error = %e, "yamux connection ended"),
+                Err(Ended::TooManyStreams(n)) => tracing::info!(
+                    refused = n,
+                    "closing the connection: the agent opened streams other than its control \
+                     stream, which the relay does not accept"
+                ),
             }
             false
         }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::compat::Compat;
 
 use crate::mux::MuxHandle;
+use crate::tuning;
 
 /// Which transport a session runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,6 +93,16 @@ impl Session {
                 Ok(Stream::Quic { send, recv })
             }
             Inner::Mux(m) => m.accept().await.map(Stream::Mux),
+        }
+    }
+
+    /// The relay calls this once the agent is authenticated: a QUIC session's receive window
+    /// grows from [`tuning::PRE_AUTH_WINDOW`] to [`tuning::QUIC_CONN_WINDOW`]. Over TLS + yamux
+    /// nothing changes: the one stream the relay accepts from an agent is bounded by its own
+    /// window either way (see [`crate::mux`]).
+    pub fn lift_pre_auth_limits(&self) {
+        if let Inner::Quic { conn, .. } = &self.inner {
+            conn.set_receive_window(tuning::QUIC_CONN_WINDOW.into());
         }
     }
 
