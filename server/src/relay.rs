@@ -220,7 +220,9 @@ impl Relay {
             acme,
             store: Some(store.clone()),
             overlays: Arc::new(overlays),
-            auth_throttle: Arc::new(warren_web::throttle::AuthThrottle::new()),
+            auth_throttle: Arc::new(warren_web::throttle::AuthThrottle::with_free_failures(
+                config.auth_failures_per_minute,
+            )),
         });
         Ok(BoundRelay {
             control_addr: control.local_addr(),
@@ -245,9 +247,9 @@ impl Relay {
                     guard: warren_web::guard::ApiGuard::new(
                         api_addr.unwrap_or(http_addr),
                         config.api_hosts.clone(),
-                        Arc::new(warren_web::throttle::AuthThrottle::with_free_failures(
-                            config.auth_failures_per_minute,
-                        )),
+                        // One table for the API and the control port: a guesser gains nothing
+                        // by switching between them.
+                        shared.auth_throttle.clone(),
                     ),
                 };
                 (l, state)

@@ -263,7 +263,8 @@ async fn run_session(
         refuse(&mut writer, ErrorCode::Unauthorized, message).await;
         return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
     };
-    shared.auth_throttle.succeeded(ip);
+    // A success does not clear the address's failures: a tenant with a token of its own could
+    // otherwise guess others' tokens between its own logins. Failures age out with the window.
     session.lift_pre_auth_limits();
     // The reader of the session's datagrams is started below, after `Welcome`: the agent
     // sends none before it has read that.

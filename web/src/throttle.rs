@@ -4,8 +4,9 @@
 //! Each address may fail [`FREE_FAILURES`] times a minute without consequence. Past that, every
 //! further failure locks the address out for a delay that doubles each time (from
 //! [`FIRST_DELAY`] up to [`MAX_DELAY`]); while locked out, its attempts are refused without
-//! looking at the token, so parallel connections guess no faster than one. A success clears the
-//! address. The table is bounded: when full, the entry whose window is oldest is dropped.
+//! looking at the token, so parallel connections guess no faster than one. A success does not
+//! clear the address (a tenant could otherwise guess others' tokens between its own logins);
+//! failures age out with the window. The table is bounded: when full, the entry whose window is oldest is dropped.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -62,11 +63,6 @@ impl AuthThrottle {
     /// Records a failed authentication from `ip`; returns the lockout it now has, if any.
     pub fn failed(&self, ip: IpAddr) -> Option<Duration> {
         self.failed_at(ip, Instant::now())
-    }
-
-    /// Records a successful authentication from `ip`: its failures are forgotten.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.lock().remove(&normalize(ip));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Entry>> {
@@ -146,18 +142,13 @@ mod tests {
     }
 
     #[test]
-    fn window_and_success_reset() {
+    fn window_resets() {
         let t = AuthThrottle::new();
         let now = Instant::now();
         for _ in 0..FREE_FAILURES {
             t.failed_at(A, now);
         }
         assert_eq!(t.failed_at(A, now + WINDOW), None, "a new minute starts afresh");
-        for _ in 0..FREE_FAILURES {
-            t.failed_at(B, now);
-        }
-        t.succeeded(B);
-        assert_eq!(t.failed_at(B, now), None);
         let mapped: IpAddr = "::ffff:192.0.2.1".parse().unwrap();
         for _ in 0..FREE_FAILURES {
             t.failed_at(mapped, now + WINDOW);
