@@ -1,7 +1,7 @@
 //! Small helpers shared by the relay and the agent binary.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
@@ -24,13 +24,13 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
 /// mode 0700 when missing; an existing one open to group or others is tightened to 0700 with a
 /// WARN naming it.
 ///
-/// Refused: a shared directory (sticky bit, like `/tmp`), which tightening would lock everyone
-/// else out of, and a world-writable one that is not ours to tighten (anyone could swap the
-/// files in it). One that is not ours but open only to its group or to reading (a volume root
-/// that belongs to root, with the relay's group) is kept with a WARN: the secrets in it are 0600
-/// each (see [`check_private_file`]).
+/// Refused: a directory that belongs to another user than this one or root (its owner could
+/// swap the files in it), a shared directory (sticky bit, like `/tmp`), which tightening would
+/// lock everyone else out of, and a world-writable one that is not ours to tighten. One of
+/// root's that is open only to its group or to reading (a volume root with the relay's group)
+/// is kept with a WARN: the secrets in it are 0600 each (see [`check_private_file`]).
 pub fn private_dir(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)?;
     }
@@ -43,6 +43,16 @@ pub fn private_dir(path: &Path) -> io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_dir() {
         return Err(io::Error::other(format!("{} is not a directory", path.display())));
+    }
+    let (owner, me) = (meta.uid(), nix::unistd::geteuid().as_raw());
+    if owner != me && owner != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {owner}, neither this user (uid {me}) nor root: its owner could swap the files in it; use a directory of your own",
+                path.display()
+            ),
+        ));
     }
     let mode = mode_of(&meta);
     if mode & 0o077 == 0 {
@@ -127,6 +137,33 @@ pub fn create_private_file(path: &Path) -> io::Result<()> {
         Ok(f) => f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_private_file(path),
         Err(e) => Err(e),
+    }
+}
+
+/// A new directory of this user's alone (0700) under the system's temp dir, named so no one can
+/// make it first, removed with its contents on drop: the demo's data directory, tests' scratch.
+#[derive(Debug)]
+pub struct PrivateTempDir(PathBuf);
+
+impl PrivateTempDir {
+    /// Creates `$TMPDIR/warren-LABEL-PID-RANDOM`; fails rather than use one that exists.
+    pub fn new(label: &str) -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let name = format!("warren-{label}-{}-{}", std::process::id(), random_alnum(12));
+        let path = std::env::temp_dir().join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -217,39 +254,17 @@ mod tests {
 
     use super::*;
 
-    /// A fresh directory under the system's temp dir, removed on drop.
-    struct Scratch(std::path::PathBuf);
-
-    impl Scratch {
-        fn new(label: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "warren-util-{label}-{}-{}",
-                std::process::id(),
-                random_alnum(8)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = set_mode(&self.0, 0o700);
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     fn mode(path: &Path) -> u32 {
         mode_of(&std::fs::metadata(path).unwrap())
     }
 
     #[test]
     fn private_dir_creates_and_tightens() {
-        let s = Scratch::new("dir");
-        let fresh = s.0.join("a/b");
+        let s = PrivateTempDir::new("dir").unwrap();
+        let fresh = s.path().join("a/b");
         private_dir(&fresh).unwrap();
         assert_eq!(mode(&fresh), 0o700);
-        let wide = s.0.join("wide");
+        let wide = s.path().join("wide");
         std::fs::create_dir(&wide).unwrap();
         set_mode(&wide, 0o755).unwrap();
         private_dir(&wide).unwrap();
@@ -260,24 +275,49 @@ mod tests {
 
     #[test]
     fn private_dir_refuses_shared_directories_and_files() {
-        let s = Scratch::new("shared");
-        let shared = s.0.join("tmp");
+        let s = PrivateTempDir::new("shared").unwrap();
+        let shared = s.path().join("tmp");
         std::fs::create_dir(&shared).unwrap();
         set_mode(&shared, 0o1777).unwrap();
         let err = private_dir(&shared).unwrap_err();
         assert!(err.to_string().contains("shared directory"), "{err}");
         assert_eq!(mode(&shared), 0o1777, "a shared directory is left as it was");
-        let file = s.0.join("file");
+        let file = s.path().join("file");
         std::fs::write(&file, "x").unwrap();
         let err = private_dir(&file).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]
+    fn private_dir_refuses_other_users_directories() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // Only root can give a directory away.
+        }
+        let s = PrivateTempDir::new("owner").unwrap();
+        let theirs = s.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(54_321), None).unwrap();
+        let err = private_dir(&theirs).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 54321"), "{err}");
+    }
+
+    #[test]
+    fn private_temp_dirs_are_fresh_private_and_removed() {
+        let a = PrivateTempDir::new("t").unwrap();
+        let b = PrivateTempDir::new("t").unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(mode(a.path()), 0o700);
+        std::fs::write(a.path().join("f"), "x").unwrap();
+        let path = a.path().to_owned();
+        drop(a);
+        assert!(!path.exists());
+    }
+
+    #[test]
     fn secrets_are_tightened_and_missing_ones_are_fine() {
-        let s = Scratch::new("file");
-        check_private_file(&s.0.join("absent")).unwrap();
-        let key = s.0.join("key");
+        let s = PrivateTempDir::new("file").unwrap();
+        check_private_file(&s.path().join("absent")).unwrap();
+        let key = s.path().join("key");
         std::fs::write(&key, "secret").unwrap();
         set_mode(&key, 0o644).unwrap();
         check_private_file(&key).unwrap();
@@ -285,16 +325,16 @@ mod tests {
         set_mode(&key, 0o400).unwrap();
         check_private_file(&key).unwrap();
         assert_eq!(mode(&key), 0o400, "a file already private is left alone");
-        assert!(check_private_file(&s.0).is_err(), "a directory is no secret file");
+        assert!(check_private_file(s.path()).is_err(), "a directory is no secret file");
     }
 
     #[test]
     fn private_files_are_created_0600_or_tightened() {
-        let s = Scratch::new("create");
-        let db = s.0.join("new.db");
+        let s = PrivateTempDir::new("create").unwrap();
+        let db = s.path().join("new.db");
         create_private_file(&db).unwrap();
         assert_eq!(mode(&db), 0o600);
-        let old = s.0.join("old.db");
+        let old = s.path().join("old.db");
         std::fs::write(&old, "data").unwrap();
         set_mode(&old, 0o664).unwrap();
         create_private_file(&old).unwrap();
