@@ -56,10 +56,10 @@ pub async fn run(
     ready: tokio::sync::oneshot::Sender<DemoUrls>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let dir = std::env::temp_dir().join(format!("warren-demo-{}", std::process::id()));
-    let result = run_in(&dir, opts, ready, shutdown).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    // Its own fresh directory: a predictable name in /tmp could be made first by someone else.
+    let dir = warren_server::util::PrivateTempDir::new("demo")
+        .map_err(|e| anyhow::anyhow!("cannot create the demo's data directory: {e}"))?;
+    run_in(dir.path(), opts, ready, shutdown).await
 }
 
 async fn run_in(

@@ -3,6 +3,9 @@
 //! Leases on the relay belong to (token, agent identity, tunnel name): an agent that restarts
 //! with the same identity gets its subdomains and ports back. The identity is generated once
 //! (`HOSTNAME-RANDOM`) into `CONFIG_DIR/agent-id`.
+//!
+//! The config directory is its owner's alone (0700) and the files in it 0600; wider modes are
+//! tightened at start with a WARN naming each (`warren_server::util::private_dir`).
 
 use std::path::{Path, PathBuf};
 
@@ -33,20 +36,30 @@ fn hostname() -> String {
     if clean.is_empty() { "agent".into() } else { clean }
 }
 
+/// Creates the config directory `dir` (0700), or tightens it, and checks the mode of its
+/// secret `file`, if there.
+pub fn private_config_file(dir: &Path, file: &str) -> Result<PathBuf, String> {
+    use warren_server::util;
+    util::private_dir(dir).map_err(|e| format!("the config directory {}: {e}", dir.display()))?;
+    let path = dir.join(file);
+    util::check_private_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
 /// Reads the identity from `dir/agent-id`, creating it when absent.
 pub fn load_or_create(dir: &Path) -> Result<AgentId, String> {
-    let path = dir.join("agent-id");
+    let path = private_config_file(dir, "agent-id")?;
     if let Ok(s) = std::fs::read_to_string(&path) {
         return AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()));
     }
     let suffix = warren_server::util::random_alnum(8);
     let id = AgentId::parse(&format!("{}-{suffix}", hostname()))
         .map_err(|e| format!("generated agent id: {e}"))?;
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     // Two agents starting at once must end up with the same identity: write to a temporary file
     // and link it into place, keeping whichever came first.
     let tmp = dir.join(format!(".agent-id.{}", std::process::id()));
-    std::fs::write(&tmp, format!("{id}\n"))
+    let _ = std::fs::remove_file(&tmp);
+    warren_server::util::write_private(&tmp, format!("{id}\n").as_bytes())
         .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     let linked = std::fs::hard_link(&tmp, &path);
     let _ = std::fs::remove_file(&tmp);

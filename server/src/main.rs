@@ -46,7 +46,8 @@ struct Args {
     /// one tunnel per protocol.
     #[arg(long, value_name = "[IP:]LOW-HIGH", default_value = "0.0.0.0:20000-29999")]
     ports: PortRange,
-    /// Data directory: development CA, generated token.
+    /// Data directory: development CA, generated tokens, database, ACME account. Kept 0700 with
+    /// its secrets 0600: wider modes found at start are tightened, with a warning naming each.
     #[arg(long, value_name = "DIR", default_value = "./warren-data", env = "WARREN_DATA")]
     data: PathBuf,
     /// Token agents must present (repeatable). Without any, one is generated into DATA/agent-token.
@@ -253,7 +254,7 @@ fn load_or_generate(data: &Path, file: &str) -> anyhow::Result<(String, bool)> {
             return Ok((t, false));
         }
     }
-    std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
+    util::private_dir(data).with_context(|| format!("creating {}", data.display()))?;
     let token = util::random_alnum(32);
     // An empty file is replaced; any other existing file was returned above.
     let _ = std::fs::remove_file(&path);

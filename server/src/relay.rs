@@ -1,7 +1,7 @@
 //! Wiring: bind every listener, run until shut down, drain.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use crate::pool::{PoolSocket, PortPool};
 use crate::router::Router;
 use crate::session::{self, Admission, Handshakes, Shared};
 use crate::store::{Store, StoreError};
+use crate::util;
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,9 @@ pub enum RelayError {
         /// What went wrong.
         source: StoreError,
     },
+    /// The data directory or one of its secrets cannot be made private.
+    #[error("the data directory: {0}")]
+    DataDir(std::io::Error),
     /// Nothing to check tokens against.
     #[error("no agent token configured")]
     NoTokens,
@@ -106,12 +110,49 @@ pub struct BoundRelay {
     shared: Arc<Shared>,
 }
 
+/// Makes the data directory 0700 (see [`util::private_dir`]) and every secret kept in it 0600
+/// ([`util::check_private_file`]): the CA's and the certificate's keys, the generated tokens, the
+/// QUIC reset key, the ACME account and keys, the database with its journal files. Files made
+/// by an older version or copied in with a wider mode are fixed, each with a WARN naming it.
+pub fn secure_data_dir(dir: &Path) -> std::io::Result<()> {
+    util::private_dir(dir)?;
+    let mut secrets: Vec<PathBuf> =
+        ["ca-key.pem", "relay-key.pem", "admin-token", "agent-token", "quic-reset-key"]
+            .iter()
+            .map(|f| dir.join(f))
+            .collect();
+    secrets.push(dir.join("acme").join("account.json"));
+    let is_db =
+        |n: &str| [".db", ".db-wal", ".db-shm", ".db-journal"].iter().any(|s| n.ends_with(s));
+    secrets.extend(files_named(dir, is_db)?);
+    secrets.extend(files_named(&dir.join("acme").join("certs"), |n| n.ends_with("-key.pem"))?);
+    secrets.iter().try_for_each(|p| util::check_private_file(p))
+}
+
+/// The entries of `dir` whose names pass `keep`; none when `dir` does not exist.
+fn files_named(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_name().to_str().is_some_and(&keep) {
+            out.push(entry.path());
+        }
+    }
+    Ok(out)
+}
+
 impl Relay {
     /// Prepares certificates and binds the control port and the HTTP listener.
     pub async fn bind(config: RelayConfig) -> Result<BoundRelay, RelayError> {
         if config.tokens.is_empty() {
             return Err(RelayError::NoTokens);
         }
+        secure_data_dir(&config.data_dir).map_err(RelayError::DataDir)?;
         let ca = certs::load_or_create(
             &config.data_dir,
             &certs::default_names(&config.domain, &config.tls_names),

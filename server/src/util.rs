@@ -1,7 +1,7 @@
 //! Small helpers shared by the relay and the agent binary.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rand::Rng;
 
@@ -20,32 +20,162 @@ pub fn write_private(path: &Path, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// Creates `path` (and parents) when missing; the directory itself gets mode 0700.
+/// Makes `path` a directory only its owner can use: created (parents as the umask says) with
+/// mode 0700 when missing; an existing one open to group or others is tightened to 0700 with a
+/// WARN naming it.
+///
+/// Refused: a directory that belongs to another user than this one or root (its owner could
+/// swap the files in it), a shared directory (sticky bit, like `/tmp`), which tightening would
+/// lock everyone else out of, and a world-writable one that is not ours to tighten. One of
+/// root's that is open only to its group or to reading (a volume root with the relay's group)
+/// is kept with a WARN: the secrets in it are 0600 each (see [`check_private_file`]).
 pub fn private_dir(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)?;
-    let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
-        tracing::warn!(dir = %path.display(), old_mode = format!("{mode:o}"), "directory was open to other users; now 0700");
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
     }
-    Ok(())
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        // Whatever the umask took away, the owner needs all three bits.
+        Ok(()) => return set_mode(path, 0o700),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Err(io::Error::other(format!("{} is not a directory", path.display())));
+    }
+    let (owner, me) = (meta.uid(), nix::unistd::geteuid().as_raw());
+    if owner != me && owner != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {owner}, neither this user (uid {me}) nor root: its owner could swap the files in it; use a directory of your own",
+                path.display()
+            ),
+        ));
+    }
+    let mode = mode_of(&meta);
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if mode & 0o1000 != 0 {
+        return Err(io::Error::other(format!(
+            "{} is a shared directory (mode {mode:04o}, like /tmp): give warren a directory of its own",
+            path.display()
+        )));
+    }
+    match set_mode(path, 0o700) {
+        Ok(()) => {
+            tracing::warn!(
+                path = %path.display(),
+                was = %format_args!("{mode:04o}"),
+                "directory was open to other users; tightened to 0700"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied && mode & 0o002 == 0 => {
+            tracing::warn!(
+                path = %path.display(),
+                mode = %format_args!("{mode:04o}"),
+                "directory is open to other users but not ours to tighten ({e}); the secrets in it stay 0600 (chmod 700 it)"
+            );
+            Ok(())
+        }
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{} is open to other users (mode {mode:04o}) and cannot be made private: {e} (chmod 700 it, or use a directory of your own)",
+                path.display()
+            ),
+        )),
+    }
 }
 
-/// Makes a secret file 0600 when group or others may read it (with a warning); a missing file
-/// is fine.
+/// Checks that the secret at `path` is its owner's alone: a file group or others may use is
+/// set to 0600 with a WARN naming it. A missing file is fine.
 pub fn check_private_file(path: &Path) -> io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = match std::fs::metadata(path) {
-        Ok(m) => m.permissions().mode() & 0o777,
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e),
     };
-    if mode & 0o077 != 0 {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        tracing::warn!(file = %path.display(), old_mode = format!("{mode:o}"), "secret file was readable by other users; now 0600");
+    if meta.is_dir() {
+        return Err(io::Error::other(format!(
+            "{} is a directory where a secret file belongs",
+            path.display()
+        )));
     }
+    let mode = mode_of(&meta);
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    set_mode(path, 0o600).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "{} is open to other users (mode {mode:04o}) and cannot be made private: {e} (chmod 600 it)",
+                path.display()
+            ),
+        )
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        was = %format_args!("{mode:04o}"),
+        "secret file was open to other users; tightened to 0600"
+    );
     Ok(())
+}
+
+/// Creates an empty file at `path` with mode 0600 unless there is one, then checks it with
+/// [`check_private_file`]: for files another library opens and would otherwise create with the
+/// umask's mode (SQLite gives its `-wal` and `-shm` files the database's mode).
+pub fn create_private_file(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match created {
+        // The umask may have taken the owner's bits too; SQLite needs both.
+        Ok(f) => f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => check_private_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// A new directory of this user's alone (0700) under the system's temp dir, named so no one can
+/// make it first, removed with its contents on drop: the demo's data directory, tests' scratch.
+#[derive(Debug)]
+pub struct PrivateTempDir(PathBuf);
+
+impl PrivateTempDir {
+    /// Creates `$TMPDIR/warren-LABEL-PID-RANDOM`; fails rather than use one that exists.
+    pub fn new(label: &str) -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let name = format!("warren-{label}-{}-{}", std::process::id(), random_alnum(12));
+        let path = std::env::temp_dir().join(name);
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The permission bits of `meta` (with setuid, setgid and sticky).
+fn mode_of(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o7777
+}
+
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Logs to stderr, filtered by `WARREN_LOG` (or `RUST_LOG`, else `default`), with colours only
@@ -123,6 +253,94 @@ mod tests {
     }
 
     use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        mode_of(&std::fs::metadata(path).unwrap())
+    }
+
+    #[test]
+    fn private_dir_creates_and_tightens() {
+        let s = PrivateTempDir::new("dir").unwrap();
+        let fresh = s.path().join("a/b");
+        private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let wide = s.path().join("wide");
+        std::fs::create_dir(&wide).unwrap();
+        set_mode(&wide, 0o755).unwrap();
+        private_dir(&wide).unwrap();
+        assert_eq!(mode(&wide), 0o700);
+        private_dir(&wide).unwrap();
+        assert_eq!(mode(&wide), 0o700);
+    }
+
+    #[test]
+    fn private_dir_refuses_shared_directories_and_files() {
+        let s = PrivateTempDir::new("shared").unwrap();
+        let shared = s.path().join("tmp");
+        std::fs::create_dir(&shared).unwrap();
+        set_mode(&shared, 0o1777).unwrap();
+        let err = private_dir(&shared).unwrap_err();
+        assert!(err.to_string().contains("shared directory"), "{err}");
+        assert_eq!(mode(&shared), 0o1777, "a shared directory is left as it was");
+        let file = s.path().join("file");
+        std::fs::write(&file, "x").unwrap();
+        let err = private_dir(&file).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn private_dir_refuses_other_users_directories() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // Only root can give a directory away.
+        }
+        let s = PrivateTempDir::new("owner").unwrap();
+        let theirs = s.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(54_321), None).unwrap();
+        let err = private_dir(&theirs).unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 54321"), "{err}");
+    }
+
+    #[test]
+    fn private_temp_dirs_are_fresh_private_and_removed() {
+        let a = PrivateTempDir::new("t").unwrap();
+        let b = PrivateTempDir::new("t").unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(mode(a.path()), 0o700);
+        std::fs::write(a.path().join("f"), "x").unwrap();
+        let path = a.path().to_owned();
+        drop(a);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn secrets_are_tightened_and_missing_ones_are_fine() {
+        let s = PrivateTempDir::new("file").unwrap();
+        check_private_file(&s.path().join("absent")).unwrap();
+        let key = s.path().join("key");
+        std::fs::write(&key, "secret").unwrap();
+        set_mode(&key, 0o644).unwrap();
+        check_private_file(&key).unwrap();
+        assert_eq!(mode(&key), 0o600);
+        set_mode(&key, 0o400).unwrap();
+        check_private_file(&key).unwrap();
+        assert_eq!(mode(&key), 0o400, "a file already private is left alone");
+        assert!(check_private_file(s.path()).is_err(), "a directory is no secret file");
+    }
+
+    #[test]
+    fn private_files_are_created_0600_or_tightened() {
+        let s = PrivateTempDir::new("create").unwrap();
+        let db = s.path().join("new.db");
+        create_private_file(&db).unwrap();
+        assert_eq!(mode(&db), 0o600);
+        let old = s.path().join("old.db");
+        std::fs::write(&old, "data").unwrap();
+        set_mode(&old, 0o664).unwrap();
+        create_private_file(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(std::fs::read_to_string(&old).unwrap(), "data", "an existing file is kept");
+    }
 
     #[test]
     fn random_names_use_the_alphabet() {

@@ -49,6 +49,18 @@ pub fn require() -> bool {
     }
 }
 
+/// The group the plugin's socket must have: `docker` from `/etc/group` when there is one, else
+/// root's (0).
+pub fn plugin_socket_gid() -> u32 {
+    let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    groups
+        .lines()
+        .find_map(|l| l.strip_prefix("docker:"))
+        .and_then(|rest| rest.split(':').nth(1))
+        .and_then(|gid| gid.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `docker ARGS...`, bounded in time.
 pub fn docker(args: &[&str]) -> Output {
     let mut cmd = Command::new("docker");

@@ -8,6 +8,7 @@
 //! tests on a host whose own warren agent manages networks.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,7 +16,7 @@ use warren_tests::agent::Agent;
 use warren_tests::client::http_get;
 use warren_tests::docker::{
     BUSYBOX, Cleanup, IMAGE, PAGE, bridge_network, container_ip, docker, docker_fails, docker_ok,
-    images, nc_get, require,
+    images, nc_get, plugin_socket_gid, require,
 };
 use warren_tests::netns::{Netns, retry};
 use warren_tests::overlay::{LabOpts, OverlayLab, dig};
@@ -302,6 +303,11 @@ async fn plugin_networks_give_addresses_names_and_ports_and_leave_nothing() {
     // Dropped before the agent: Docker's teardown calls need the plugin to answer.
     let mut clean = Cleanup::default();
     let _ = agent.api_addr().await;
+
+    // Only root and the docker group may drive the plugin.
+    let socket = std::fs::metadata(format!("/run/docker/plugins/{driver}.sock")).expect("socket");
+    assert_eq!(socket.mode() & 0o777, 0o660, "the plugin socket's mode");
+    assert_eq!(socket.gid(), plugin_socket_gid(), "the plugin socket's group");
 
     // Refusals Docker shows to the user as they are.
     let err = docker_fails(&["network", "create", "-d", &driver, &unique("wt-noipam")]);

@@ -1,5 +1,7 @@
 //! Docker's remote network driver and IPAM driver, on `/run/docker/plugins/warren.sock`,
 //! backed by warren's networks: `docker network create -d warren --ipam-driver warren NAME`.
+//! The socket is 0660 with group `docker` (root's without one): whoever can reach it can make
+//! networks and publish host ports, as whoever can reach Docker's own socket can.
 //!
 //! How Docker 20.10 speaks the protocol, and what breaks naive plugins, is in the project's
 //! reference notes; the rules followed here:
@@ -995,7 +997,9 @@ async fn dispatch(State(p): State<Arc<Plugin>>, uri: Uri, bytes: Bytes) -> Respo
 }
 
 /// Listens at `path`: a socket left by an agent that is gone is replaced; one that answers is
-/// another plugin's, and refused.
+/// another plugin's, and refused. The socket is root's and [`socket_group`]'s only (0660,
+/// whatever the umask): it is bound under a temporary name, given its mode and group, and only
+/// then renamed into place, so no one else can connect in between.
 async fn bind(path: &Path) -> Result<tokio::net::UnixListener, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
@@ -1010,9 +1014,37 @@ async fn bind(path: &Path) -> Result<tokio::net::UnixListener, String> {
         }
         let _ = std::fs::remove_file(path);
     }
-    tokio::net::UnixListener::bind(path).map_err(|e| {
-        format!("cannot listen on {}: {e} (--docker-plugin-socket PATH)", path.display())
-    })
+    let name = path.file_name().map_or_else(|| "warren".into(), |n| n.to_string_lossy());
+    // Not `*.sock`: Docker does not take it for a plugin while it is there.
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp).map_err(|e| {
+        format!("cannot listen on {}: {e} (--docker-plugin-socket PATH)", tmp.display())
+    })?;
+    let gid = socket_group();
+    let placed = std::os::unix::fs::chown(&tmp, None, Some(gid))
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!(
+            "cannot give {} mode 0660 and group {gid}: {e} (the Docker plugin needs root)",
+            path.display()
+        ));
+    }
+    Ok(listener)
+}
+
+/// The group of the plugin's socket: `docker`, whose members may use Docker anyway, when it
+/// exists, else root's.
+fn socket_group() -> u32 {
+    match nix::unistd::Group::from_name("docker") {
+        Ok(Some(g)) => g.gid.as_raw(),
+        _ => 0,
+    }
 }
 
 /// The chain of warren's rules in Docker's firewall, jumped to from `DOCKER-USER`.

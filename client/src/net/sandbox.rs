@@ -6,17 +6,29 @@
 //! network's DNS with a private bind mount, and then becomes the command. The namespace belongs
 //! to the command's processes: when they are gone, so are its interface and the veth's host
 //! end.
+//!
+//! The file bind-mounted over `/etc/resolv.conf` is made in [`RUNTIME_DIR`], a directory that
+//! must be this user's (root's) and writable by no one else, with `O_CREAT|O_EXCL|O_NOFOLLOW`
+//! through the directory's descriptor, mounted through `/proc/self/fd`, and unlinked at once:
+//! the mount keeps it alive for the command and no other user can plant a link to make root
+//! write elsewhere. (A memfd would need no directory, but the kernel refuses to bind-mount
+//! one: `EINVAL`, its file system is in no mount namespace.)
 
-use std::io::BufRead;
+use std::io::{self, BufRead, Write};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::fcntl::{OFlag, openat};
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
+use nix::sys::stat::Mode;
+use nix::unistd::{UnlinkatFlags, unlinkat};
 
 /// The hidden subcommand the child runs as.
 pub const CHILD_COMMAND: &str = "net-sandbox-child";
@@ -77,17 +89,78 @@ pub fn child_main(network: &str, cmd: &[String]) -> ExitCode {
     ExitCode::from(if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 })
 }
 
-fn point_resolv_conf(gateway: Ipv4Addr, network: &str) -> std::io::Result<()> {
+/// Where the sandbox's resolv.conf is made before it is bind-mounted (see the module's doc).
+pub const RUNTIME_DIR: &str = "/run/warren";
+
+fn point_resolv_conf(gateway: Ipv4Addr, network: &str) -> io::Result<()> {
     let target = Path::new("/etc/resolv.conf");
-    if !target.exists() {
-        std::fs::write(target, "")?;
+    // Something to mount over; made only where nothing is, not even a dangling link (whose
+    // target would be created on the host).
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(target) {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    let tmp = std::env::temp_dir().join(format!("warren-resolv-{}", std::process::id()));
-    std::fs::write(&tmp, format!("nameserver {gateway}\nsearch {network}\noptions ndots:1\n"))?;
-    let done = mount(Some(&tmp), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-        .map_err(std::io::Error::from);
-    let _ = std::fs::remove_file(&tmp);
+    let dir = private_runtime_dir(Path::new(RUNTIME_DIR))?;
+    let name = format!("resolv-{}.conf", std::process::id());
+    let mut file = create_exclusive(&dir, &name)?;
+    let written = file
+        .write_all(format!("nameserver {gateway}\nsearch {network}\noptions ndots:1\n").as_bytes())
+        // Readable by the command whatever user it becomes, whatever the umask.
+        .and_then(|()| file.set_permissions(std::fs::Permissions::from_mode(0o644)));
+    let source = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let done = written.and_then(|()| {
+        mount(Some(source.as_str()), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(io::Error::from)
+    });
+    let _ = unlinkat(&dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
     done
+}
+
+/// Opens `path` as a directory, creating it (0700) when missing; refused unless it is a real
+/// directory (not a link) of this user's that no one else may write to.
+fn private_runtime_dir(path: &Path) -> io::Result<std::fs::File> {
+    let context = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(context(e)),
+    }
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).bits())
+        .open(path)
+        .map_err(context)?;
+    let meta = dir.metadata().map_err(context)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me || meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} belongs to uid {} with mode {:04o}: it must be uid {me}'s and writable by no one else; remove it",
+                path.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
+/// Creates `name` in `dir` (`O_CREAT|O_EXCL|O_NOFOLLOW`); one left by a sandbox that died
+/// before it removed its own (same pid, pid reuse) is replaced.
+fn create_exclusive(dir: &std::fs::File, name: &str) -> io::Result<std::fs::File> {
+    let flags =
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+    let create = || openat(dir, name, flags, Mode::from_bits_truncate(0o644));
+    let fd = match create() {
+        Err(Errno::EEXIST) => {
+            unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?;
+            create()?
+        }
+        other => other?,
+    };
+    Ok(std::fs::File::from(fd))
 }
 
 /// Whether process `pid` has left our network namespace yet.
@@ -96,5 +169,47 @@ pub fn has_own_netns(pid: u32) -> bool {
     match (ino("/proc/self/ns/net"), ino(&format!("/proc/{pid}/ns/net"))) {
         (Some(a), Some(b)) => a != b,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use warren_server::util::PrivateTempDir;
+
+    use super::*;
+
+    #[test]
+    fn runtime_dir_is_made_private_and_unsafe_ones_are_refused() {
+        let s = PrivateTempDir::new("sandbox-dir").unwrap();
+        let fresh = s.path().join("run");
+        private_runtime_dir(&fresh).unwrap();
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o7777, 0o700);
+        // Readable by others is fine: no one else can add, remove or replace anything there.
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        private_runtime_dir(&fresh).unwrap();
+        for mode in [0o775, 0o757, 0o1777] {
+            std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err = private_runtime_dir(&fresh).unwrap_err();
+            assert!(err.to_string().contains("writable by no one else"), "{mode:o}: {err}");
+        }
+        let link = s.path().join("link");
+        std::os::unix::fs::symlink(&fresh, &link).unwrap();
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(private_runtime_dir(&link).is_err(), "a link to a good directory is refused too");
+    }
+
+    #[test]
+    fn files_are_created_exclusively_without_following_links() {
+        let s = PrivateTempDir::new("sandbox-file").unwrap();
+        let dir = private_runtime_dir(&s.path().join("run")).unwrap();
+        let victim = s.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, s.path().join("run/planted")).unwrap();
+        let mut f = create_exclusive(&dir, "planted").unwrap();
+        f.write_all(b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        let made = std::fs::symlink_metadata(s.path().join("run/planted")).unwrap();
+        assert!(made.file_type().is_file(), "the link was replaced by a file of ours");
+        assert_eq!(std::fs::read_to_string(s.path().join("run/planted")).unwrap(), "new");
     }
 }

@@ -55,11 +55,23 @@ pub fn owner_service(name: &str) -> String {
 }
 
 impl Store {
-    /// Opens (creating) the database at `path`.
+    /// Opens (creating) the database at `path`, its owner's alone: the directory 0700, the file
+    /// created 0600 before SQLite opens it (SQLite gives its `-wal` and `-shm` files the same
+    /// mode), wider modes found tightened with a WARN.
     pub fn open(path: &Path) -> Result<Self, NetError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| NetError::System(format!("cannot create {}: {e}", dir.display())))?;
+        use warren_server::util;
+        let private = |p: &Path, r: std::io::Result<()>| {
+            r.map_err(|e| NetError::System(format!("cannot make {} private: {e}", p.display())))
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private(dir, util::private_dir(dir))?;
+        }
+        private(path, util::create_private_file(path))?;
+        for suffix in ["-wal", "-shm"] {
+            let mut journal = path.as_os_str().to_owned();
+            journal.push(suffix);
+            let journal = Path::new(&journal);
+            private(journal, util::check_private_file(journal))?;
         }
         let db = Connection::open(path)?;
         db.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
