@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_proto::message::Token;
 use warren_proto::overlay::NetMessage;
-use warren_proto::{AgentId, Bind, ErrorCode, Hello, Message, Preface, Subdomain, TunnelName};
+use warren_proto::{
+    AgentId, Bind, Bound, ErrorCode, Hello, Message, Preface, Subdomain, TunnelName,
+};
 use warren_transport::{
     ControlError, ControlReader, ControlWriter, Mode, RelayAddr, Session, Stream, Trust,
 };
@@ -540,14 +542,28 @@ async fn serve_session(
         "connected to relay"
     );
 
+    // The messages the relay may send at any time (forwards it reopens, pings, overlay pushes,
+    // answers to other requests) are handled the same way while the tunnels are being bound
+    // as afterwards: each answer is matched to its request by id.
+    let overlay = state.overlay();
+    let mut h = Handler {
+        relay,
+        allow_forward,
+        state: &state,
+        events,
+        overlay: overlay.clone(),
+        tunnels: Tunnels::default(),
+        granted,
+        adding: HashMap::new(),
+        net_calls: HashMap::new(),
+    };
     // Bind every tunnel, in order, asking again for what earlier binds were granted.
-    let mut tunnels = HashMap::new();
     let desired = state.desired();
     // A refusal of a tunnel the agent was started with ends the agent; one added while it ran
     // (local API, Docker labels) while the relay was away is dropped alone, with a warning.
     let added_later = |spec: &TunnelSpec| !cfg.tunnels.iter().any(|t| t.name == spec.name);
     for (i, spec) in desired.iter().enumerate() {
-        let before = granted.get(&spec.name).cloned();
+        let before = h.granted.get(&spec.name).cloned();
         let req = (i + 1) as u32;
         let wanted = match spec.wanted_subdomain(&welcome.domain) {
             Ok(w) => w,
@@ -568,64 +584,70 @@ async fn serve_session(
             options: spec.options.clone(),
         };
         writer.send(&Message::Bind(bind)).await?;
-        let reply = loop {
-            match tokio::time::timeout(warren_transport::tuning::HANDSHAKE_TIMEOUT, reader.recv())
-                .await
-            {
+        let deadline = Instant::now() + warren_transport::tuning::HANDSHAKE_TIMEOUT;
+        let reply: Result<Bound, (ErrorCode, String)> = loop {
+            let msg = match tokio::time::timeout_at(deadline, reader.recv()).await {
                 Err(_) => {
-                    return Err(Failure::Retry("the relay did not answer a bind in time".into()));
+                    return Err(Failure::Retry(format!(
+                        "relay {relay} did not answer the bind of tunnel {} within {} s",
+                        spec.name,
+                        warren_transport::tuning::HANDSHAKE_TIMEOUT.as_secs()
+                    )));
                 }
-                Ok(Ok(Message::Ping { nonce })) => writer.send(&Message::Pong { nonce }).await?,
-                Ok(Ok(Message::Net(push))) => {
-                    if let Some(h) = state.overlay() {
-                        h.push(push);
+                Ok(m) => m?,
+            };
+            match msg {
+                Message::Bound(b) if b.req == req => break Ok(b),
+                Message::Error { req: r, code, message } if r == req => break Err((code, message)),
+                other => {
+                    if let Some(end) = h.handle(other, &mut writer).await? {
+                        return Ok(end);
                     }
                 }
-                Ok(r) => break r?,
             }
         };
         match reply {
-            Message::Bound(b) if b.req == req => {
+            Ok(b) => {
                 if !b.notice.is_empty() {
                     warn!(tunnel = %spec.name, notice = %b.notice, "the relay adjusted the tunnel");
                 }
                 let changed = before.as_ref().is_none_or(|g| g.url != b.url);
                 info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
-                granted.insert(
+                h.granted.insert(
                     spec.name.clone(),
                     Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
                 );
                 state.set(spec, Some(b.url.clone()), false);
                 let _ =
                     events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url, changed });
-                tunnels.insert(b.tunnel, Arc::new(spec.clone()));
+                h.tunnels
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(b.tunnel, Arc::new(spec.clone()));
             }
-            Message::Error { code, message, .. } if code.is_fatal() && added_later(spec) => {
+            Err((code, message)) if code.is_fatal() && added_later(spec) => {
                 warn!(tunnel = %spec.name, %code, %message, "the relay refused the tunnel; dropped");
                 state.forget(&spec.name);
             }
-            Message::Error { code, message, .. } if code.is_fatal() => {
+            Err((code, message)) if code.is_fatal() => {
                 return Err(Failure::Fatal(format!(
                     "relay {relay} refused tunnel {}: {code}: {message}",
                     spec.name
                 )));
             }
-            Message::Error { code, message, .. } => {
+            Err((code, message)) => {
                 return Err(Failure::Retry(format!(
                     "relay {relay} could not bind tunnel {}: {code}: {message}",
                     spec.name
                 )));
             }
-            other => return Err(Failure::Retry(format!("unexpected answer to a bind: {other:?}"))),
         }
     }
-    let tunnels: Tunnels = Arc::new(std::sync::RwLock::new(tunnels));
+    let tunnels = h.tunnels.clone();
     state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut next_req = desired.len() as u32 + 1;
-    let mut adding: HashMap<u32, (TunnelSpec, AddReply)> = HashMap::new();
     let domain = welcome.domain.clone();
     // UDP tunnels may also arrive later as forwards: datagrams are always served over QUIC.
-    let overlay = state.overlay();
     let _datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
         tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
             session.clone(),
@@ -647,8 +669,6 @@ async fn serve_session(
         h.session_up(session);
     }
     let _down = Down(overlay.clone());
-    let mut net_calls: HashMap<u32, oneshot::Sender<Result<NetMessage, NetCallError>>> =
-        HashMap::new();
 
     let mut streams = JoinSet::new();
     let mut last_seen = Instant::now();
@@ -671,85 +691,8 @@ async fn serve_session(
                     Err(e) => return Ok(End::Lost(e.to_string())),
                 };
                 last_seen = Instant::now();
-                match msg {
-                    Message::Ping { nonce } => writer.send(&Message::Pong { nonce }).await?,
-                    Message::Pong { .. } => {}
-                    Message::GoAway { code, message } => {
-                        return Ok(End::Lost(format!("the relay is going away ({code}: {message})")));
-                    }
-                    Message::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
-                        let gone = tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&tunnel);
-                        if let Some(spec) = gone {
-                            state.forget(&spec.name);
-                            info!(tunnel = %spec.name, reason = %message, "tunnel removed by the relay");
-                            let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
-                        }
-                    }
-                    Message::TunnelClosed { code, message, .. } => {
-                        return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
-                    }
-                    Message::Forward(f) => {
-                        let reply = match f.target.parse::<crate::tunnel::Target>() {
-                            Ok(target) if state.is_own_api(&target) => {
-                                warn!(tunnel = %f.name, target = %target, "forward refused: that is this agent's own local API");
-                                Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: format!("{target} is this agent's own local API; it is never published") }
-                            }
-                            Ok(target) if !allow_forward.iter().any(|r| r.covers(&target)) => {
-                                warn!(tunnel = %f.name, target = %target, "forward refused: no --allow-forward covers its target");
-                                Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: format!("this agent accepts no forward to {target}: start it with --allow-forward {target} (or a PORT, CIDR or CIDR:LOW-HIGH that covers it)") }
-                            }
-                            Ok(target) => {
-                                let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
-                                info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
-                                state.set(&spec, Some(f.url.clone()), true);
-                                tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(f.tunnel, Arc::new(spec));
-                                let _ = events.send(AgentEvent::Bound { name: f.name.clone(), url: f.url.clone(), changed: true });
-                                Message::ForwardOk { req: f.req }
-                            }
-                            Err(e) => Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: e },
-                        };
-                        writer.send(&reply).await?;
-                    }
-                    Message::Bound(b) if adding.contains_key(&b.req) => {
-                        if let Some((spec, reply)) = adding.remove(&b.req) {
-                            info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
-                            granted.insert(spec.name.clone(), Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() });
-                            state.set(&spec, Some(b.url.clone()), false);
-                            tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(b.tunnel, Arc::new(spec.clone()));
-                            let _ = events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url.clone(), changed: true });
-                            let _ = reply.send(Ok(Some(b.url)));
-                        }
-                    }
-                    Message::Error { req, code, message } if adding.contains_key(&req) => {
-                        if let Some((spec, reply)) = adding.remove(&req) {
-                            state.forget(&spec.name);
-                            warn!(tunnel = %spec.name, %code, %message, "the relay refused a tunnel asked for through the local API");
-                            let _ = reply.send(Err(format!("{code}: {message}")));
-                        }
-                    }
-                    Message::Unbound { .. } => {}
-                    Message::Net(m) => match m.answers().and_then(|req| net_calls.remove(&req)) {
-                        Some(reply) => {
-                            let _ = reply.send(Ok(m));
-                        }
-                        None => match &overlay {
-                            Some(h) => h.push(m),
-                            None => warn!("overlay message from the relay, but this agent manages no networks"),
-                        },
-                    },
-                    Message::Error { req, code, message } if net_calls.contains_key(&req) => {
-                        if let Some(reply) = net_calls.remove(&req) {
-                            let _ = reply.send(Err(NetCallError::Refused { code, message }));
-                        }
-                    }
-                    Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
-                        return Ok(End::Lost(format!("the relay rejected our frames: {message}")));
-                    }
-                    Message::Error { code, message, .. } => warn!(%code, %message, "relay reported an error"),
-                    Message::Unknown { kind } => {
-                        writer.send(&Message::Error { req: 0, code: ErrorCode::UnknownMessage, message: format!("unknown message type {kind:#x}") }).await?;
-                    }
-                    other => warn!(message = ?other, "unexpected message from the relay"),
+                if let Some(end) = h.handle(msg, &mut writer).await? {
+                    return Ok(end);
                 }
             }
             Some(cmd) = inbox.control.recv() => match cmd {
@@ -779,7 +722,7 @@ async fn serve_session(
                     })).await?;
                     state.set(&spec, None, false);
                     state.desired.lock().unwrap_or_else(|p| p.into_inner()).push(spec.clone());
-                    adding.insert(req, (spec, reply));
+                    h.adding.insert(req, (spec, reply));
                 }
                 Control::Remove(name, reply) => {
                     if state.tunnels().iter().any(|t| t.spec.name == name && t.forwarded) {
@@ -798,7 +741,7 @@ async fn serve_session(
                         let req = next_req;
                         next_req = next_req.wrapping_add(1).max(1);
                         writer.send(&Message::Unbind { req, tunnel: id }).await?;
-                        granted.remove(&name);
+                        h.granted.remove(&name);
                         info!(tunnel = %name, "tunnel closed through the local API");
                     }
                     let _ = reply.send(state.forget(&name) || id.is_some());
@@ -807,7 +750,7 @@ async fn serve_session(
                     let req = next_req;
                     next_req = next_req.wrapping_add(1).max(1);
                     writer.send(&Message::Net((call.make)(req))).await?;
-                    net_calls.insert(req, call.reply);
+                    h.net_calls.insert(req, call.reply);
                 }
                 Control::NetSend(m) => writer.send(&Message::Net(m)).await?,
             },
@@ -823,6 +766,157 @@ async fn serve_session(
                 return Ok(End::Shutdown);
             }
         }
+    }
+}
+
+/// What the handling of the relay's messages works on. One handler serves a session from the
+/// first bind on, so a message that does not answer the request awaited (a forward the relay
+/// reopens, a ping, an overlay push) is handled the same way in the bind phase as afterwards.
+struct Handler<'a> {
+    relay: &'a RelayAddr,
+    allow_forward: &'a [crate::tunnel::ForwardRule],
+    state: &'a Arc<AgentState>,
+    events: &'a mpsc::UnboundedSender<AgentEvent>,
+    overlay: Option<Arc<dyn OverlayHooks>>,
+    /// The tunnels this session serves: its binds and the relay's forwards.
+    tunnels: Tunnels,
+    granted: &'a mut HashMap<TunnelName, Granted>,
+    /// Binds asked for through the local API, by request id.
+    adding: HashMap<u32, (TunnelSpec, AddReply)>,
+    /// Overlay requests, by request id.
+    net_calls: HashMap<u32, oneshot::Sender<Result<NetMessage, NetCallError>>>,
+}
+
+impl Handler<'_> {
+    /// Handles one message from the relay; `Some` when it ends the session.
+    async fn handle<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        msg: Message,
+        writer: &mut ControlWriter<W>,
+    ) -> Result<Option<End>, Failure> {
+        let (state, events, relay) = (self.state, self.events, self.relay);
+        match msg {
+            Message::Ping { nonce } => writer.send(&Message::Pong { nonce }).await?,
+            Message::Pong { .. } => {}
+            Message::GoAway { code, message } => {
+                return Ok(Some(End::Lost(format!("the relay is going away ({code}: {message})"))));
+            }
+            Message::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
+                let gone = self.tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&tunnel);
+                if let Some(spec) = gone {
+                    state.forget(&spec.name);
+                    info!(tunnel = %spec.name, reason = %message, "tunnel removed by the relay");
+                    let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
+                }
+            }
+            Message::TunnelClosed { code, message, .. } => {
+                return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
+            }
+            Message::Forward(f) => {
+                let reply = match f.target.parse::<crate::tunnel::Target>() {
+                    Ok(target) if state.is_own_api(&target) => {
+                        warn!(tunnel = %f.name, target = %target, "forward refused: that is this agent's own local API");
+                        Message::Error {
+                            req: f.req,
+                            code: ErrorCode::InvalidRequest,
+                            message: format!(
+                                "{target} is this agent's own local API; it is never published"
+                            ),
+                        }
+                    }
+                    Ok(target) if !self.allow_forward.iter().any(|r| r.covers(&target)) => {
+                        warn!(tunnel = %f.name, target = %target, "forward refused: no --allow-forward covers its target");
+                        Message::Error {
+                            req: f.req,
+                            code: ErrorCode::InvalidRequest,
+                            message: format!(
+                                "this agent accepts no forward to {target}: start it with --allow-forward {target} (or a PORT, CIDR or CIDR:LOW-HIGH that covers it)"
+                            ),
+                        }
+                    }
+                    Ok(target) => {
+                        let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
+                        info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
+                        state.set(&spec, Some(f.url.clone()), true);
+                        self.tunnels
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(f.tunnel, Arc::new(spec));
+                        let _ = events.send(AgentEvent::Bound {
+                            name: f.name.clone(),
+                            url: f.url.clone(),
+                            changed: true,
+                        });
+                        Message::ForwardOk { req: f.req }
+                    }
+                    Err(e) => {
+                        Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: e }
+                    }
+                };
+                writer.send(&reply).await?;
+            }
+            Message::Bound(b) if self.adding.contains_key(&b.req) => {
+                if let Some((spec, reply)) = self.adding.remove(&b.req) {
+                    info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
+                    self.granted.insert(
+                        spec.name.clone(),
+                        Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
+                    );
+                    state.set(&spec, Some(b.url.clone()), false);
+                    self.tunnels
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(b.tunnel, Arc::new(spec.clone()));
+                    let _ = events.send(AgentEvent::Bound {
+                        name: spec.name.clone(),
+                        url: b.url.clone(),
+                        changed: true,
+                    });
+                    let _ = reply.send(Ok(Some(b.url)));
+                }
+            }
+            Message::Error { req, code, message } if self.adding.contains_key(&req) => {
+                if let Some((spec, reply)) = self.adding.remove(&req) {
+                    state.forget(&spec.name);
+                    warn!(tunnel = %spec.name, %code, %message, "the relay refused a tunnel asked for through the local API");
+                    let _ = reply.send(Err(format!("{code}: {message}")));
+                }
+            }
+            Message::Unbound { .. } => {}
+            Message::Net(m) => match m.answers().and_then(|req| self.net_calls.remove(&req)) {
+                Some(reply) => {
+                    let _ = reply.send(Ok(m));
+                }
+                None => match &self.overlay {
+                    Some(h) => h.push(m),
+                    None => {
+                        warn!("overlay message from the relay, but this agent manages no networks")
+                    }
+                },
+            },
+            Message::Error { req, code, message } if self.net_calls.contains_key(&req) => {
+                if let Some(reply) = self.net_calls.remove(&req) {
+                    let _ = reply.send(Err(NetCallError::Refused { code, message }));
+                }
+            }
+            Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
+                return Ok(Some(End::Lost(format!("the relay rejected our frames: {message}"))));
+            }
+            Message::Error { code, message, .. } => {
+                warn!(%code, %message, "relay reported an error")
+            }
+            Message::Unknown { kind } => {
+                writer
+                    .send(&Message::Error {
+                        req: 0,
+                        code: ErrorCode::UnknownMessage,
+                        message: format!("unknown message type {kind:#x}"),
+                    })
+                    .await?;
+            }
+            other => warn!(message = ?other, "unexpected message from the relay"),
+        }
+        Ok(None)
     }
 }
 
