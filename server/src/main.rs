@@ -207,6 +207,7 @@ fn parse_header_size(s: &str) -> Result<usize, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     util::init_logging("info");
+    util::raise_fd_limit();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = args.threads.unwrap_or(cpus / 2).max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -81,9 +81,7 @@ impl PortPool {
             std.set_nonblocking(true).map_err(err)?;
             UdpSocket::from_std(std).map(PoolSocket::Udp).map_err(err)
         } else {
-            let std = std::net::TcpListener::bind(addr).map_err(err)?;
-            std.set_nonblocking(true).map_err(err)?;
-            TcpListener::from_std(std).map(PoolSocket::Tcp).map_err(err)
+            warren_transport::listen::tcp_listener(addr).map(PoolSocket::Tcp).map_err(err)
         }
     }
 

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_transport::ControlListener;
-use warren_transport::listen::ListenError;
+use warren_transport::listen::{ListenError, tcp_listener};
 
 use crate::auth::{AdminToken, Auth, Tokens};
 use crate::certs::{self, CertError};
@@ -161,16 +161,14 @@ impl Relay {
         let control =
             ControlListener::bind(config.control, &ca.identity, config.quic, Some(&reset_key))
                 .await?;
-        let http = TcpListener::bind(config.http)
-            .await
+        let http = tcp_listener(config.http)
             .map_err(|source| RelayError::Http { addr: config.http, source })?;
         let http_addr =
             http.local_addr().map_err(|source| RelayError::Http { addr: config.http, source })?;
         let https = match config.https {
             Some(addr) => {
-                let listener = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RelayError::Https { addr, source })?;
+                let listener =
+                    tcp_listener(addr).map_err(|source| RelayError::Https { addr, source })?;
                 let store = CertStore::new(
                     &config.domain,
                     ca.issuer.clone(),
@@ -204,9 +202,9 @@ impl Relay {
                 .map_err(|source| RelayError::Store { path: db_path.clone(), source })?,
         );
         let api_listener = match config.api {
-            Some(addr) => Some(
-                TcpListener::bind(addr).await.map_err(|source| RelayError::Api { addr, source })?,
-            ),
+            Some(addr) => {
+                Some(tcp_listener(addr).map_err(|source| RelayError::Api { addr, source })?)
+            }
             None => None,
         };
         let api_addr = match &api_listener {

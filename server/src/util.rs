@@ -242,6 +242,22 @@ pub fn rfc3339(secs: i64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
+/// Raises this process's soft limit on open files to its hard limit. A relay or agent holds
+/// about one descriptor per visitor connection (two on the agent: visitor stream and backend),
+/// and the usual soft limit of 1024 would refuse visitors long before the machine runs out.
+/// Logged at debug; failing to raise is not an error (the process runs with what it has).
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::debug!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -88,6 +88,39 @@ pub(crate) fn transport_config(peer_streams: u32, receive_window: u32) -> quinn:
     t
 }
 
+/// The listen backlog used when `net.core.somaxconn` cannot be read.
+const FALLBACK_BACKLOG: i32 = 4096;
+
+/// The longest accept queue the system allows (`net.core.somaxconn`), or 4096 where that cannot
+/// be read; the kernel caps what is asked at somaxconn anyway.
+pub fn max_backlog() -> i32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(FALLBACK_BACKLOG)
+}
+
+/// A public TCP listener on `addr` with the longest accept queue the system allows
+/// ([`max_backlog`]). With the usual 128, a burst of visitors overflows the queue, the kernel
+/// drops their SYNs and they retry a second or more later; with the maximum the kernel queues the
+/// burst and the accept loop drains it. SO_REUSEADDR is set as `TcpListener::bind` does, so a
+/// restarted relay can bind while old connections linger in TIME_WAIT. Must be called within a
+/// tokio runtime.
+pub fn tcp_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    #[cfg(unix)]
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(max_backlog())?;
+    TcpListener::from_std(socket.into())
+}
+
 /// A UDP socket with room for bursts: the default buffers (about 200 KiB) overflow at a few
 /// Gbit/s and every dropped datagram makes QUIC slow down. The kernel caps the size at
 /// `net.core.rmem_max`/`wmem_max`; failing to enlarge is not an error.
@@ -151,7 +184,7 @@ impl ControlListener {
         let attempts = if addr.port() == 0 { 20 } else { 1 };
         let mut last_err = None;
         for _ in 0..attempts {
-            let tcp = TcpListener::bind(addr).await.map_err(|source| ListenError::Bind {
+            let tcp = tcp_listener(addr).map_err(|source| ListenError::Bind {
                 proto: "TCP",
                 addr,
                 source,
