@@ -2,7 +2,8 @@
 //!
 //! On first start the relay creates `ca.pem` and `ca-key.pem` in its data directory. At every
 //! start it issues a fresh certificate for its domain (and `*.domain`, `localhost`, loopback
-//! addresses and any extra names) signed by that CA, and writes it to `relay.pem` and
+//! addresses, the specific IP addresses its listeners are bound to and any extra names) signed by
+//! that CA, and writes it to `relay.pem` and
 //! `relay-key.pem`. Agents trust the relay with
 //! `--relay-ca DATA/ca.pem` or by pinning the CA's fingerprint.
 //!
@@ -12,6 +13,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -179,13 +181,48 @@ pub fn load_or_create_secret(path: &Path) -> Result<[u8; 32], CertError> {
     Ok(key)
 }
 
-/// The names the relay's certificate covers by default.
-pub fn default_names(domain: &str, extra: &[String]) -> Vec<String> {
+/// The names the relay's certificate covers by default: the domain and `*.domain`,
+/// `localhost`, the loopback addresses, `extra` (`--tls-name`) and every specific IP address in
+/// `listeners` (an agent dialling the address the relay was told to listen on must find it in the
+/// certificate; unspecified addresses, `0.0.0.0` and `::`, name nothing).
+pub fn default_names(domain: &str, extra: &[String], listeners: &[SocketAddr]) -> Vec<String> {
     let mut names = vec![domain.to_owned(), format!("*.{domain}")];
     for n in ["localhost", "127.0.0.1", "::1"] {
         names.push(n.to_owned());
     }
     names.extend(extra.iter().cloned());
-    names.dedup();
+    names.extend(
+        listeners.iter().map(|a| a.ip()).filter(|ip| !ip.is_unspecified()).map(|ip| ip.to_string()),
+    );
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cover_specific_listener_addresses_once() {
+        let listeners: Vec<SocketAddr> =
+            ["10.251.0.1:7443", "0.0.0.0:80", "[::]:443", "127.0.0.1:9000", "[fd00::1]:7443"]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect();
+        let names = default_names("example.com", &["relay.example.net".into()], &listeners);
+        assert_eq!(
+            names,
+            [
+                "example.com",
+                "*.example.com",
+                "localhost",
+                "127.0.0.1",
+                "::1",
+                "relay.example.net",
+                "10.251.0.1",
+                "fd00::1"
+            ]
+        );
+    }
 }

@@ -633,7 +633,7 @@ mod tests {
     }
 
     fn dev_ca(tmp: &TempDir, domain: &str) -> DevCa {
-        certs::load_or_create(&tmp.0.join("data"), &certs::default_names(domain, &[])).unwrap()
+        certs::load_or_create(&tmp.0.join("data"), &certs::default_names(domain, &[], &[])).unwrap()
     }
 
     fn store(tmp: &TempDir, ca: &DevCa, domain: &str, dir: bool) -> Arc<CertStore> {

@@ -87,7 +87,11 @@ struct Args {
     /// relay's work is the kernel's network stack, which needs the other cores).
     #[arg(long, value_name = "N", env = "WARREN_THREADS")]
     threads: Option<usize>,
-    /// Extra host name or IP address for the relay's certificate (repeatable).
+    /// Extra host name or IP address for the relay's certificate (repeatable). The certificate
+    /// already names the domain, `*.domain`, localhost, 127.0.0.1, ::1 and every specific IP
+    /// address given to --control, --http, --https and --api; add the names agents dial
+    /// otherwise (a public DNS name, or the address of a relay listening on 0.0.0.0), e.g.
+    /// `--tls-name relay.example.com --tls-name 203.0.113.7`.
     #[arg(long = "tls-name", value_name = "NAME")]
     tls_names: Vec<String>,
     /// Public HTTPS listener: HTTP tunnels over TLS (HTTP/1.1 and HTTP/2) and TLS tunnels

@@ -146,6 +146,15 @@ fn files_named(dir: &Path, keep: impl Fn(&str) -> bool) -> std::io::Result<Vec<P
     Ok(out)
 }
 
+/// The addresses the relay's listeners are told to bind: control, HTTP, and HTTPS and API when
+/// enabled.
+fn listener_addrs(config: &RelayConfig) -> Vec<SocketAddr> {
+    [Some(config.control), Some(config.http), config.https, config.api]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 impl Relay {
     /// Prepares certificates and binds the control port and the HTTP listener.
     pub async fn bind(config: RelayConfig) -> Result<BoundRelay, RelayError> {
@@ -155,7 +164,7 @@ impl Relay {
         secure_data_dir(&config.data_dir).map_err(RelayError::DataDir)?;
         let ca = certs::load_or_create(
             &config.data_dir,
-            &certs::default_names(&config.domain, &config.tls_names),
+            &certs::default_names(&config.domain, &config.tls_names, &listener_addrs(&config)),
         )?;
         let reset_key = certs::load_or_create_secret(&config.data_dir.join("quic-reset-key"))?;
         let control =

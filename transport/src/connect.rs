@@ -89,11 +89,64 @@ impl fmt::Display for RelayAddr {
 pub struct ConnectError {
     /// The relay as given.
     pub relay: String,
+    /// The host the agent dialled (the name its certificate must carry).
+    pub host: String,
     /// Each transport tried and why it failed.
     pub attempts: Vec<(TransportKind, String)>,
     /// True when the relay answered but its certificate was not trusted: retrying will not
-    /// help until the trust settings change.
+    /// help until the trust settings change. Set together with `trust`.
     pub untrusted: bool,
+    /// What was wrong with the relay's certificate, when `untrusted`.
+    pub trust: Option<TrustProblem>,
+}
+
+/// Why the relay's certificate was refused, for a hint that tells the user what to change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TrustProblem {
+    /// Signed by a CA the agent does not trust (or by another CA of the same name, or not
+    /// matching the pinned fingerprint).
+    UnknownCa,
+    /// Signed by a trusted CA, but not for the host the agent dialled.
+    WrongName,
+    /// Expired or not valid yet.
+    Time,
+    /// Refused for another reason.
+    Other,
+}
+
+impl TrustProblem {
+    /// Classifies a handshake failure message (rustls' text, as QUIC and TLS report it); `None`
+    /// when the failure was not about the certificate.
+    pub fn of(msg: &str) -> Option<Self> {
+        let m = msg.to_ascii_lowercase();
+        if !m.contains("certificate") && !m.contains("fingerprint") {
+            return None;
+        }
+        let any = |needles: &[&str]| needles.iter().any(|n| m.contains(n));
+        Some(if any(&["notvalidforname", "not valid for name"]) {
+            Self::WrongName
+        } else if any(&["unknownissuer", "badsignature", "fingerprint"]) {
+            // Every warren development CA has the same name, so one relay's certificate checked
+            // against another relay's CA fails on its signature rather than its issuer.
+            Self::UnknownCa
+        } else if any(&["expired", "notvalidyet", "not valid yet"]) {
+            Self::Time
+        } else {
+            Self::Other
+        })
+    }
+}
+
+impl ConnectError {
+    /// Records a failed attempt, noting whether it was about the relay's certificate.
+    fn attempt(&mut self, kind: TransportKind, why: String) {
+        if let Some(problem) = TrustProblem::of(&why) {
+            self.untrusted = true;
+            self.trust.get_or_insert(problem);
+        }
+        self.attempts.push((kind, why));
+    }
 }
 
 impl fmt::Display for ConnectError {
@@ -102,23 +155,36 @@ impl fmt::Display for ConnectError {
         for (kind, why) in &self.attempts {
             write!(f, "; over {kind}: {why}")?;
         }
-        if self.untrusted {
-            write!(
+        let host = &self.host;
+        match self.trust {
+            None => Ok(()),
+            Some(TrustProblem::UnknownCa) => write!(
+                f,
+                " (the relay's certificate is signed by a CA this agent does not trust: pass \
+                 --relay-ca FILE with the relay's DATA/ca.pem, or --relay-fingerprint with the \
+                 fingerprint the relay printed)"
+            ),
+            Some(TrustProblem::WrongName) => write!(
+                f,
+                " (the relay's certificate is trusted but does not name {host}: start the relay \
+                 with --tls-name {host}, or connect by a name its certificate has; \
+                 `openssl x509 -in DATA/relay.pem -noout -ext subjectAltName` lists them)"
+            ),
+            Some(TrustProblem::Time) => write!(
+                f,
+                " (the relay's certificate is expired or not valid yet: check the clocks of this \
+                 machine and the relay, and restart the relay to reissue its certificate)"
+            ),
+            Some(TrustProblem::Other) => write!(
                 f,
                 " (the relay's certificate is not trusted: pass --relay-ca DATA/ca.pem or \
                  --relay-fingerprint with the fingerprint the relay printed)"
-            )?;
+            ),
         }
-        Ok(())
     }
 }
 
 impl std::error::Error for ConnectError {}
-
-fn is_untrusted(msg: &str) -> bool {
-    let m = msg.to_ascii_lowercase();
-    m.contains("certificate") || m.contains("fingerprint")
-}
 
 /// Connects to the relay with the given transport mode and TLS client configuration.
 pub async fn connect(
@@ -126,7 +192,13 @@ pub async fn connect(
     mode: Mode,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Session, ConnectError> {
-    let mut err = ConnectError { relay: relay.to_string(), attempts: Vec::new(), untrusted: false };
+    let mut err = ConnectError {
+        relay: relay.to_string(),
+        host: relay.host.clone(),
+        attempts: Vec::new(),
+        untrusted: false,
+        trust: None,
+    };
     let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((relay.host.as_str(), relay.port))
         .await
     {
@@ -154,17 +226,17 @@ pub async fn connect(
         };
         match tokio::time::timeout(limit, connect_quic(&addrs, &relay.host, tls.clone())).await {
             Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => err.attempts.push((TransportKind::Quic, e.to_string())),
-            Err(_) => err.attempts.push((
+            Ok(Err(e)) => err.attempt(TransportKind::Quic, e.to_string()),
+            Err(_) => err.attempt(
                 TransportKind::Quic,
                 format!("no answer within {} ms (UDP blocked?)", limit.as_millis()),
-            )),
+            ),
         }
-        if let Some((_, why)) = err.attempts.last() {
-            err.untrusted |= is_untrusted(why);
-            if mode == Mode::Auto && !err.untrusted {
-                tracing::warn!(relay = %relay, reason = %why, "QUIC failed; falling back to TLS over TCP");
-            }
+        if let Some((_, why)) = err.attempts.last()
+            && mode == Mode::Auto
+            && !err.untrusted
+        {
+            tracing::warn!(relay = %relay, reason = %why, "QUIC failed; falling back to TLS over TCP");
         }
         if mode == Mode::Quic || err.untrusted {
             return Err(err);
@@ -173,13 +245,11 @@ pub async fn connect(
     match tokio::time::timeout(tuning::HANDSHAKE_TIMEOUT, connect_tcp(&addrs, name, tls)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => {
-            let why = e.to_string();
-            err.untrusted |= is_untrusted(&why);
-            err.attempts.push((TransportKind::Tcp, why));
+            err.attempt(TransportKind::Tcp, e.to_string());
             Err(err)
         }
         Err(_) => {
-            err.attempts.push((TransportKind::Tcp, "TCP/TLS handshake timed out".into()));
+            err.attempt(TransportKind::Tcp, "TCP/TLS handshake timed out".into());
             Err(err)
         }
     }
@@ -259,5 +329,23 @@ mod tests {
         assert!("example.com".parse::<RelayAddr>().is_err());
         assert!("example.com:0".parse::<RelayAddr>().is_err());
         assert!(":7443".parse::<RelayAddr>().is_err());
+    }
+
+    #[test]
+    fn certificate_failures_are_told_apart() {
+        use rustls::{CertificateError as C, Error};
+        let of = |e: C| TrustProblem::of(&Error::InvalidCertificate(e).to_string());
+        assert_eq!(of(C::UnknownIssuer), Some(TrustProblem::UnknownCa));
+        assert_eq!(of(C::NotValidForName), Some(TrustProblem::WrongName));
+        let name = ServerName::IpAddress(std::net::Ipv4Addr::new(127, 0, 0, 4).into());
+        let ctx = C::NotValidForNameContext { expected: name, presented: vec!["localhost".into()] };
+        assert_eq!(of(ctx), Some(TrustProblem::WrongName));
+        assert_eq!(of(C::Expired), Some(TrustProblem::Time));
+        assert_eq!(of(C::NotValidYet), Some(TrustProblem::Time));
+        assert_eq!(of(C::BadSignature), Some(TrustProblem::UnknownCa));
+        assert_eq!(of(C::UnhandledCriticalExtension), Some(TrustProblem::Other));
+        let pin = "the relay's certificate does not match the pinned fingerprint";
+        assert_eq!(TrustProblem::of(pin), Some(TrustProblem::UnknownCa));
+        assert_eq!(TrustProblem::of("connection refused"), None);
     }
 }

@@ -26,7 +26,7 @@ pub mod session;
 pub mod splice;
 pub mod tls;
 
-pub use connect::{ConnectError, Mode, RelayAddr, connect};
+pub use connect::{ConnectError, Mode, RelayAddr, TrustProblem, connect};
 pub use control::{ControlError, ControlReader, ControlWriter};
 pub use listen::{Accepted, ControlListener};
 pub use session::{Session, Stream, TransportKind};
