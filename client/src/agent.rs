@@ -809,6 +809,19 @@ impl Handler<'_> {
                     let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
                 }
             }
+            Message::TunnelClosed { tunnel, code: ErrorCode::Replaced, message } => {
+                let gone = self
+                    .tunnels
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&tunnel)
+                    .map(|s| s.name.clone());
+                let name = gone.map_or_else(|| "?".to_owned(), |n| n.to_string());
+                warn!(tunnel = %name, reason = %message, "another session of this agent took the tunnel over; stopping (give each command its own --name, or stop the other one)");
+                return Err(Failure::Fatal(format!(
+                    "relay {relay}: tunnel {name} taken over: {message}"
+                )));
+            }
             Message::TunnelClosed { code, message, .. } => {
                 return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
             }

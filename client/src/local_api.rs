@@ -501,11 +501,9 @@ fn spec_from(body: &Value) -> Result<TunnelSpec, ApiError> {
         _ => return Err(invalid("addr: PORT or HOST:PORT of the local service")),
     };
     let target: Target = addr.parse().map_err(invalid)?;
-    let name = match text("name") {
-        Some(n) => TunnelName::parse(n).map_err(|e| invalid(e.to_string()))?,
-        None => TunnelSpec::default_name(protocol, &target),
-    };
-    let mut spec = TunnelSpec::new(name, protocol, target);
+    let name =
+        text("name").map(TunnelName::parse).transpose().map_err(|e| invalid(e.to_string()))?;
+    let mut spec = TunnelSpec::unnamed(protocol, target);
     for (k, v) in obj {
         match k.as_str() {
             "name" | "proto" | "addr" => {}
@@ -537,6 +535,7 @@ fn spec_from(body: &Value) -> Result<TunnelSpec, ApiError> {
             other => return Err(invalid(format!("unknown field {other:?}"))),
         }
     }
+    spec.name_or_default(name);
     spec.check().map_err(invalid)?;
     Ok(spec)
 }

@@ -318,12 +318,12 @@ fn cli_spec(
     pairs: Vec<(&'static str, String)>,
     shape: impl FnOnce(&mut TunnelSpec),
 ) -> anyhow::Result<TunnelSpec> {
-    let name = name.unwrap_or_else(|| TunnelSpec::default_name(protocol, &target));
-    let mut spec = TunnelSpec::new(name, protocol, target);
+    let mut spec = TunnelSpec::unnamed(protocol, target);
     shape(&mut spec);
     for (key, value) in pairs {
         spec.apply(key, &value).map_err(|e| anyhow::anyhow!("--{}: {e}", key.replace('_', "-")))?;
     }
+    spec.name_or_default(name);
     spec.check().map_err(anyhow::Error::msg)?;
     Ok(spec)
 }
@@ -381,7 +381,11 @@ impl AgentApiOpts {
 
 #[derive(Debug, Args)]
 struct TunnelOpts {
-    /// The tunnel's name; its lease is keyed by it (default: PROTO-PORT, e.g. http-8080).
+    /// The tunnel's name; its lease is keyed by it. Default: protocol, target and the URL asked
+    /// for, e.g. http-8080, http-8080-app (--subdomain app), tcp-22-2222 (--remote-port 2222),
+    /// so commands asking for different URLs get separate tunnels and the same command run
+    /// again gets its URL back. Two running commands with one name take the tunnel from each
+    /// other: the older one stops with an error.
     #[arg(long, value_name = "NAME")]
     name: Option<TunnelName>,
 }

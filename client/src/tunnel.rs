@@ -225,6 +225,18 @@ impl TunnelSpec {
         }
     }
 
+    /// A tunnel still to be named by [`Self::name_or_default`] once its options are set, since
+    /// its default name depends on them.
+    pub fn unnamed(protocol: Protocol, target: Target) -> Self {
+        let name = TunnelName::parse("unnamed").unwrap_or_else(|_| unreachable!("a valid name"));
+        Self::new(name, protocol, target)
+    }
+
+    /// Names the tunnel: `name` when one was given, else [`Self::default_name`].
+    pub fn name_or_default(&mut self, name: Option<TunnelName>) {
+        self.name = name.unwrap_or_else(|| self.default_name());
+    }
+
     /// Sets one option from its text form, as a flag or config value gives it. Repeatable
     /// options (basic_auth, allow, deny, header edits) add one entry per call.
     pub fn apply(&mut self, key: &str, value: &str) -> Result<(), String> {
@@ -314,10 +326,42 @@ impl TunnelSpec {
         Subdomain::parse(label).map(Some).map_err(|e| format!("hostname {host}: {e}"))
     }
 
-    /// The default name of a tunnel: protocol and target port, e.g. `http-8080`.
-    pub fn default_name(protocol: Protocol, target: &Target) -> TunnelName {
-        let name = format!("{protocol}-{}", target.port);
-        // Built from a protocol name and digits only.
+    /// The default name of a tunnel: what makes it distinct, so that two commands asking for
+    /// different URLs get two tunnels and the same command run again gets its lease back.
+    /// Protocol, target (the host only when it is not this machine's loopback), then the
+    /// requested hostname, subdomain or remote port: `http-8080`, `http-8080-app`,
+    /// `tcp-10.0.0.5-22-2222`. Bytes a name cannot hold become `_`; a name longer than
+    /// [`TunnelName::MAX_LEN`] keeps its start and ends with a hash of the whole.
+    pub fn default_name(&self) -> TunnelName {
+        let mut parts = vec![self.protocol.to_string()];
+        if !matches!(self.target.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+            parts.push(self.target.host.clone());
+        }
+        parts.push(self.target.port.to_string());
+        if let Some(h) = &self.hostname {
+            parts.push(h.trim_end_matches('.').to_ascii_lowercase());
+        } else if let Some(s) = &self.subdomain {
+            parts.push(s.as_str().to_owned());
+        }
+        if let Some(p) = self.remote_port {
+            parts.push(p.to_string());
+        }
+        let full: String = parts
+            .join("-")
+            .chars()
+            .map(
+                |c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' },
+            )
+            .collect();
+        let name = if full.len() <= TunnelName::MAX_LEN {
+            full
+        } else {
+            let digest = ring::digest::digest(&ring::digest::SHA256, full.as_bytes());
+            let hash: String = digest.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+            // Only ASCII is left, so any byte index is a character boundary.
+            format!("{}-{hash}", &full[..TunnelName::MAX_LEN - hash.len() - 1])
+        };
+        // Built from name bytes only, and cut to the longest name.
         TunnelName::parse(&name).unwrap_or_else(|_| unreachable!("{name} is a valid name"))
     }
 }
@@ -481,6 +525,45 @@ mod tests {
         let mut u = spec(Protocol::Udp);
         u.apply("proxy_protocol", "v1").unwrap();
         assert!(u.check().is_err());
+    }
+
+    #[test]
+    fn default_names_tell_tunnels_apart() {
+        let name = |p: Protocol, target: &str, shape: &dyn Fn(&mut TunnelSpec)| {
+            let mut spec = TunnelSpec::unnamed(p, target.parse().unwrap());
+            shape(&mut spec);
+            spec.name_or_default(None);
+            spec.name.as_str().to_owned()
+        };
+        assert_eq!(name(Protocol::Http, "8080", &|_| {}), "http-8080");
+        assert_eq!(name(Protocol::Http, "localhost:8080", &|_| {}), "http-8080");
+        let sub = |s: &str| Subdomain::parse(s).unwrap();
+        assert_eq!(
+            name(Protocol::Http, "8080", &|t| t.subdomain = Some(sub("app"))),
+            "http-8080-app"
+        );
+        assert_eq!(
+            name(Protocol::Tls, "8443", &|t| t.hostname = Some("Api.Example.COM.".into())),
+            "tls-8443-api.example.com"
+        );
+        assert_eq!(
+            name(Protocol::Tcp, "10.0.0.5:22", &|t| t.remote_port = Some(2222)),
+            "tcp-10.0.0.5-22-2222"
+        );
+        assert_eq!(name(Protocol::Udp, "[fd00::1]:53", &|_| {}), "udp-fd00__1-53");
+        // Too long: the start kept, a hash of the whole at the end, still distinct.
+        let long = |c: &'static str| {
+            move |t: &mut TunnelSpec| t.hostname = Some(format!("{}.example.com", c.repeat(60)))
+        };
+        let (a, b) =
+            (name(Protocol::Http, "80", &long("a")), name(Protocol::Http, "80", &long("b")));
+        assert_eq!(a.len(), TunnelName::MAX_LEN, "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, name(Protocol::Http, "80", &long("a")), "stable across runs");
+        // A given name is kept as it is.
+        let mut spec = TunnelSpec::unnamed(Protocol::Http, "8080".parse().unwrap());
+        spec.name_or_default(Some(TunnelName::parse("web").unwrap()));
+        assert_eq!(spec.name.as_str(), "web");
     }
 
     #[test]

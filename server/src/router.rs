@@ -563,16 +563,7 @@ impl Router {
                 entry.offline_since = None;
                 let (sub, port) = (entry.subdomain.clone(), entry.port);
                 st.journal_put(&key, None);
-                if let Some(old) = previous.filter(|o| o.session_id != session_id) {
-                    let _ = old.notify.try_send(Message::TunnelClosed {
-                        tunnel: old.tunnel,
-                        code: ErrorCode::Replaced,
-                        message: format!(
-                            "tunnel {} was taken over by a newer session of agent {}",
-                            req.name, owner.agent
-                        ),
-                    });
-                }
+                tell_replaced(previous, &req.name, owner, ctx);
                 return Ok(Bound {
                     req: req.req,
                     tunnel: id,
@@ -582,7 +573,10 @@ impl Router {
                     notice,
                 });
             }
-            // The same tunnel name now asks for something else: its old lease goes.
+            // The same tunnel name now asks for something else: its old lease goes, and the
+            // session serving it learns that it lost it.
+            let previous = st.entries.get(&key).and_then(|e| e.live.send_replace(None));
+            tell_replaced(previous, &req.name, owner, ctx);
             remove(st, &key);
         }
 
@@ -815,6 +809,22 @@ impl Router {
         let st = self.lock();
         let live = st.entries.values().filter(|e| e.live.borrow().is_some()).count();
         RouterStats { live, offline: st.entries.len() - live }
+    }
+}
+
+/// Tells the session that served a tunnel, if another one did, that a newer session of the same
+/// agent took it over, and from where: that agent stops rather than serve nothing.
+fn tell_replaced(previous: Option<Live>, name: &TunnelName, owner: &Owner, ctx: &SessionCtx) {
+    if let Some(old) = previous.filter(|o| o.session_id != ctx.session_id) {
+        let _ = old.notify.try_send(Message::TunnelClosed {
+            tunnel: old.tunnel,
+            code: ErrorCode::Replaced,
+            message: format!(
+                "tunnel {name} was taken over by a newer session of agent {} from {}",
+                owner.agent,
+                ctx.session.remote_addr()
+            ),
+        });
     }
 }
 
