@@ -47,15 +47,10 @@ struct AgentsFile {
     agents: Vec<AgentRecord>,
 }
 
-/// Creates `dir` (and its parents) when missing; the directory itself gets mode 0700.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    warren_server::util::private_dir(dir)
-}
-
 /// The API token in `dir/api-token`, generated there (0600) when absent. Two agents starting
 /// at once end up with the same token.
 pub fn load_or_create_token(dir: &Path) -> Result<(String, PathBuf), String> {
-    let path = dir.join(TOKEN_FILE);
+    let path = crate::identity::private_config_file(dir, TOKEN_FILE)?;
     let read = |path: &Path| -> Result<Option<String>, String> {
         match std::fs::read_to_string(path) {
             Ok(s) if s.trim().len() >= 16 => Ok(Some(s.trim().to_owned())),
@@ -69,24 +64,16 @@ pub fn load_or_create_token(dir: &Path) -> Result<(String, PathBuf), String> {
         }
     };
     if let Some(token) = read(&path)? {
-        let _ = warren_server::util::check_private_file(&path);
         return Ok((token, path));
     }
-    private_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let token = warren_server::util::random_alnum(40);
-    let tmp = dir.join(format!(".{TOKEN_FILE}.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    warren_server::util::write_private(&tmp, format!("{token}\n").as_bytes())
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    // Whoever links first wins; the others read what it wrote.
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok((token, path)),
-        Err(_) => read(&path)?.map(|t| (t, path.clone())).ok_or_else(|| {
-            format!("{}: cannot create the API token file", dir.join(TOKEN_FILE).display())
-        }),
+    if crate::identity::write_once(&path, &format!("{token}\n"))? {
+        return Ok((token, path));
     }
+    // Another agent made it first: use what it wrote.
+    read(&path)?
+        .map(|t| (t, path.clone()))
+        .ok_or_else(|| format!("{}: cannot create the API token file", path.display()))
 }
 
 /// Whether process `pid` is alive (exists, whoever owns it).
@@ -108,7 +95,8 @@ fn now_ms() -> u64 {
 fn update(dir: &Path, change: impl FnOnce(&mut Vec<AgentRecord>)) -> Result<(), String> {
     use nix::fcntl::{Flock, FlockArg};
     use std::os::unix::fs::OpenOptionsExt;
-    private_dir(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    warren_server::util::private_dir(dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let lock_path = dir.join(format!("{AGENTS_FILE}.lock"));
     let lock = OpenOptions::new()
         .create(true)

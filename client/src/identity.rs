@@ -55,20 +55,24 @@ pub fn load_or_create(dir: &Path) -> Result<AgentId, String> {
     let suffix = warren_server::util::random_alnum(8);
     let id = AgentId::parse(&format!("{}-{suffix}", hostname()))
         .map_err(|e| format!("generated agent id: {e}"))?;
-    // Two agents starting at once must end up with the same identity: write to a temporary file
-    // and link it into place, keeping whichever came first.
-    let tmp = dir.join(format!(".agent-id.{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    warren_server::util::write_private(&tmp, format!("{id}\n").as_bytes())
-        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
-    let linked = std::fs::hard_link(&tmp, &path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(id),
-        Err(_) => {
-            let s = std::fs::read_to_string(&path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()))
-        }
+    if write_once(&path, &format!("{id}\n"))? {
+        return Ok(id);
     }
+    let s =
+        std::fs::read_to_string(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    AgentId::parse(s.trim()).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Creates the secret file `path` (0600) holding `contents` unless it exists; `false` when
+/// another process made it first. Two agents starting at once must end up with the same file:
+/// it is written to a temporary file and linked into place, and whoever links first wins.
+pub fn write_once(path: &Path, contents: &str) -> Result<bool, String> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    warren_server::util::write_private(&tmp, contents.as_bytes())
+        .map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    Ok(linked.is_ok())
 }

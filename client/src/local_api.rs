@@ -132,13 +132,7 @@ async fn require_token(
     if open {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim());
+    let presented = warren_web::guard::bearer(req.headers());
     let ok = presented.is_some_and(|t| {
         use subtle::ConstantTimeEq;
         t.len() == access.token.len() && bool::from(t.as_bytes().ct_eq(access.token.as_bytes()))

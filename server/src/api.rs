@@ -30,6 +30,7 @@ use crate::store::{
     ForwardRecord, Reservation, Reserved, Store, StoreError, TokenLimits, TokenRecord,
 };
 use crate::util::{random_alnum, rfc3339, unix_now};
+use warren_web::guard::bearer;
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -110,19 +111,6 @@ impl Caller {
             Self::Agent(a) => a.id == token,
         }
     }
-}
-
-/// The bearer token of a request, if it sent one.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
-        })
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
 }
 
 fn caller(state: &ApiState, headers: &HeaderMap) -> ApiResult<Caller> {

@@ -187,13 +187,11 @@ async fn forwards_are_opened_kept_and_closed() {
     let tmp = TempDir::new("forwards");
     let mut relay = Relay::start(RelayOpts::default()).await;
     let backend = HttpBackend::start().await;
-    let mut agent = spawn(
-        &relay,
-        &tmp,
-        "fw-agent",
-        relay.token(),
-        &["agent", "--agent-id", "laptop", "--allow-forward", "127.0.0.0/8"],
-    );
+    let start_agent = |relay: &Relay| {
+        let args = ["agent", "--agent-id", "laptop", "--allow-forward", "127.0.0.0/8"];
+        spawn(relay, &tmp, "fw-agent", relay.token(), &args)
+    };
+    let mut agent = start_agent(&relay);
     let relay_ref = &relay;
     eventually(IO_TIMEOUT, || async move {
         let (_, v) = call(relay_ref, "GET", "/api/v1/agents", ADMIN_TOKEN, None).await;
@@ -249,13 +247,7 @@ async fn forwards_are_opened_kept_and_closed() {
     })
     .await;
     agent.kill().await;
-    let mut agent = spawn(
-        &relay,
-        &tmp,
-        "fw-agent",
-        relay.token(),
-        &["agent", "--agent-id", "laptop", "--allow-forward", "127.0.0.0/8"],
-    );
+    let mut agent = start_agent(&relay);
     eventually(Duration::from_secs(15), || {
         let (host, greeting) = (host2.clone(), greeting.clone());
         async move { expect_get(relay_ref.http_addr, &host, &greeting).await }
