@@ -441,6 +441,13 @@ struct ConnOpts {
     allow_forward: Vec<ForwardRule>,
 }
 
+impl ConnOpts {
+    /// `--config-dir`, else the default config directory.
+    fn config_dir(&self) -> PathBuf {
+        self.config_dir.clone().unwrap_or_else(identity::default_config_dir)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::NetSandboxChild { network, cmd } = &cli.command {
@@ -736,7 +743,7 @@ async fn run_daemon(
     let networks = if net.no_networks {
         warren_client::net::api::absent_router()
     } else {
-        let dir = conn.config_dir.clone().unwrap_or_else(identity::default_config_dir);
+        let dir = conn.config_dir();
         let mut cfg = warren_client::net::NetConfig::new(&dir);
         cfg.pool = net.net_pool;
         cfg.ttl = net.dns_ttl;
@@ -841,7 +848,7 @@ impl ApiSettings {
     /// The token (given, or generated into the config directory) and the hosts; an address
     /// others can reach needs a token given on purpose.
     fn from(conn: &ConnOpts) -> anyhow::Result<Self> {
-        let config_dir = conn.config_dir.clone().unwrap_or_else(identity::default_config_dir);
+        let config_dir = conn.config_dir();
         let given = conn.api_token.clone().filter(|t| !t.trim().is_empty());
         if !conn.api.ip().is_loopback() && given.is_none() {
             anyhow::bail!(
