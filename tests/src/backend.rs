@@ -56,7 +56,7 @@ impl HttpBackend {
             .route("/hop-by-hop", get(hop_by_hop))
             .route("/ws", get(ws))
             .layer(DefaultBodyLimit::max(ECHO_LIMIT));
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http backend");
+        let listener = listen_local().expect("bind http backend");
         let addr = listener.local_addr().expect("backend addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -145,7 +145,7 @@ pub struct EchoBackend {
 impl EchoBackend {
     /// Starts the echo server.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo backend");
+        let listener = listen_local().expect("bind echo backend");
         let addr = listener.local_addr().expect("echo addr");
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
@@ -184,4 +184,15 @@ impl Drop for EchoBackend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A listener on `127.0.0.1`, a free port, with the system's largest accept queue. A test that
+/// connects thousands of times would otherwise overflow the default queue (1024): the kernel
+/// then completes the client's handshake but drops the connection before `accept`, and a client
+/// that sends nothing never finds out.
+fn listen_local() -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+    // The kernel caps this at net.core.somaxconn.
+    socket.listen(65_535)
 }

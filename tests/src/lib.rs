@@ -178,8 +178,13 @@ pub struct TcpSetup {
 impl TcpSetup {
     /// Starts everything with `--transport t` and waits for the URL.
     pub async fn start(t: Transport) -> Self {
+        Self::start_with(RelayOpts::default(), t).await
+    }
+
+    /// Same with relay options.
+    pub async fn start_with(opts: RelayOpts, t: Transport) -> Self {
         let tmp = TempDir::new("tcp");
-        let relay = Relay::start_default().await;
+        let relay = Relay::start(opts).await;
         let backend = EchoBackend::start().await;
         let mut agent = relay.spawn_agent(
             "tcp-agent",
