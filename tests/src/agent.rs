@@ -256,6 +256,12 @@ impl Agent {
         self.proc.id()
     }
 
+    /// The agent's resident memory now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when
+    /// the agent is not running.
+    pub fn rss_bytes(&self) -> u64 {
+        crate::util::rss_bytes(self.pid().expect("the agent is not running"))
+    }
+
     /// SIGKILL and wait until the process is gone.
     pub async fn kill(&mut self) {
         self.proc.kill().await;

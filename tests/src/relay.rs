@@ -200,16 +200,7 @@ impl Relay {
     /// The relay's resident memory now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when
     /// the relay is not running.
     pub fn rss_bytes(&self) -> u64 {
-        let pid = self.pid().expect("the relay is not running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-        let kib = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
-        kib * 1024
+        crate::util::rss_bytes(self.pid().expect("the relay is not running"))
     }
 
     /// SIGKILLs the relay and waits until it is gone.
