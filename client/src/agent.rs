@@ -8,14 +8,12 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_proto::message::Token;
 use warren_proto::overlay::NetMessage;
-use warren_proto::{
-    AgentId, Bind, Bound, ErrorCode, Hello, Message, Preface, Subdomain, TunnelName,
-};
+use warren_proto::session::{AgentEvent as Event, AgentSession as Machine, Timing};
+use warren_proto::{AgentId, Bind, ErrorCode, Hello, Preface, Subdomain, TunnelName};
 use warren_transport::{
     ControlError, ControlReader, ControlWriter, Mode, RelayAddr, Session, Stream, Trust,
 };
@@ -465,6 +463,24 @@ async fn session_once(
     result
 }
 
+/// Where a bind came from, and so what its answer means.
+enum BindOrigin {
+    /// One of the tunnels the session binds when it starts; `before` is what the previous
+    /// session was granted.
+    Start { before: Option<Granted> },
+    /// Asked for through the local API while the session ran.
+    Added(AddReply),
+}
+
+/// A bind in flight.
+struct PendingBind {
+    spec: TunnelSpec,
+    origin: BindOrigin,
+}
+
+/// Drives one session: the control stream's protocol is [`warren_proto::session::AgentSession`]'s;
+/// this loop only reads and writes the stream, keeps the clock, and decides what the machine's
+/// events mean for the agent (tunnels, forwards, the local API's requests, the overlay).
 async fn serve_session(
     cfg: &AgentConfig,
     session: &Session,
@@ -475,64 +491,56 @@ async fn serve_session(
     inbox: &mut AgentInbox,
 ) -> Result<End, Failure> {
     let relay = &cfg.relay;
-    let allow_forward = &cfg.allow_forward;
     let state = inbox.state.clone();
     let control = session.open().await?;
     let (rd, wr) = tokio::io::split(control);
     let mut reader = ControlReader::new(rd);
     let mut writer = ControlWriter::new(wr);
-    let hello = Message::Hello(Hello {
+    let timing = Timing {
+        heartbeat: HEARTBEAT,
+        dead_after: DEAD_AFTER,
+        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
+    };
+    let hello = Hello {
         token: cfg.token.clone(),
         agent_id: cfg.agent_id.clone(),
         agent_version: crate::VERSION.into(),
-    });
-    writer.send_with_preface(Preface::ours(), &hello).await?;
-    let welcome = match tokio::time::timeout(
-        warren_transport::tuning::HANDSHAKE_TIMEOUT,
-        reader.recv(),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(Failure::Retry("the relay did not answer the handshake in time".into()));
-        }
-        Ok(r) => r?,
     };
-    let welcome = match welcome {
-        Message::Welcome(w) => w,
-        Message::Error {
-            code: code @ (ErrorCode::Unauthorized | ErrorCode::VersionMismatch),
-            message,
-            ..
-        } => {
-            return Err(Failure::Fatal(format!(
-                "relay {relay} refused the session: {code}: {message}"
-            )));
-        }
-        // Not a wrong token (it was not even checked): try again later.
-        Message::Error { code: ErrorCode::Throttled, message, .. } => {
-            return Err(Failure::Retry(format!(
-                "relay {relay} refuses this address for now: {message} (an agent or script on \
-                 this host keeps using a wrong token; fix its --token or stop it)"
-            )));
-        }
-        Message::Error { code, message, .. } => {
-            return Err(Failure::Retry(format!(
-                "relay {relay} refused the session: {code}: {message}"
-            )));
-        }
-        other => {
-            return Err(Failure::Retry(format!(
-                "unexpected first message from the relay: {other:?}"
-            )));
-        }
-    };
-    if !warren_proto::SUPPORTED_VERSIONS.contains(&welcome.version) {
-        return Err(Failure::Fatal(format!(
-            "relay {relay} chose protocol version {}, which this agent does not speak; upgrade the agent",
-            welcome.version
-        )));
+    let mut m = Machine::new(hello, std::time::Instant::now(), timing);
+    if let Some(first) = m.poll_transmit() {
+        writer.send_with_preface(Preface::ours(), &first).await?;
     }
+
+    // The greeting: nothing but the relay's Welcome (or refusal) matters until it ends.
+    let welcome = loop {
+        match m.poll_event() {
+            Some(Event::Welcomed(w)) => break w,
+            Some(Event::Refused { code, message }) => {
+                return Err(match code {
+                    ErrorCode::Unauthorized | ErrorCode::VersionMismatch => Failure::Fatal(
+                        format!("relay {relay} refused the session: {code}: {message}"),
+                    ),
+                    // Not a wrong token (it was not even checked): try again later.
+                    ErrorCode::Throttled => Failure::Retry(format!(
+                        "relay {relay} refuses this address for now: {message} (an agent or \
+                         script on this host keeps using a wrong token; fix its --token or stop \
+                         it)"
+                    )),
+                    _ => Failure::Retry(format!(
+                        "relay {relay} refused the session: {code}: {message}"
+                    )),
+                });
+            }
+            Some(Event::Lost(why)) => return Err(Failure::Retry(why)),
+            Some(_) => continue,
+            None => {}
+        }
+        tokio::select! {
+            msg = reader.recv() => m.handle_message(msg?, std::time::Instant::now()),
+            () = warren_transport::control::sleep_until(m.poll_timeout()) => m.handle_timeout(std::time::Instant::now()),
+            () = shutdown.cancelled() => return Ok(End::Shutdown),
+        }
+    };
     *ever_connected = true;
     info!(
         relay = %relay,
@@ -542,121 +550,48 @@ async fn serve_session(
         "connected to relay"
     );
 
-    // The messages the relay may send at any time (forwards it reopens, pings, overlay pushes,
-    // answers to other requests) are handled the same way while the tunnels are being bound
-    // as afterwards: each answer is matched to its request by id.
     let overlay = state.overlay();
     let mut h = Handler {
-        relay,
-        allow_forward,
+        cfg,
         state: &state,
         events,
         overlay: overlay.clone(),
         tunnels: Tunnels::default(),
         granted,
-        adding: HashMap::new(),
+        binds: HashMap::new(),
         net_calls: HashMap::new(),
     };
-    // Bind every tunnel, in order, asking again for what earlier binds were granted.
-    let desired = state.desired();
-    // A refusal of a tunnel the agent was started with ends the agent; one added while it ran
-    // (local API, Docker labels) while the relay was away is dropped alone, with a warning.
-    let added_later = |spec: &TunnelSpec| !cfg.tunnels.iter().any(|t| t.name == spec.name);
-    for (i, spec) in desired.iter().enumerate() {
+    // Every tunnel is asked for at once, with what earlier binds were granted; the answers are
+    // matched to the binds by request id, whatever else the relay sends in between.
+    let now = std::time::Instant::now();
+    for spec in state.desired() {
         let before = h.granted.get(&spec.name).cloned();
-        let req = (i + 1) as u32;
         let wanted = match spec.wanted_subdomain(&welcome.domain) {
             Ok(w) => w,
-            Err(e) if added_later(spec) => {
+            Err(e) if h.added_later(&spec) => {
                 warn!(tunnel = %spec.name, "tunnel dropped: {e}");
                 state.forget(&spec.name);
                 continue;
             }
             Err(e) => return Err(Failure::Fatal(format!("tunnel {}: {e}", spec.name))),
         };
-        let bind = Bind {
-            req,
-            name: spec.name.clone(),
-            protocol: spec.protocol,
-            subdomain: before.as_ref().and_then(|g| g.subdomain.clone()).or(wanted),
-            remote_port: before.as_ref().and_then(|g| g.port).or(spec.remote_port),
-            sticky: before.is_some(),
-            options: spec.options.clone(),
-        };
-        writer.send(&Message::Bind(bind)).await?;
-        let deadline = Instant::now() + warren_transport::tuning::HANDSHAKE_TIMEOUT;
-        let reply: Result<Bound, (ErrorCode, String)> = loop {
-            let msg = match tokio::time::timeout_at(deadline, reader.recv()).await {
-                Err(_) => {
-                    return Err(Failure::Retry(format!(
-                        "relay {relay} did not answer the bind of tunnel {} within {} s",
-                        spec.name,
-                        warren_transport::tuning::HANDSHAKE_TIMEOUT.as_secs()
-                    )));
-                }
-                Ok(m) => m?,
-            };
-            match msg {
-                Message::Bound(b) if b.req == req => break Ok(b),
-                Message::Error { req: r, code, message } if r == req => break Err((code, message)),
-                other => {
-                    if let Some(end) = h.handle(other, &mut writer).await? {
-                        return Ok(end);
-                    }
-                }
-            }
-        };
-        match reply {
-            Ok(b) => {
-                if !b.notice.is_empty() {
-                    warn!(tunnel = %spec.name, notice = %b.notice, "the relay adjusted the tunnel");
-                }
-                let changed = before.as_ref().is_none_or(|g| g.url != b.url);
-                info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
-                h.granted.insert(
-                    spec.name.clone(),
-                    Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
-                );
-                state.set(spec, Some(b.url.clone()), false);
-                let _ =
-                    events.send(AgentEvent::Bound { name: spec.name.clone(), url: b.url, changed });
-                h.tunnels
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(b.tunnel, Arc::new(spec.clone()));
-            }
-            Err((code, message)) if code.is_fatal() && added_later(spec) => {
-                warn!(tunnel = %spec.name, %code, %message, "the relay refused the tunnel; dropped");
-                state.forget(&spec.name);
-            }
-            Err((code, message)) if code.is_fatal() => {
-                return Err(Failure::Fatal(format!(
-                    "relay {relay} refused tunnel {}: {code}: {message}",
-                    spec.name
-                )));
-            }
-            Err((code, message)) => {
-                return Err(Failure::Retry(format!(
-                    "relay {relay} could not bind tunnel {}: {code}: {message}",
-                    spec.name
-                )));
-            }
-        }
+        let req = m.bind(
+            Bind {
+                req: 0,
+                name: spec.name.clone(),
+                protocol: spec.protocol,
+                subdomain: before.as_ref().and_then(|g| g.subdomain.clone()).or(wanted),
+                remote_port: before.as_ref().and_then(|g| g.port).or(spec.remote_port),
+                sticky: before.is_some(),
+                options: spec.options.clone(),
+            },
+            now,
+        );
+        h.binds.insert(req, PendingBind { spec, origin: BindOrigin::Start { before } });
     }
     let tunnels = h.tunnels.clone();
-    state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut next_req = desired.len() as u32 + 1;
     let domain = welcome.domain.clone();
-    // UDP tunnels may also arrive later as forwards: datagrams are always served over QUIC.
-    let _datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
-        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
-            session.clone(),
-            tunnels.clone(),
-            crate::udp::FLOW_IDLE,
-            overlay.clone(),
-        )))
-    });
-    // The overlay networks use this session until it ends.
+    // Set up once every starting bind is answered.
     struct Down(Option<Arc<dyn OverlayHooks>>);
     impl Drop for Down {
         fn drop(&mut self) {
@@ -665,143 +600,181 @@ async fn serve_session(
             }
         }
     }
-    if let Some(h) = &overlay {
-        h.session_up(session);
-    }
-    let _down = Down(overlay.clone());
-
+    let mut serving: Option<(Option<tokio_util::task::AbortOnDropHandle<()>>, Down)> = None;
     let mut streams = JoinSet::new();
-    let mut last_seen = Instant::now();
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
     loop {
+        while let Some(msg) = m.poll_transmit() {
+            writer.send(&msg).await?;
+        }
+        if let Some(event) = m.poll_event() {
+            if let Some(end) = h.on_event(event, &mut m)? {
+                return Ok(end);
+            }
+            continue;
+        }
+        if serving.is_none()
+            && !h.binds.values().any(|b| matches!(b.origin, BindOrigin::Start { .. }))
+        {
+            state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+            // UDP tunnels may also arrive later as forwards: datagrams are always served over
+            // QUIC.
+            let datagrams = (session.kind() == warren_transport::TransportKind::Quic).then(|| {
+                tokio_util::task::AbortOnDropHandle::new(tokio::spawn(crate::udp::serve_datagrams(
+                    session.clone(),
+                    tunnels.clone(),
+                    crate::udp::FLOW_IDLE,
+                    overlay.clone(),
+                )))
+            });
+            // The overlay networks use this session until it ends.
+            if let Some(o) = &overlay {
+                o.session_up(session);
+            }
+            serving = Some((datagrams, Down(overlay.clone())));
+        }
         tokio::select! {
-            s = session.accept() => match s {
+            // Data streams wait in the transport until the starting binds are answered, so none
+            // arrives for a tunnel this loop does not know yet.
+            s = session.accept(), if serving.is_some() => match s {
                 Ok(stream) => {
                     while streams.try_join_next().is_some() {}
                     streams.spawn(forward::handle(stream, tunnels.clone(), state.clone()));
                 }
                 Err(e) => return Ok(End::Lost(format!("session closed: {e}"))),
             },
-            m = reader.recv() => {
-                let msg = match m {
-                    Ok(m) => m,
-                    Err(ControlError::Closed) => return Ok(End::Lost("the relay closed the session".into())),
-                    Err(e) => return Ok(End::Lost(e.to_string())),
-                };
-                last_seen = Instant::now();
-                if let Some(end) = h.handle(msg, &mut writer).await? {
-                    return Ok(end);
+            msg = reader.recv() => match msg {
+                Ok(msg) => m.handle_message(msg, std::time::Instant::now()),
+                Err(ControlError::Closed) => {
+                    return Ok(End::Lost("the relay closed the session".into()));
                 }
-            }
-            Some(cmd) = inbox.control.recv() => match cmd {
-                Control::Add(spec, reply) => {
-                    let spec = *spec;
-                    if state.tunnels().iter().any(|t| t.spec.name == spec.name) {
-                        let _ = reply.send(Err(format!("a tunnel named {} exists", spec.name)));
-                        continue;
-                    }
-                    let subdomain = match spec.wanted_subdomain(&domain) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                            continue;
-                        }
-                    };
-                    let req = next_req;
-                    next_req = next_req.wrapping_add(1).max(1);
-                    writer.send(&Message::Bind(Bind {
-                        req,
-                        name: spec.name.clone(),
-                        protocol: spec.protocol,
-                        subdomain,
-                        remote_port: spec.remote_port,
-                        sticky: false,
-                        options: spec.options.clone(),
-                    })).await?;
-                    state.set(&spec, None, false);
-                    state.desired.lock().unwrap_or_else(|p| p.into_inner()).push(spec.clone());
-                    h.adding.insert(req, (spec, reply));
-                }
-                Control::Remove(name, reply) => {
-                    if state.tunnels().iter().any(|t| t.spec.name == name && t.forwarded) {
-                        // The relay would open it again at the next connection.
-                        let _ = reply.send(false);
-                        continue;
-                    }
-                    let id = tunnels
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .iter()
-                        .find(|(_, s)| s.name == name)
-                        .map(|(id, _)| *id);
-                    if let Some(id) = id {
-                        tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
-                        let req = next_req;
-                        next_req = next_req.wrapping_add(1).max(1);
-                        writer.send(&Message::Unbind { req, tunnel: id }).await?;
-                        h.granted.remove(&name);
-                        info!(tunnel = %name, "tunnel closed through the local API");
-                    }
-                    let _ = reply.send(state.forget(&name) || id.is_some());
-                }
-                Control::Net(call) => {
-                    let req = next_req;
-                    next_req = next_req.wrapping_add(1).max(1);
-                    writer.send(&Message::Net((call.make)(req))).await?;
-                    h.net_calls.insert(req, call.reply);
-                }
-                Control::NetSend(m) => writer.send(&Message::Net(m)).await?,
+                Err(e) => return Ok(End::Lost(e.to_string())),
             },
-            _ = tick.tick() => {
-                if last_seen.elapsed() > DEAD_AFTER {
-                    return Ok(End::Lost(format!("no heartbeat from the relay for {} s", DEAD_AFTER.as_secs())));
-                }
-                nonce += 1;
-                writer.send(&Message::Ping { nonce }).await?;
-            }
+            () = warren_transport::control::sleep_until(m.poll_timeout()) => m.handle_timeout(std::time::Instant::now()),
+            Some(cmd) = inbox.control.recv() => h.on_control(cmd, &mut m, &domain),
             () = shutdown.cancelled() => {
-                let _ = tokio::time::timeout(Duration::from_secs(1), writer.send(&Message::GoAway { code: ErrorCode::ShuttingDown, message: "agent stopping".into() })).await;
+                m.go_away(ErrorCode::ShuttingDown, "agent stopping".into());
+                let flush = async {
+                    while let Some(msg) = m.poll_transmit() {
+                        writer.send(&msg).await?;
+                    }
+                    Ok::<_, ControlError>(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
                 return Ok(End::Shutdown);
             }
         }
     }
 }
 
-/// What the handling of the relay's messages works on. One handler serves a session from the
-/// first bind on, so a message that does not answer the request awaited (a forward the relay
-/// reopens, a ping, an overlay push) is handled the same way in the bind phase as afterwards.
+/// What the session's events mean for the agent. One handler serves a session from the first
+/// bind on, so a message that does not answer a request (a forward the relay reopens, an
+/// overlay push) is handled the same way while the tunnels are being bound as afterwards.
 struct Handler<'a> {
-    relay: &'a RelayAddr,
-    allow_forward: &'a [crate::tunnel::ForwardRule],
+    cfg: &'a AgentConfig,
     state: &'a Arc<AgentState>,
     events: &'a mpsc::UnboundedSender<AgentEvent>,
     overlay: Option<Arc<dyn OverlayHooks>>,
     /// The tunnels this session serves: its binds and the relay's forwards.
     tunnels: Tunnels,
     granted: &'a mut HashMap<TunnelName, Granted>,
-    /// Binds asked for through the local API, by request id.
-    adding: HashMap<u32, (TunnelSpec, AddReply)>,
-    /// Overlay requests, by request id.
+    /// Binds in flight, by request id.
+    binds: HashMap<u32, PendingBind>,
+    /// Overlay requests in flight, by request id.
     net_calls: HashMap<u32, oneshot::Sender<Result<NetMessage, NetCallError>>>,
 }
 
 impl Handler<'_> {
-    /// Handles one message from the relay; `Some` when it ends the session.
-    async fn handle<W: tokio::io::AsyncWrite + Unpin>(
-        &mut self,
-        msg: Message,
-        writer: &mut ControlWriter<W>,
-    ) -> Result<Option<End>, Failure> {
-        let (state, events, relay) = (self.state, self.events, self.relay);
-        match msg {
-            Message::Ping { nonce } => writer.send(&Message::Pong { nonce }).await?,
-            Message::Pong { .. } => {}
-            Message::GoAway { code, message } => {
-                return Ok(Some(End::Lost(format!("the relay is going away ({code}: {message})"))));
+    /// A tunnel the agent was not started with (local API, Docker labels): a refusal drops it
+    /// alone rather than end the agent.
+    fn added_later(&self, spec: &TunnelSpec) -> bool {
+        !self.cfg.tunnels.iter().any(|t| t.name == spec.name)
+    }
+
+    fn serve(&mut self, id: warren_proto::TunnelId, spec: TunnelSpec) {
+        self.tunnels.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(spec));
+    }
+
+    /// Handles one event of the session; `Some` when it ends the session.
+    fn on_event(&mut self, event: Event, m: &mut Machine) -> Result<Option<End>, Failure> {
+        let (state, events, relay) = (self.state, self.events, &self.cfg.relay);
+        match event {
+            Event::BindAnswered { req, result } => {
+                let Some(PendingBind { spec, origin }) = self.binds.remove(&req) else {
+                    return Ok(None);
+                };
+                match (result, origin) {
+                    (Ok(b), origin) => {
+                        if !b.notice.is_empty() {
+                            warn!(tunnel = %spec.name, notice = %b.notice, "the relay adjusted the tunnel");
+                        }
+                        info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
+                        let changed = match &origin {
+                            BindOrigin::Start { before } => {
+                                before.as_ref().is_none_or(|g| g.url != b.url)
+                            }
+                            BindOrigin::Added(_) => true,
+                        };
+                        self.granted.insert(
+                            spec.name.clone(),
+                            Granted {
+                                subdomain: b.subdomain.clone(),
+                                port: b.remote_port,
+                                url: b.url.clone(),
+                            },
+                        );
+                        state.set(&spec, Some(b.url.clone()), false);
+                        let _ = events.send(AgentEvent::Bound {
+                            name: spec.name.clone(),
+                            url: b.url.clone(),
+                            changed,
+                        });
+                        self.serve(b.tunnel, spec);
+                        if let BindOrigin::Added(reply) = origin {
+                            let _ = reply.send(Ok(Some(b.url)));
+                        }
+                    }
+                    (Err((code, message)), BindOrigin::Added(reply)) => {
+                        state.forget(&spec.name);
+                        warn!(tunnel = %spec.name, %code, %message, "the relay refused a tunnel asked for through the local API");
+                        let _ = reply.send(Err(format!("{code}: {message}")));
+                    }
+                    (Err((code, message)), BindOrigin::Start { .. })
+                        if code.is_fatal() && self.added_later(&spec) =>
+                    {
+                        warn!(tunnel = %spec.name, %code, %message, "the relay refused the tunnel; dropped");
+                        state.forget(&spec.name);
+                    }
+                    (Err((code, message)), BindOrigin::Start { .. }) if code.is_fatal() => {
+                        return Err(Failure::Fatal(format!(
+                            "relay {relay} refused tunnel {}: {code}: {message}",
+                            spec.name
+                        )));
+                    }
+                    (Err((code, message)), BindOrigin::Start { .. }) => {
+                        return Err(Failure::Retry(format!(
+                            "relay {relay} could not bind tunnel {}: {code}: {message}",
+                            spec.name
+                        )));
+                    }
+                }
             }
-            Message::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
+            Event::UnbindAnswered { .. } | Event::Welcomed(_) | Event::Refused { .. } => {}
+            Event::NetAnswered { req, result } => {
+                if let Some(reply) = self.net_calls.remove(&req) {
+                    let _ = reply.send(
+                        result.map_err(|(code, message)| NetCallError::Refused { code, message }),
+                    );
+                }
+            }
+            Event::NetPush(msg) => match &self.overlay {
+                Some(h) => h.push(msg),
+                None => warn!("overlay message from the relay, but this agent manages no networks"),
+            },
+            Event::Forward(f) => {
+                let answer = self.forward(&f);
+                m.answer_forward(f.req, answer);
+            }
+            Event::TunnelClosed { tunnel, code: ErrorCode::Removed, message } => {
                 let gone = self.tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&tunnel);
                 if let Some(spec) = gone {
                     state.forget(&spec.name);
@@ -809,7 +782,7 @@ impl Handler<'_> {
                     let _ = events.send(AgentEvent::Removed { name: spec.name.clone() });
                 }
             }
-            Message::TunnelClosed { tunnel, code: ErrorCode::Replaced, message } => {
+            Event::TunnelClosed { tunnel, code: ErrorCode::Replaced, message } => {
                 let gone = self
                     .tunnels
                     .read()
@@ -822,114 +795,115 @@ impl Handler<'_> {
                     "relay {relay}: tunnel {name} taken over: {message}"
                 )));
             }
-            Message::TunnelClosed { code, message, .. } => {
+            Event::TunnelClosed { code, message, .. } => {
                 return Err(Failure::Fatal(format!("relay {relay}: {code}: {message}")));
             }
-            Message::Forward(f) => {
-                let reply = match f.target.parse::<crate::tunnel::Target>() {
-                    Ok(target) if state.is_own_api(&target) => {
-                        warn!(tunnel = %f.name, target = %target, "forward refused: that is this agent's own local API");
-                        Message::Error {
-                            req: f.req,
-                            code: ErrorCode::InvalidRequest,
-                            message: format!(
-                                "{target} is this agent's own local API; it is never published"
-                            ),
-                        }
-                    }
-                    Ok(target) if !self.allow_forward.iter().any(|r| r.covers(&target)) => {
-                        warn!(tunnel = %f.name, target = %target, "forward refused: no --allow-forward covers its target");
-                        Message::Error {
-                            req: f.req,
-                            code: ErrorCode::InvalidRequest,
-                            message: format!(
-                                "this agent accepts no forward to {target}: start it with --allow-forward {target} (or a PORT, CIDR or CIDR:LOW-HIGH that covers it)"
-                            ),
-                        }
-                    }
-                    Ok(target) => {
-                        let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
-                        info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
-                        state.set(&spec, Some(f.url.clone()), true);
-                        self.tunnels
-                            .write()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(f.tunnel, Arc::new(spec));
-                        let _ = events.send(AgentEvent::Bound {
-                            name: f.name.clone(),
-                            url: f.url.clone(),
-                            changed: true,
-                        });
-                        Message::ForwardOk { req: f.req }
-                    }
-                    Err(e) => {
-                        Message::Error { req: f.req, code: ErrorCode::InvalidRequest, message: e }
-                    }
-                };
-                writer.send(&reply).await?;
-            }
-            Message::Bound(b) if self.adding.contains_key(&b.req) => {
-                if let Some((spec, reply)) = self.adding.remove(&b.req) {
-                    info!(tunnel = %spec.name, url = %b.url, target = %spec.target, "tunnel bound");
-                    self.granted.insert(
-                        spec.name.clone(),
-                        Granted { subdomain: b.subdomain, port: b.remote_port, url: b.url.clone() },
-                    );
-                    state.set(&spec, Some(b.url.clone()), false);
-                    self.tunnels
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(b.tunnel, Arc::new(spec.clone()));
-                    let _ = events.send(AgentEvent::Bound {
-                        name: spec.name.clone(),
-                        url: b.url.clone(),
-                        changed: true,
-                    });
-                    let _ = reply.send(Ok(Some(b.url)));
-                }
-            }
-            Message::Error { req, code, message } if self.adding.contains_key(&req) => {
-                if let Some((spec, reply)) = self.adding.remove(&req) {
-                    state.forget(&spec.name);
-                    warn!(tunnel = %spec.name, %code, %message, "the relay refused a tunnel asked for through the local API");
-                    let _ = reply.send(Err(format!("{code}: {message}")));
-                }
-            }
-            Message::Unbound { .. } => {}
-            Message::Net(m) => match m.answers().and_then(|req| self.net_calls.remove(&req)) {
-                Some(reply) => {
-                    let _ = reply.send(Ok(m));
-                }
-                None => match &self.overlay {
-                    Some(h) => h.push(m),
-                    None => {
-                        warn!("overlay message from the relay, but this agent manages no networks")
-                    }
-                },
-            },
-            Message::Error { req, code, message } if self.net_calls.contains_key(&req) => {
-                if let Some(reply) = self.net_calls.remove(&req) {
-                    let _ = reply.send(Err(NetCallError::Refused { code, message }));
-                }
-            }
-            Message::Error { req: 0, code: ErrorCode::Malformed, message } => {
-                return Ok(Some(End::Lost(format!("the relay rejected our frames: {message}"))));
-            }
-            Message::Error { code, message, .. } => {
+            Event::RelayError { code, message } => {
                 warn!(%code, %message, "relay reported an error")
             }
-            Message::Unknown { kind } => {
-                writer
-                    .send(&Message::Error {
-                        req: 0,
-                        code: ErrorCode::UnknownMessage,
-                        message: format!("unknown message type {kind:#x}"),
-                    })
-                    .await?;
+            Event::Unexpected(other) => {
+                warn!(message = ?other, "unexpected message from the relay")
             }
-            other => warn!(message = ?other, "unexpected message from the relay"),
+            Event::Lost(why) => return Ok(Some(End::Lost(why))),
         }
         Ok(None)
+    }
+
+    /// Whether to serve a forward the relay asks for; if so it is served from now on.
+    fn forward(&mut self, f: &warren_proto::Forward) -> Result<(), (ErrorCode, String)> {
+        let target = f
+            .target
+            .parse::<crate::tunnel::Target>()
+            .map_err(|e| (ErrorCode::InvalidRequest, e))?;
+        if self.state.is_own_api(&target) {
+            warn!(tunnel = %f.name, target = %target, "forward refused: that is this agent's own local API");
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!("{target} is this agent's own local API; it is never published"),
+            ));
+        }
+        if !self.cfg.allow_forward.iter().any(|r| r.covers(&target)) {
+            warn!(tunnel = %f.name, target = %target, "forward refused: no --allow-forward covers its target");
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!(
+                    "this agent accepts no forward to {target}: start it with --allow-forward \
+                     {target} (or a PORT, CIDR or CIDR:LOW-HIGH that covers it)"
+                ),
+            ));
+        }
+        let spec = TunnelSpec::new(f.name.clone(), f.protocol, target);
+        info!(tunnel = %f.name, url = %f.url, target = %spec.target, "forward from the relay's API");
+        self.state.set(&spec, Some(f.url.clone()), true);
+        self.serve(f.tunnel, spec);
+        let _ = self.events.send(AgentEvent::Bound {
+            name: f.name.clone(),
+            url: f.url.clone(),
+            changed: true,
+        });
+        Ok(())
+    }
+
+    /// Takes one request of the local API.
+    fn on_control(&mut self, cmd: Control, m: &mut Machine, domain: &str) {
+        let state = self.state;
+        match cmd {
+            Control::Add(spec, reply) => {
+                let spec = *spec;
+                if state.tunnels().iter().any(|t| t.spec.name == spec.name) {
+                    let _ = reply.send(Err(format!("a tunnel named {} exists", spec.name)));
+                    return;
+                }
+                let subdomain = match spec.wanted_subdomain(domain) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
+                let req = m.bind(
+                    Bind {
+                        req: 0,
+                        name: spec.name.clone(),
+                        protocol: spec.protocol,
+                        subdomain,
+                        remote_port: spec.remote_port,
+                        sticky: false,
+                        options: spec.options.clone(),
+                    },
+                    std::time::Instant::now(),
+                );
+                state.set(&spec, None, false);
+                state.desired.lock().unwrap_or_else(|p| p.into_inner()).push(spec.clone());
+                self.binds.insert(req, PendingBind { spec, origin: BindOrigin::Added(reply) });
+            }
+            Control::Remove(name, reply) => {
+                if state.tunnels().iter().any(|t| t.spec.name == name && t.forwarded) {
+                    // The relay would open it again at the next connection.
+                    let _ = reply.send(false);
+                    return;
+                }
+                let id = self
+                    .tunnels
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .find(|(_, s)| s.name == name)
+                    .map(|(id, _)| *id);
+                if let Some(id) = id {
+                    self.tunnels.write().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                    m.unbind(id, std::time::Instant::now());
+                    self.granted.remove(&name);
+                    info!(tunnel = %name, "tunnel closed through the local API");
+                }
+                let _ = reply.send(state.forget(&name) || id.is_some());
+            }
+            Control::Net(call) => {
+                let req = m.net_call(call.make);
+                self.net_calls.insert(req, call.reply);
+            }
+            Control::NetSend(msg) => m.net_send(msg),
+        }
     }
 }
 

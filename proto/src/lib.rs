@@ -18,6 +18,7 @@
 //! - [`datagram`]: how UDP tunnels carry packets (QUIC datagrams or stream records).
 //! - [`proxy`]: the PROXY protocol (v1, v2) that carries a visitor's address to a target.
 //! - [`preface`]: the session preface that carries the protocol version.
+//! - [`session`]: the control stream as sans-IO state machines, one per side.
 
 pub mod datagram;
 pub mod frame;
@@ -27,6 +28,7 @@ pub mod options;
 pub mod overlay;
 pub mod preface;
 pub mod proxy;
+pub mod session;
 pub mod stream;
 
 pub use frame::{DecodeError, MAX_FRAME_LEN};

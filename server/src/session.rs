@@ -17,6 +17,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 use warren_proto::preface::mismatch_message;
+use warren_proto::session::{RelayEvent as Event, RelaySession as Machine, Timing};
 use warren_proto::{ErrorCode, Message, Welcome};
 use warren_transport::control::read_preface;
 use warren_transport::{Accepted, ControlError, ControlReader, ControlWriter, Session};
@@ -240,8 +241,16 @@ async fn run_session(
         }
         Ok(Err(e)) => return Err(e.into()),
     };
-    let Message::Hello(hello) = first else {
-        refuse(&mut writer, ErrorCode::Malformed, "expected Hello after the preface".into()).await;
+    // From here on the control stream's protocol is the machine's; this task drives it.
+    let timing = Timing {
+        heartbeat: HEARTBEAT,
+        dead_after: DEAD_AFTER,
+        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
+    };
+    let mut m = Machine::new(std::time::Instant::now(), timing);
+    m.handle_message(first, std::time::Instant::now());
+    let Some(Event::Hello(hello)) = m.poll_event() else {
+        shut(&mut writer, &mut m).await;
         return Err(SessionError::Refused("no Hello".into()));
     };
     // As the throttle counts it: an IPv4 peer of a dual-stack listener as IPv4.
@@ -249,7 +258,8 @@ async fn run_session(
     if let Some(wait) = shared.auth_throttle.locked(ip) {
         crate::metrics::global().error("auth_throttled");
         let msg = throttled_message(ip, wait);
-        refuse(&mut writer, ErrorCode::Throttled, msg.clone()).await;
+        m.refuse(ErrorCode::Throttled, msg.clone());
+        shut(&mut writer, &mut m).await;
         return Err(SessionError::Refused(msg));
     }
     let Some(accepted) = shared.auth.check(&hello.token) else {
@@ -260,7 +270,8 @@ async fn run_session(
                 format!("the relay does not accept this token; {}", throttled_message(ip, wait))
             }
         };
-        refuse(&mut writer, ErrorCode::Unauthorized, message).await;
+        m.refuse(ErrorCode::Unauthorized, message);
+        shut(&mut writer, &mut m).await;
         return Err(SessionError::Refused(format!("bad token from agent {}", hello.agent_id)));
     };
     // A success does not clear the address's failures: a tenant with a token of its own could
@@ -270,16 +281,20 @@ async fn run_session(
     // sends none before it has read that.
     drop(discard_datagrams);
     let owner = Owner { token: accepted.id, agent: hello.agent_id.clone() };
-    writer
-        .send(&Message::Welcome(Welcome {
+    m.welcome(
+        Welcome {
             version,
             session_id: id,
             relay_version: crate::VERSION.into(),
             domain: shared.domain.clone(),
             heartbeat_secs: HEARTBEAT.as_secs() as u16,
             lease_grace_secs: shared.lease_grace.as_secs() as u32,
-        }))
-        .await?;
+        },
+        std::time::Instant::now(),
+    );
+    while let Some(msg) = m.poll_transmit() {
+        writer.send(&msg).await?;
+    }
     drop(handshake);
     crate::metrics::global().handshake.observe(Instant::now() - (deadline - HANDSHAKE_TIMEOUT));
     info!(
@@ -310,10 +325,12 @@ async fn run_session(
         0 => tokio::sync::Semaphore::MAX_PERMITS,
         n => n,
     };
+    // What other tasks send the agent (forwards, tunnels closed) goes through the machine too.
+    let (notify_tx, mut notify_rx) = mpsc::channel::<Message>(64);
     let ctx = SessionCtx {
         session_id: id,
         session: session.clone(),
-        notify: out_tx.clone(),
+        notify: notify_tx,
         streams: Arc::new(tokio::sync::Semaphore::new(max_streams)),
         datagrams: Arc::default(),
         token_streams: accepted
@@ -396,38 +413,148 @@ async fn run_session(
     // Overlay state is pushed only once the agent asked for it (Watch).
     let mut watching = false;
 
-    let mut last_seen = Instant::now();
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
     loop {
-        let msg = tokio::select! {
-            m = reader.recv() => m,
-            _ = tick.tick() => {
-                if last_seen.elapsed() > DEAD_AFTER {
-                    let _ = out_tx.try_send(Message::GoAway { code: ErrorCode::Timeout, message: "no heartbeat".into() });
+        while let Some(msg) = m.poll_transmit() {
+            if out_tx.send(msg).await.is_err() {
+                return Ok(());
+            }
+        }
+        if let Some(event) = m.poll_event() {
+            match event {
+                Event::Bind(req) => {
+                    let answer = match shared.router.bind(&owner, &req, &ctx) {
+                        Ok(bound) => {
+                            shared.registry.changed("tunnels");
+                            info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
+                            if let (Some(acme), Some(sub), warren_proto::Protocol::Http) =
+                                (&shared.acme, &bound.subdomain, req.protocol)
+                            {
+                                acme.ensure(&format!("{sub}.{}", shared.domain));
+                            }
+                            if !bound.notice.is_empty() {
+                                warn!(tunnel = %req.name, notice = %bound.notice, "bind adjusted");
+                            }
+                            Ok(Message::Bound(bound))
+                        }
+                        Err(e) => {
+                            crate::metrics::global().error("bind_refused");
+                            info!(tunnel = %req.name, code = %e.code, reason = %e.message, "bind refused");
+                            Err((e.code, e.message))
+                        }
+                    };
+                    m.answer(req.req, answer);
+                }
+                Event::Unbind { req, tunnel } => {
+                    let answer = if shared.router.unbind(&owner, id, tunnel) {
+                        shared.registry.changed("tunnels");
+                        Ok(Message::Unbound { req, tunnel })
+                    } else {
+                        Err((
+                            ErrorCode::UnknownTunnel,
+                            format!("tunnel {tunnel} is not bound on this session"),
+                        ))
+                    };
+                    m.answer(req, answer);
+                }
+                Event::ForwardAnswered { req, result } => {
+                    handle.answer(
+                        req,
+                        result.map_err(|(_, message)| format!("the agent refused: {message}")),
+                    );
+                }
+                Event::AgentError { code, message } => {
+                    warn!(%code, %message, "agent reported an error")
+                }
+                Event::Net(n) => {
+                    let joining = matches!(n, warren_proto::overlay::NetMessage::Join { .. });
+                    if matches!(n, warren_proto::overlay::NetMessage::Watch { .. }) {
+                        // The whole state first, then the answer (so the agent knows it has all
+                        // of it), then changes as they come.
+                        overlay_changes.mark_unchanged();
+                        let now = shared.overlays.view(&caller.account, &caller.agent);
+                        for msg in crate::overlay::diff(&Default::default(), &now) {
+                            m.notify(Message::Net(msg));
+                        }
+                        overlay_sent = now;
+                        watching = true;
+                    }
+                    let req = n.request().unwrap_or(0);
+                    let Some(answer) = shared.overlays.handle(&caller, n) else { continue };
+                    if joining && answer.is_ok() && !shared.overlays.has_sink(id) {
+                        match session.kind() {
+                            warren_transport::TransportKind::Quic => shared
+                                .overlays
+                                .set_sink(id, crate::overlay::Sink::Quic(session.clone())),
+                            warren_transport::TransportKind::Tcp => {
+                                _overlay_stream = Some(crate::overlay::relay_path::open_stream(
+                                    shared.overlays.clone(),
+                                    session.clone(),
+                                    id,
+                                ));
+                            }
+                        }
+                    }
+                    m.notify(match answer {
+                        Ok(msg) => Message::Net(msg),
+                        Err(e) => {
+                            info!(code = %e.code(), reason = %e, "overlay request refused");
+                            Message::Error { req, code: e.code(), message: e.to_string() }
+                        }
+                    });
+                }
+                Event::Unexpected(other) => m.notify(Message::Error {
+                    req: 0,
+                    code: ErrorCode::UnknownMessage,
+                    message: format!("unexpected message from an agent: {other:?}"),
+                }),
+                Event::Hello(_) | Event::Lost(_) => {}
+            }
+            continue;
+        }
+        tokio::select! {
+            msg = reader.recv() => match msg {
+                Ok(msg) => {
+                    m.handle_message(msg, std::time::Instant::now());
+                    if m.is_closed() {
+                        debug!("agent going away");
+                        return Ok(());
+                    }
+                }
+                Err(ControlError::Decode(e)) => {
+                    let _ = out_tx
+                        .send(Message::Error { req: 0, code: ErrorCode::Malformed, message: e.to_string() })
+                        .await;
+                    let _ = timeout(Duration::from_millis(200), out_tx.closed()).await;
+                    return Err(ControlError::Decode(e).into());
+                }
+                Err(ControlError::Closed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+            () = warren_transport::control::sleep_until(m.poll_timeout()) => {
+                m.handle_timeout(std::time::Instant::now());
+                if m.is_closed() {
+                    // The machine's GoAway (Timeout) goes out first.
+                    while let Some(msg) = m.poll_transmit() {
+                        let _ = out_tx.try_send(msg);
+                    }
                     return Err(SessionError::Dead(DEAD_AFTER));
                 }
-                nonce += 1;
-                let _ = out_tx.try_send(Message::Ping { nonce });
-                continue;
             }
+            Some(msg) = notify_rx.recv() => match msg {
+                Message::Forward(f) => m.forward(f),
+                other => m.notify(other),
+            },
             () = shared.shutdown.cancelled() => {
-                let _ = out_tx.send(Message::GoAway { code: ErrorCode::ShuttingDown, message: "relay shutting down".into() }).await;
-                // Give the writer a moment to put the GoAway on the wire.
-                let _ = timeout(Duration::from_millis(500), out_tx.closed()).await;
-                return Err(SessionError::Shutdown);
+                m.go_away(ErrorCode::ShuttingDown, "relay shutting down".into());
+                return finish(&mut m, &out_tx, SessionError::Shutdown).await;
             }
             () = session.closed() => return Ok(()),
             Ok(()) = overlay_changes.changed(), if watching => {
                 let now = shared.overlays.view(&caller.account, &caller.agent);
-                for m in crate::overlay::diff(&overlay_sent, &now) {
-                    if out_tx.send(Message::Net(m)).await.is_err() {
-                        return Ok(());
-                    }
+                for msg in crate::overlay::diff(&overlay_sent, &now) {
+                    m.notify(Message::Net(msg));
                 }
                 overlay_sent = now;
-                continue;
             }
             () = ended.cancelled() => {
                 let (code, message) = reason
@@ -435,131 +562,40 @@ async fn run_session(
                     .unwrap_or_else(|p: std::sync::PoisonError<_>| p.into_inner())
                     .clone()
                     .unwrap_or((ErrorCode::ShuttingDown, "session ended by the relay".into()));
-                let _ = out_tx.send(Message::GoAway { code, message: message.clone() }).await;
-                let _ = timeout(Duration::from_millis(500), out_tx.closed()).await;
-                return Err(SessionError::Ended(message));
+                m.go_away(code, message.clone());
+                return finish(&mut m, &out_tx, SessionError::Ended(message)).await;
             }
-        };
-        let msg = match msg {
-            Ok(m) => m,
-            Err(ControlError::Decode(e)) => {
-                let _ = out_tx
-                    .send(Message::Error {
-                        req: 0,
-                        code: ErrorCode::Malformed,
-                        message: e.to_string(),
-                    })
-                    .await;
-                let _ = timeout(Duration::from_millis(200), out_tx.closed()).await;
-                return Err(ControlError::Decode(e).into());
-            }
-            Err(ControlError::Closed) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        last_seen = Instant::now();
-        let reply = match msg {
-            Message::Bind(req) => match shared.router.bind(&owner, &req, &ctx) {
-                Ok(bound) => {
-                    shared.registry.changed("tunnels");
-                    info!(tunnel = %req.name, url = %bound.url, "tunnel bound");
-                    if let (Some(acme), Some(sub), warren_proto::Protocol::Http) =
-                        (&shared.acme, &bound.subdomain, req.protocol)
-                    {
-                        acme.ensure(&format!("{sub}.{}", shared.domain));
-                    }
-                    if !bound.notice.is_empty() {
-                        warn!(tunnel = %req.name, notice = %bound.notice, "bind adjusted");
-                    }
-                    Message::Bound(bound)
-                }
-                Err(e) => {
-                    crate::metrics::global().error("bind_refused");
-                    info!(tunnel = %req.name, code = %e.code, reason = %e.message, "bind refused");
-                    Message::Error { req: req.req, code: e.code, message: e.message }
-                }
-            },
-            Message::Unbind { req, tunnel } => {
-                if shared.router.unbind(&owner, id, tunnel) {
-                    shared.registry.changed("tunnels");
-                    Message::Unbound { req, tunnel }
-                } else {
-                    Message::Error {
-                        req,
-                        code: ErrorCode::UnknownTunnel,
-                        message: format!("tunnel {tunnel} is not bound on this session"),
-                    }
-                }
-            }
-            Message::Ping { nonce } => Message::Pong { nonce },
-            Message::Pong { .. } => continue,
-            Message::GoAway { message, .. } => {
-                debug!(%message, "agent going away");
-                return Ok(());
-            }
-            Message::ForwardOk { req } => {
-                handle.answer(req, Ok(()));
-                continue;
-            }
-            Message::Error { req, code, message } => {
-                if !handle.answer(req, Err(format!("the agent refused: {message}"))) {
-                    warn!(%code, %message, "agent reported an error");
-                }
-                continue;
-            }
-            Message::Net(n) => {
-                let joining = matches!(n, warren_proto::overlay::NetMessage::Join { .. });
-                if matches!(n, warren_proto::overlay::NetMessage::Watch { .. }) {
-                    // The whole state first, then the answer (so the agent knows it has all of
-                    // it), then changes as they come.
-                    overlay_changes.mark_unchanged();
-                    let now = shared.overlays.view(&caller.account, &caller.agent);
-                    for m in crate::overlay::diff(&Default::default(), &now) {
-                        if out_tx.send(Message::Net(m)).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    overlay_sent = now;
-                    watching = true;
-                }
-                let req = n.request().unwrap_or(0);
-                let Some(answer) = shared.overlays.handle(&caller, n) else { continue };
-                if joining && answer.is_ok() && !shared.overlays.has_sink(id) {
-                    match session.kind() {
-                        warren_transport::TransportKind::Quic => shared
-                            .overlays
-                            .set_sink(id, crate::overlay::Sink::Quic(session.clone())),
-                        warren_transport::TransportKind::Tcp => {
-                            _overlay_stream = Some(crate::overlay::relay_path::open_stream(
-                                shared.overlays.clone(),
-                                session.clone(),
-                                id,
-                            ));
-                        }
-                    }
-                }
-                match answer {
-                    Ok(m) => Message::Net(m),
-                    Err(e) => {
-                        info!(code = %e.code(), reason = %e, "overlay request refused");
-                        Message::Error { req, code: e.code(), message: e.to_string() }
-                    }
-                }
-            }
-            Message::Unknown { kind } => Message::Error {
-                req: 0,
-                code: ErrorCode::UnknownMessage,
-                message: format!("unknown message type {kind:#x}"),
-            },
-            other => Message::Error {
-                req: 0,
-                code: ErrorCode::UnknownMessage,
-                message: format!("unexpected message from an agent: {other:?}"),
-            },
-        };
-        if out_tx.send(reply).await.is_err() {
-            return Ok(());
         }
     }
+}
+
+/// Sends what the machine has left (its `GoAway` last), gives the writer a moment to put it on
+/// the wire, and ends the session with `why`.
+async fn finish(
+    m: &mut Machine,
+    out_tx: &mpsc::Sender<Message>,
+    why: SessionError,
+) -> Result<(), SessionError> {
+    while let Some(msg) = m.poll_transmit() {
+        if out_tx.send(msg).await.is_err() {
+            break;
+        }
+    }
+    let _ = timeout(Duration::from_millis(500), out_tx.closed()).await;
+    Err(why)
+}
+
+/// Writes what the machine has left (a refusal) and closes the sending side, within 2 s.
+async fn shut<W: tokio::io::AsyncWrite + Unpin>(writer: &mut ControlWriter<W>, m: &mut Machine) {
+    let _ = timeout(Duration::from_secs(2), async {
+        while let Some(msg) = m.poll_transmit() {
+            if writer.send(&msg).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.shutdown().await;
+    })
+    .await;
 }
 
 /// Why a locked-out address is refused, and when it may try again (whole seconds, rounded up).

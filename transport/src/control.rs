@@ -124,3 +124,11 @@ pub async fn read_stream_header<R: AsyncRead + Unpin>(
     io.read_exact(&mut buf[HEADER_LEN..total]).await?;
     Ok(StreamHeader::decode(&buf[..total])?.0)
 }
+
+/// Sleeps until `deadline` (a sans-IO machine's next timeout), or forever without one.
+pub async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
