@@ -494,7 +494,11 @@ fn main() -> ExitCode {
     let demo = matches!(cli.command, Command::Demo { .. });
     // hickory-server logs every DNS query at info; its warnings are enough.
     warren_server::util::init_logging(if demo { "warn" } else { "info,hickory_server=warn" });
-    warren_server::util::raise_fd_limit();
+    // The program `warren net run` starts keeps the open-files limit it would have had without
+    // warren (a raised soft limit breaks programs that use select()).
+    if !matches!(cli.command, Command::Net { cmd: net_cli::NetCmd::Run { .. }, .. }) {
+        warren_server::util::raise_fd_limit();
+    }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = cli.threads.unwrap_or(if demo { cpus / 2 } else { 1 }).max(1);
     let rt = match tokio::runtime::Builder::new_multi_thread()
