@@ -3,17 +3,17 @@
 //! same tunnel name) stops the agent that lost the tunnel, loudly, instead of leaving it
 //! running with nothing to serve.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use serde_json::Value;
 use warren_tests::{
-    ADMIN_TOKEN, ApiClient, HttpBackend, READY_TIMEOUT, Relay, RelayOpts, TempDir, eventually,
-    expect_get,
+    ADMIN_TOKEN, ApiClient, HttpBackend, READY_TIMEOUT, Relay, RelayOpts, TempDir, Transport,
+    eventually, expect_get,
 };
 
-/// How long the agent that lost its tunnel may take to exit: it must within 1 s of the notice;
-/// the rest is a slow machine.
+/// How long to wait for the agent that lost its tunnel to exit (it must within 1 s; this is the
+/// hang guard).
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `warren http PORT ARGS... --config-dir DIR`: every agent of a test shares DIR, so they are
@@ -81,19 +81,29 @@ async fn different_subdomains_get_two_tunnels() {
     b.assert_running();
 }
 
+warren_tests::each_transport!(a_takeover_stops_the_loser);
+
 /// The same command twice with the same `--name`: the second takes the tunnel over and serves;
-/// the first logs a WARN naming where the new holder connected from and exits non-zero.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_takeover_stops_the_loser() {
+/// the first logs a WARN naming where the new holder connected from and exits non-zero within
+/// 1 s.
+async fn a_takeover_stops_the_loser(t: Transport) {
     let (_tmp, relay, web, dir) = setup("takeover-same").await;
-    let args = http_args(web.port(), &dir, &["--name", "x"]);
+    let args = http_args(web.port(), &dir, &["--name", "x", "--transport", t.as_str()]);
 
     let mut first = relay.spawn_agent("first", &args);
     let url = first.http_url().await;
     let mut second = relay.spawn_agent("second", &args);
     assert_eq!(second.http_url().await.host(), url.host(), "the lease goes to the newer session");
+    // The relay told the first before it answered the second's bind.
+    let taken = Instant::now();
 
     let log = first.expect_failure(EXIT_TIMEOUT).await;
+    let exited = taken.elapsed();
+    assert!(
+        exited <= Duration::from_secs(1),
+        "the first agent exited {exited:?} after the second was bound, over {}",
+        t.as_str()
+    );
     assert!(
         log.lines().any(|l| l.contains("WARN")
             && l.contains("took the tunnel over")
