@@ -256,6 +256,16 @@ impl Agent {
         self.proc.id()
     }
 
+    /// How many file descriptors the agent has open. Panics when it is not running.
+    pub fn fd_count(&self) -> usize {
+        crate::procfs::fd_count(self.pid().expect("the agent is not running"))
+    }
+
+    /// The agent's resident memory in bytes. Panics when it is not running.
+    pub fn rss_bytes(&self) -> u64 {
+        crate::procfs::rss_bytes(self.pid().expect("the agent is not running"))
+    }
+
     /// SIGKILL and wait until the process is gone.
     pub async fn kill(&mut self) {
         self.proc.kill().await;
