@@ -42,6 +42,21 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// The TCP sockets `pid` holds, as `ss -tanp` lists them (for a failing test's message), or why
+/// they cannot be listed.
+pub fn tcp_sockets(pid: u32) -> String {
+    let out = match std::process::Command::new("ss").args(["-tanp"]).output() {
+        Ok(out) => out,
+        Err(e) => return format!("(cannot run ss: {e})"),
+    };
+    let needle = format!("pid={pid},");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&needle))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Sends `sig` to `pid`; panics if that fails (the process is gone).
 pub fn signal(pid: u32, sig: Signal) {
     let raw = i32::try_from(pid).unwrap_or_else(|_| panic!("pid {pid} out of range"));

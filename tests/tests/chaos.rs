@@ -23,7 +23,8 @@ use http::StatusCode;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use warren_tests::procfs::{TICKS_PER_SEC, cpu_ticks};
+use warren_tests::netns::{self, Uplink};
+use warren_tests::procfs::{TICKS_PER_SEC, cpu_ticks, tcp_sockets};
 use warren_tests::{
     ADMIN_TOKEN, Agent, ApiClient, EchoBackend, HttpBackend, READY_TIMEOUT, Relay, RelayOpts,
     TempDir, Transport, eventually, expect_get, localhost, tcp_echo, try_eventually, unique,
@@ -37,6 +38,9 @@ const FD_SLACK: usize = 10;
 
 /// How long the relay stays frozen: longer than the agents' 20 s heartbeat timeout.
 const FROZEN_FOR: Duration = Duration::from_secs(25);
+
+/// How long the path between agent A and the relay stays cut.
+const PATH_DOWN_FOR: Duration = Duration::from_secs(30);
 
 /// Agents in the thundering herd.
 const HERD: usize = 200;
@@ -81,10 +85,20 @@ async fn chaos(t: Transport) {
     c.no_takeover_logged("after the relay was frozen");
     c.fault("agent SIGKILL + restart", async |c| {
         c.agent.kill().await;
-        c.agent = c.relay.spawn_agent("agent-a", &c.agent_args);
+        c.agent = spawn_agent_a(&c.relay, c.uplink.as_ref(), &c.agent_args);
     })
     .await;
     c.agent_has_its_urls().await;
+    if c.uplink.is_some() {
+        c.fault("path agent-relay dropped 30 s", async |c| {
+            let uplink = c.uplink.as_ref().expect("an uplink");
+            uplink.cut();
+            tokio::time::sleep(PATH_DOWN_FOR).await;
+            uplink.restore();
+        })
+        .await;
+        c.no_takeover_logged("after the path came back");
+    }
     c.fault("relay restart with --lease-grace 2m", async |c| {
         c.relay.set_lease_grace("2m");
         c.relay.restart().await;
@@ -122,15 +136,40 @@ struct Chaos {
     targets: Vec<Target>,
     load: Load,
     report: Report,
+    /// As root: agent A's namespace and its link to the relay's (dropped last).
+    uplink: Option<Uplink>,
 }
 
 impl Chaos {
     /// Starts the relay, the backends and agent A, opens the forward and starts the load.
+    ///
+    /// As root, agent A and its backends live in a namespace of their own, reaching the relay
+    /// over a veth pair (so the path can be cut); otherwise everything is on loopback and the
+    /// path-drop fault is skipped.
     async fn start(t: Transport) -> Self {
         let tmp = TempDir::new("chaos");
-        let relay = Relay::start(RelayOpts::default().lease_grace("5m")).await;
-        let web = HttpBackend::start_named("chaos-web").await;
-        let echo = EchoBackend::start().await;
+        let uplink = if netns::require(&["nsenter"]) {
+            Some(Uplink::new("chaa"))
+        } else {
+            eprintln!("chaos {t}: agent A runs on loopback; the path-drop fault is skipped");
+            None
+        };
+        let mut opts = RelayOpts::default().lease_grace("5m");
+        if let Some(up) = &uplink {
+            opts = opts.control(&format!("{}:0", up.host_ip));
+        }
+        let relay = Relay::start(opts).await;
+        let (web, echo) = match &uplink {
+            None => (HttpBackend::start_named("chaos-web").await, EchoBackend::start().await),
+            Some(up) => {
+                let bind = || up.ns().run(|| Ok(std::net::TcpListener::bind("127.0.0.1:0")?));
+                let (web, echo) = (bind(), bind());
+                (
+                    HttpBackend::start_on(web.expect("bind in A's namespace"), "chaos-web"),
+                    EchoBackend::start_on(echo.expect("bind in A's namespace")),
+                )
+            }
+        };
         let agent_id = unique("chaos-a");
         let subdomain = unique("chaos");
         let tcp_port = relay.ports().low;
@@ -155,7 +194,7 @@ impl Chaos {
             "--transport".into(),
             t.as_str().into(),
         ];
-        let mut agent = relay.spawn_agent("agent-a", &agent_args);
+        let mut agent = spawn_agent_a(&relay, uplink.as_ref(), &agent_args);
         let mut urls = agent.urls(2).await;
         urls.sort();
         let http_url = format!("http://{subdomain}.localhost:{}", relay.http_addr.port());
@@ -188,7 +227,7 @@ impl Chaos {
             eventually(READY_TIMEOUT, || target.probe()).await;
         }
         let load = Load::start(&targets);
-        let report = Report::new(t);
+        let report = Report::new(t, uplink.is_some());
         Self {
             t,
             tmp,
@@ -202,6 +241,7 @@ impl Chaos {
             targets,
             load,
             report,
+            uplink,
         }
     }
 
@@ -403,7 +443,12 @@ impl Chaos {
         })
         .await;
         if let Err(e) = result {
-            panic!("{fault}: fd counts did not come back to within {FD_SLACK}: {e:#}");
+            let relay = self.relay.pid().map(tcp_sockets).unwrap_or_default();
+            let agent = self.agent.pid().map(tcp_sockets).unwrap_or_default();
+            panic!(
+                "{fault}: fd counts did not come back to within {FD_SLACK}: {e:#}\nrelay's TCP \
+                 sockets:\n{relay}\nagent's TCP sockets:\n{agent}"
+            );
         }
     }
 
@@ -420,6 +465,18 @@ impl Chaos {
     fn no_takeover_logged(&self, when: &str) {
         let said = self.agent.stderr().into_iter().find(|l| l.contains("taken over"));
         assert!(said.is_none(), "{when}: agent A was told a tunnel was taken over: {said:?}");
+    }
+}
+
+/// Starts agent A with `args` (and the relay's), in the uplink's namespace when there is one.
+fn spawn_agent_a(relay: &Relay, uplink: Option<&Uplink>, args: &[String]) -> Agent {
+    match uplink {
+        None => relay.spawn_agent("agent-a", args),
+        Some(up) => {
+            let mut all = args.to_vec();
+            all.extend(relay.agent_args());
+            Agent::spawn_in_netns("agent-a", &up.ns().path(), all)
+        }
     }
 }
 
@@ -622,7 +679,7 @@ struct Report {
 }
 
 impl Report {
-    fn new(t: Transport) -> Self {
+    fn new(t: Transport, in_netns: bool) -> Self {
         let target = warren_tests::process::binary("warren-server")
             .parent()
             .and_then(std::path::Path::parent)
@@ -634,8 +691,9 @@ impl Report {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
+        let where_a = if in_netns { "in a namespace" } else { "on loopback" };
         let text = format!(
-            "\n### chaos run over {t} (unix time {stamp})\n\n\
+            "\n### chaos run over {t} (unix time {stamp}, agent A {where_a})\n\n\
              | fault | every URL back after | failed requests | relay fds | relay RSS MiB | agent fds | agent RSS MiB |\n\
              |---|---|---|---|---|---|---|\n"
         );
