@@ -65,7 +65,12 @@ const LOAD_MAX: Duration = Duration::from_secs(900);
 
 warren_tests::each_transport!(chaos);
 
+/// One run at a time in this process: the two transports' runs would otherwise overlap (cargo
+/// runs tests in parallel), doubling the herd and blurring each run's CPU and fd figures.
+static ONE_RUN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn chaos(t: Transport) {
+    let _alone = ONE_RUN.lock().await;
     let mut c = Chaos::start(t).await;
 
     for round in 1..=2 {
@@ -112,7 +117,13 @@ async fn chaos(t: Transport) {
         c.locked_database_is_refused().await;
     })
     .await;
-    c.fault("200 agents reconnecting at once", async |c| c.herd().await).await;
+    c.fault("200 agents reconnecting at once", async |c| {
+        let bound_after = c.herd().await;
+        c.report.note(&format!(
+            "the {HERD} agents were all bound again {bound_after:.1?} after the restart"
+        ));
+    })
+    .await;
 
     c.no_takeover_logged("at the end");
     c.agent.assert_running();
@@ -331,7 +342,7 @@ impl Chaos {
     /// 200 small agents bound through the relay; the relay is restarted (and killed again while
     /// the first of them rebind) and all must be bound again within 30 s without the relay pegging a core for more than 10 s in a row. The fd
     /// check after runs once they are gone again.
-    async fn herd(&mut self) {
+    async fn herd(&mut self) -> Duration {
         raise_nofile_limit(8 * HERD as u64 + 1024);
         let mut herd: Vec<Agent> = (0..HERD)
             .map(|i| {
@@ -374,6 +385,7 @@ impl Chaos {
             a.assert_running();
             a.kill().await;
         }
+        bound_after
     }
 
     /// Waits until the relay lists `want` tunnels, all online, within `timeout`.
@@ -461,8 +473,9 @@ impl Chaos {
         }
     }
 
-    /// Panics if agent A ever said it lost a tunnel to another session.
-    fn no_takeover_logged(&self, when: &str) {
+    /// Panics if agent A exited or ever said it lost a tunnel to another session.
+    fn no_takeover_logged(&mut self, when: &str) {
+        self.agent.assert_running();
         let said = self.agent.stderr().into_iter().find(|l| l.contains("taken over"));
         assert!(said.is_none(), "{when}: agent A was told a tunnel was taken over: {said:?}");
     }
@@ -676,6 +689,7 @@ fn longest_pegged_run(busy: &[u64]) -> usize {
 struct Report {
     path: std::path::PathBuf,
     text: String,
+    notes: String,
 }
 
 impl Report {
@@ -697,7 +711,7 @@ impl Report {
              | fault | every URL back after | failed requests | relay fds | relay RSS MiB | agent fds | agent RSS MiB |\n\
              |---|---|---|---|---|---|---|\n"
         );
-        let report = Self { path: target.join(format!("{t}.md")), text };
+        let report = Self { path: target.join(format!("{t}.md")), text, notes: String::new() };
         report.append(&report.text);
         report
     }
@@ -732,8 +746,14 @@ impl Report {
         self.text.push_str(&row);
     }
 
-    /// Prints the whole table.
+    /// A line for under the table, written by [`Report::finish`].
+    fn note(&mut self, line: &str) {
+        self.notes.push_str(&format!("\n{line}\n"));
+    }
+
+    /// Appends the notes and prints the whole table.
     fn finish(&self) {
-        eprintln!("{}\nchaos report appended to {}", self.text, self.path.display());
+        self.append(&self.notes);
+        eprintln!("{}{}\nchaos report appended to {}", self.text, self.notes, self.path.display());
     }
 }
