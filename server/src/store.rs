@@ -267,15 +267,15 @@ pub enum StoreError {
     },
     /// Another process holds a lock on the database file itself (SQLite's busy error at open).
     #[error(
-        "{} is locked by another process ({source}): stop whatever holds it open (an sqlite3 \
+        "{} is locked by another process ({sqlite}): stop whatever holds it open (an sqlite3 \
          shell, a backup tool, another relay) or use another --data dir",
         path.display()
     )]
     Locked {
         /// The database file.
         path: PathBuf,
-        /// SQLite's error.
-        source: rusqlite::Error,
+        /// SQLite's error (in the message, not a source: it says nothing more).
+        sqlite: rusqlite::Error,
     },
 }
 
@@ -330,8 +330,8 @@ impl Store {
             Self::finish(conn, Some(path.to_owned()), Some(lock))
         })();
         opened.map_err(|e| match e {
-            StoreError::Sqlite(source) if is_busy(&source) => {
-                StoreError::Locked { path: path.to_owned(), source }
+            StoreError::Sqlite(sqlite) if is_busy(&sqlite) => {
+                StoreError::Locked { path: path.to_owned(), sqlite }
             }
             e => e,
         })
