@@ -18,6 +18,7 @@ use toml::de::{DeTable, DeValue};
 use warren_proto::{Protocol, Subdomain, TunnelName};
 use warren_transport::Mode;
 
+use crate::inspect::Limits;
 use crate::tunnel::{OPTION_KEYS, Target, TunnelSpec};
 
 /// A config file, parsed and checked. Fields left out are `None` and come from flags or the
@@ -40,6 +41,10 @@ pub struct FileConfig {
     pub agent_id: Option<String>,
     /// `allow_forward = ["8080", "10.0.0.0/8:80-443"]`: targets the relay's API may forward to.
     pub allow_forward: Vec<crate::tunnel::ForwardRule>,
+    /// `inspect_max_requests = 1000`: most HTTP exchanges the inspector keeps.
+    pub inspect_max_requests: Option<usize>,
+    /// `inspect_max_bytes = "32MiB"` (or a number of bytes): most memory they may hold.
+    pub inspect_max_bytes: Option<usize>,
     /// `[tunnels.NAME]` tables, in file order.
     pub tunnels: Vec<TunnelSpec>,
 }
@@ -116,6 +121,26 @@ impl Ctx<'_> {
             }
         }
     }
+    /// An inspector cap: a number, or a string `parse` reads (a size with its unit).
+    fn cap(
+        &mut self,
+        key: &str,
+        v: &Spanned<DeValue<'_>>,
+        parse: fn(&str) -> Result<usize, String>,
+    ) -> Option<usize> {
+        let text = match v.get_ref() {
+            DeValue::Integer(i) => match u64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => n.to_string(),
+                Err(_) => i.as_str().to_owned(),
+            },
+            DeValue::String(s) => s.to_string(),
+            _ => {
+                self.err(v.span(), format!("`{key}` must be a number or a string"));
+                return None;
+            }
+        };
+        parse(&text).map_err(|e| self.err(v.span(), format!("`{key}`: {e}"))).ok()
+    }
 }
 
 /// Parses config text; relative paths are taken from `base`.
@@ -161,6 +186,10 @@ pub fn parse(text: &str, base: &Path) -> Result<FileConfig, Vec<Problem>> {
                 }
                 None => cx.err(value.span(), "`allow_forward` must be a list of strings"),
             },
+            "inspect_max_requests" => {
+                out.inspect_max_requests = cx.cap(k, value, Limits::parse_requests);
+            }
+            "inspect_max_bytes" => out.inspect_max_bytes = cx.cap(k, value, Limits::parse_bytes),
             "insecure" => match value.get_ref().as_bool() {
                 Some(b) => out.insecure = b,
                 None => cx.err(value.span(), "`insecure` must be true or false"),
@@ -179,7 +208,7 @@ pub fn parse(text: &str, base: &Path) -> Result<FileConfig, Vec<Problem>> {
             },
             other => cx.err(
                 key.span(),
-                format!("unknown key `{other}` (expected relay, token, transport, relay_ca, relay_fingerprint, insecure, agent_id, allow_forward or [tunnels.NAME])"),
+                format!("unknown key `{other}` (expected relay, token, transport, relay_ca, relay_fingerprint, insecure, agent_id, allow_forward, inspect_max_requests, inspect_max_bytes or [tunnels.NAME])"),
             ),
         }
     }
@@ -361,6 +390,24 @@ remote_port = 20432
     }
 
     #[test]
+    fn inspector_caps_take_numbers_and_sizes() {
+        let c =
+            parse("inspect_max_requests = 50\ninspect_max_bytes = \"512KiB\"\n", Path::new("."))
+                .unwrap();
+        assert_eq!((c.inspect_max_requests, c.inspect_max_bytes), (Some(50), Some(512 << 10)));
+        let c = parse("inspect_max_bytes = 1048576\n", Path::new(".")).unwrap();
+        assert_eq!(c.inspect_max_bytes, Some(1 << 20));
+        let text =
+            "inspect_max_requests = 0\ninspect_max_bytes = \"1KiB\"\ninspect_max_requests = true\n";
+        let problems = parse(&text[..text.len() - 28], Path::new(".")).unwrap_err();
+        let lines: Vec<usize> = problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![1, 2], "{problems:?}");
+        assert!(problems[0].message.contains("--inspect false"), "{problems:?}");
+        let problems = parse("inspect_max_requests = true\n", Path::new(".")).unwrap_err();
+        assert!(problems[0].message.contains("a number"), "{problems:?}");
+    }
+
+    #[test]
     fn syntax_errors_have_lines() {
         let problems =
             parse("relay = \"x:1\"\n[tunnels.a\nproto = 1\n", Path::new(".")).unwrap_err();
@@ -374,6 +421,7 @@ remote_port = 20432
         let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert!(!c.tunnels.is_empty());
         assert_eq!(c.allow_forward.len(), 2);
+        assert_eq!(c.inspect_max_bytes, Some(32 << 20));
     }
 
     #[test]

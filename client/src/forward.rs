@@ -106,6 +106,12 @@ pub async fn handle(stream: Stream, tunnels: Tunnels, state: Arc<crate::agent::A
         debug!(tunnel = %tunnel.name, "data stream of another protocol than its tunnel's");
         return;
     }
+    // Answered before anything else, so the stream is acknowledged even if neither the visitor
+    // nor the target ever sends a byte (PROTOCOL.md §7).
+    if let Err(e) = stream.write_all(&warren_proto::StreamAccept::BYTES).await {
+        debug!(tunnel = %tunnel.name, error = %e, "cannot answer the data stream");
+        return;
+    }
     let mut stream = Counted::new(stream, state.traffic(&tunnel.name));
     if let (Protocol::Http, true, Some(inspector)) =
         (header.protocol, tunnel.inspect, state.inspector())

@@ -1,23 +1,32 @@
 //! The request inspector: HTTP tunnels served through the agent's own HTTP proxy, every
-//! exchange kept (heads, timings, bodies up to a bound) in a ring buffer bounded in bytes, for
-//! the local API to list, show and replay.
+//! exchange kept (heads, timings, bodies up to a bound) in a ring bounded in count and in the
+//! bytes it really holds, for the local API to list, show and replay.
 //!
 //! An inspected tunnel's data stream is served as HTTP (the relay speaks HTTP/1.1 on it, or
 //! HTTP/2 for `upstream_http2` tunnels); each request goes to the target over one upstream
 //! connection per stream. Bodies stream through unchanged while their first
 //! [`Inspector::body_limit`] bytes are copied aside. Upgrades (WebSocket) pass through and are
 //! recorded as their `101` exchange.
+//!
+//! Memory: what a kept exchange holds is copied out of the buffers it arrived in (hyper hands
+//! out header values and bodies as slices of its read buffers, and one slice keeps a whole
+//! buffer alive), into allocations of exact size, and everything it holds is counted: heads,
+//! bodies, strings and the bookkeeping itself, with each allocation's overhead. The ring forgets
+//! its oldest exchanges when either cap ([`Limits`]) would be passed, and an exchange forgotten
+//! while its bodies still stream stops copying them.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
@@ -31,6 +40,133 @@ use crate::tunnel::TunnelSpec;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
 
+/// The inspector's caps: past either, the oldest exchanges are forgotten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most exchanges kept, all tunnels together.
+    pub max_requests: usize,
+    /// Most bytes the kept exchanges hold, all counted (see [`Exchange::weight`]).
+    pub max_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_requests: Self::DEFAULT_MAX_REQUESTS, max_bytes: Self::DEFAULT_MAX_BYTES }
+    }
+}
+
+impl Limits {
+    /// `--inspect-max-requests` when not given.
+    pub const DEFAULT_MAX_REQUESTS: usize = 1_000;
+    /// `--inspect-max-bytes` when not given.
+    pub const DEFAULT_MAX_BYTES: usize = 32 << 20;
+    /// The least `--inspect-max-bytes` accepted.
+    pub const MIN_BYTES: usize = 64 << 10;
+    /// Most bytes of each body kept, when the byte cap allows.
+    pub const BODY_LIMIT: usize = 64 << 10;
+
+    /// Most bytes of each request and response body kept: [`Self::BODY_LIMIT`], or an eighth
+    /// of the byte cap if that is less, so one exchange never fills the ring alone.
+    pub fn body_limit(&self) -> usize {
+        Self::BODY_LIMIT.min(self.max_bytes / 8)
+    }
+
+    /// A count cap from its text (flag or config key): a number, 1 or more.
+    pub fn parse_requests(s: &str) -> Result<usize, String> {
+        match s.trim().parse::<usize>() {
+            Ok(0) => Err("0 would keep nothing: to turn the inspector off, give the tunnel --inspect false (or the agent --no-api)".into()),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("{s:?} is not a number of requests, e.g. 1000")),
+        }
+    }
+
+    /// A byte cap from its text (flag or config key): a size such as `32MiB` or `512KiB`, at
+    /// least [`Self::MIN_BYTES`].
+    pub fn parse_bytes(s: &str) -> Result<usize, String> {
+        let n = crate::tunnel::parse_size(s)?;
+        let n = usize::try_from(n).map_err(|_| format!("size {s:?} is too large"))?;
+        if n < Self::MIN_BYTES {
+            return Err(format!(
+                "{s:?} is less than the 64KiB the inspector needs; to keep less, lower the count of requests kept (--inspect-max-requests), or turn the inspector off with --inspect false"
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Locks `m`, also after a panic elsewhere poisoned it (what it guards stays consistent: every
+/// change is one assignment or push).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What an allocation of `n` bytes costs the heap, conservatively: malloc's header and
+/// rounding (glibc: 8 bytes and a multiple of 16, 32 at least) counted as 32 bytes.
+fn heap(n: usize) -> usize {
+    if n == 0 { 0 } else { n + 32 }
+}
+
+/// Header fields, copied out of the buffers they arrived in into one allocation of exact size:
+/// for each field, the name's length (2 bytes), the value's length (4 bytes), the name and the
+/// value.
+#[derive(Debug, Default)]
+pub struct Heads(Box<[u8]>);
+
+impl Heads {
+    /// A copy of every field of `map`, in order.
+    pub fn copy_of(map: &HeaderMap) -> Self {
+        let fields = || {
+            map.iter().filter_map(|(k, v)| {
+                let name = u16::try_from(k.as_str().len()).ok()?;
+                let value = u32::try_from(v.len()).ok()?;
+                Some((name, value, k.as_str().as_bytes(), v.as_bytes()))
+            })
+        };
+        let len = fields().map(|(_, _, k, v)| 6 + k.len() + v.len()).sum();
+        let mut buf = Vec::with_capacity(len);
+        for (n, v, name, value) in fields() {
+            buf.extend_from_slice(&n.to_le_bytes());
+            buf.extend_from_slice(&v.to_le_bytes());
+            buf.extend_from_slice(name);
+            buf.extend_from_slice(value);
+        }
+        Self(buf.into_boxed_slice())
+    }
+
+    /// Every field, in order: (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            let (n, tail) = rest.split_first_chunk::<2>()?;
+            let (v, tail) = tail.split_first_chunk::<4>()?;
+            let n = usize::from(u16::from_le_bytes(*n));
+            let v = usize::try_from(u32::from_le_bytes(*v)).ok()?;
+            let name = tail.get(..n)?;
+            let value = tail.get(n..n.checked_add(v)?)?;
+            rest = tail.get(n + v..)?;
+            Some((std::str::from_utf8(name).ok()?, value))
+        })
+    }
+
+    /// The fields as a header map again (for a replay).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in self.iter() {
+            if let (Ok(k), Ok(v)) =
+                (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value))
+            {
+                map.append(k, v);
+            }
+        }
+        map
+    }
+
+    /// Bytes held.
+    fn weight(&self) -> usize {
+        heap(self.0.len())
+    }
+}
+
 /// A body as captured: its first bytes, and whether more went by.
 #[derive(Debug, Default)]
 pub struct Captured {
@@ -40,6 +176,24 @@ pub struct Captured {
     pub size: u64,
     /// True once the body has ended.
     pub complete: bool,
+}
+
+/// A response head as recorded.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers.
+    pub headers: Heads,
+    /// Microseconds from the request to the response head.
+    pub duration_us: u64,
+}
+
+/// Which body of an exchange.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Request,
+    Response,
 }
 
 /// One request and its response.
@@ -58,94 +212,186 @@ pub struct Exchange {
     /// HTTP version on the tunnel.
     pub version: Version,
     /// Request headers.
-    pub request_headers: HeaderMap,
+    pub request_headers: Heads,
     /// Request body.
-    pub request_body: Arc<Mutex<Captured>>,
+    pub request_body: Mutex<Captured>,
     /// The response head, once it came (None: still waiting, or the target failed).
-    pub response: Mutex<Option<(StatusCode, HeaderMap, u64)>>,
+    pub response: Mutex<Option<ResponseHead>>,
     /// Response body.
-    pub response_body: Arc<Mutex<Captured>>,
+    pub response_body: Mutex<Captured>,
     /// Why there is no response, if the target could not be reached.
     pub error: Mutex<Option<String>>,
     /// The exchange this one replays, if any.
     pub replay_of: Option<String>,
+    /// In the ring: what is captured from now on is kept (and counted).
+    kept: AtomicBool,
+    /// Bytes counted for it in the ring's total while kept; changed under the ring's lock.
+    charged: AtomicUsize,
 }
 
 impl Exchange {
-    fn weight(&self) -> usize {
-        let heads: usize =
-            self.request_headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
-        let bodies = lock(&self.request_body).bytes.len() + lock(&self.response_body).bytes.len();
-        512 + self.uri.len() + heads * 2 + bodies
+    /// Bytes it holds now, counted conservatively: the struct in its `Arc` and its slot in the
+    /// ring, every string, heads and bodies at their allocated sizes, each allocation with
+    /// malloc's overhead.
+    pub fn weight(&self) -> usize {
+        let strings =
+            [&self.id, &self.tunnel, &self.uri].map(|s| heap(s.capacity())).iter().sum::<usize>()
+                + self.replay_of.as_ref().map_or(0, |s| heap(s.capacity()))
+                + lock(&self.error).as_ref().map_or(0, |s| heap(s.capacity()))
+                + heap(self.method.as_str().len());
+        let response = lock(&self.response).as_ref().map_or(0, |r| r.headers.weight());
+        let bodies = heap(lock(&self.request_body).bytes.capacity())
+            + heap(lock(&self.response_body).bytes.capacity());
+        heap(std::mem::size_of::<Self>() + 2 * std::mem::size_of::<usize>())
+            + std::mem::size_of::<Arc<Self>>()
+            + strings
+            + self.request_headers.weight()
+            + response
+            + bodies
+    }
+
+    fn body(&self, side: Side) -> &Mutex<Captured> {
+        match side {
+            Side::Request => &self.request_body,
+            Side::Response => &self.response_body,
+        }
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// How full the ring is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Exchanges kept.
+    pub kept: usize,
+    /// Bytes they hold, as [`Exchange::weight`] counts them.
+    pub bytes: usize,
 }
 
-/// The ring buffer of exchanges, shared by every inspected tunnel of an agent.
+#[derive(Debug, Default)]
+struct Ring {
+    exchanges: VecDeque<Arc<Exchange>>,
+    bytes: usize,
+}
+
+/// The ring of exchanges, shared by every inspected tunnel of an agent.
 #[derive(Debug)]
 pub struct Inspector {
-    ring: Mutex<VecDeque<Arc<Exchange>>>,
+    ring: Mutex<Ring>,
     next: AtomicU64,
-    /// Most bytes of each body kept.
-    pub body_limit: usize,
-    /// Most bytes the ring holds (oldest exchanges go first).
-    pub budget: usize,
-    /// Told about every new exchange (the dashboard's live view).
+    limits: Limits,
+    /// Told about every new exchange and response (the dashboard's live view). Bounded: a
+    /// subscriber that falls behind skips ahead.
     pub events: tokio::sync::broadcast::Sender<String>,
-    /// Bytes the ring holds now, kept up to date as exchanges come and bodies stream in, so
-    /// recording one exchange does not walk the whole ring.
-    used: Arc<AtomicUsize>,
 }
 
 impl Inspector {
-    /// A ring of `budget` bytes keeping the first `body_limit` bytes of bodies.
-    pub fn new(budget: usize, body_limit: usize) -> Arc<Self> {
+    /// An empty ring with these caps.
+    pub fn new(limits: Limits) -> Arc<Self> {
         Arc::new(Self {
             ring: Mutex::default(),
             next: AtomicU64::new(1),
-            body_limit,
-            budget,
+            limits,
             events: tokio::sync::broadcast::channel(256).0,
-            used: Arc::default(),
         })
     }
 
+    /// The caps.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Most bytes of each body kept.
+    pub fn body_limit(&self) -> usize {
+        self.limits.body_limit()
+    }
+
+    /// Exchanges kept and the bytes they hold.
+    pub fn usage(&self) -> Usage {
+        let ring = lock(&self.ring);
+        Usage { kept: ring.exchanges.len(), bytes: ring.bytes }
+    }
+
+    /// Keeps `ex` as the newest exchange, forgetting the oldest past the caps.
     fn record(&self, ex: Exchange) -> Arc<Exchange> {
         let ex = Arc::new(ex);
+        let weight = ex.weight();
         let mut ring = lock(&self.ring);
-        self.used.fetch_add(ex.weight(), Ordering::Relaxed);
-        ring.push_back(ex.clone());
-        while self.used.load(Ordering::Relaxed) > self.budget && ring.len() > 1 {
-            if let Some(old) = ring.pop_front() {
-                let w = old.weight();
-                let _ = self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
-                    Some(u.saturating_sub(w))
-                });
-            }
-        }
+        ex.kept.store(true, Ordering::Relaxed);
+        ex.charged.store(weight, Ordering::Relaxed);
+        ring.bytes += weight;
+        ring.exchanges.push_back(ex.clone());
+        self.evict(&mut ring);
         drop(ring);
         let _ = self.events.send(ex.id.clone());
         ex
     }
 
+    /// Counts `ex` again after it changed (a response head, body bytes, an error).
+    fn recount(&self, ex: &Exchange) {
+        let weight = ex.weight();
+        let mut ring = lock(&self.ring);
+        if !ex.kept.load(Ordering::Relaxed) {
+            return;
+        }
+        let was = ex.charged.swap(weight, Ordering::Relaxed);
+        ring.bytes = ring.bytes.saturating_sub(was) + weight;
+        self.evict(&mut ring);
+    }
+
+    /// Forgets the oldest exchanges while either cap is passed.
+    fn evict(&self, ring: &mut Ring) {
+        while ring.exchanges.len() > self.limits.max_requests || ring.bytes > self.limits.max_bytes
+        {
+            let Some(old) = ring.exchanges.pop_front() else { break };
+            Self::forget(ring, &old);
+        }
+    }
+
+    fn forget(ring: &mut Ring, ex: &Exchange) {
+        ex.kept.store(false, Ordering::Relaxed);
+        ring.bytes = ring.bytes.saturating_sub(ex.charged.swap(0, Ordering::Relaxed));
+    }
+
     /// Every exchange kept, newest first.
     pub fn list(&self) -> Vec<Arc<Exchange>> {
-        lock(&self.ring).iter().rev().cloned().collect()
+        lock(&self.ring).exchanges.iter().rev().cloned().collect()
     }
 
     /// One exchange.
     pub fn get(&self, id: &str) -> Option<Arc<Exchange>> {
-        lock(&self.ring).iter().find(|e| e.id == id).cloned()
+        lock(&self.ring).exchanges.iter().find(|e| e.id == id).cloned()
     }
 
     /// Forgets every exchange.
     pub fn clear(&self) {
         let mut ring = lock(&self.ring);
-        ring.clear();
-        self.used.store(0, Ordering::Relaxed);
+        for ex in std::mem::take(&mut ring.exchanges) {
+            Self::forget(&mut ring, &ex);
+        }
+        ring.bytes = 0;
+    }
+
+    /// Copies the first bytes of a body's `data` into `ex` (while it is kept), and marks the
+    /// body complete at its `end`.
+    fn capture(&self, ex: &Exchange, side: Side, data: &[u8], end: bool) {
+        if !ex.kept.load(Ordering::Relaxed) {
+            return;
+        }
+        let grown = {
+            let mut c = lock(ex.body(side));
+            c.size += data.len() as u64;
+            let before = c.bytes.capacity();
+            let kept = self.body_limit().saturating_sub(c.bytes.len()).min(data.len());
+            c.bytes.extend_from_slice(&data[..kept]);
+            if end {
+                c.complete = true;
+                c.bytes.shrink_to_fit();
+            }
+            c.bytes.capacity() != before
+        };
+        if grown {
+            self.recount(ex);
+        }
     }
 
     fn new_exchange(
@@ -155,8 +401,10 @@ impl Inspector {
         replay_of: Option<String>,
     ) -> Exchange {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut id = format!("req_{n:08}");
+        id.shrink_to_fit();
         Exchange {
-            id: format!("req_{n:08}"),
+            id,
             tunnel: tunnel.to_owned(),
             started_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -164,24 +412,26 @@ impl Inspector {
             method: parts.method.clone(),
             uri: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             version: parts.version,
-            request_headers: parts.headers.clone(),
-            request_body: Arc::default(),
+            request_headers: Heads::copy_of(&parts.headers),
+            request_body: Mutex::default(),
             response: Mutex::new(None),
-            response_body: Arc::default(),
+            response_body: Mutex::default(),
             error: Mutex::new(None),
             replay_of,
+            kept: AtomicBool::new(false),
+            charged: AtomicUsize::new(0),
         }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A body that copies its first bytes into a [`Captured`] as they pass.
+    /// A body that copies its first bytes into its exchange as they pass.
     struct Tee<B> {
         #[pin]
         inner: B,
-        into: Arc<Mutex<Captured>>,
-        limit: usize,
-        used: Arc<AtomicUsize>,
+        ex: Arc<Exchange>,
+        side: Side,
+        inspector: Arc<Inspector>,
     }
 }
 
@@ -201,19 +451,12 @@ where
         let polled = this.inner.as_mut().poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                let mut c = lock(this.into);
-                if let Some(data) = frame.data_ref() {
-                    c.size += data.len() as u64;
-                    let kept = this.limit.saturating_sub(c.bytes.len()).min(data.len());
-                    c.bytes.extend_from_slice(&data[..kept]);
-                    this.used.fetch_add(kept, Ordering::Relaxed);
-                }
+                let data = frame.data_ref().map_or(&[][..], |d| d.as_ref());
                 // Bodies of known length are not polled past their last frame.
-                if this.inner.is_end_stream() {
-                    c.complete = true;
-                }
+                let end = this.inner.is_end_stream();
+                this.inspector.capture(this.ex, *this.side, data, end);
             }
-            Poll::Ready(None) => lock(this.into).complete = true,
+            Poll::Ready(None) => this.inspector.capture(this.ex, *this.side, &[], true),
             _ => {}
         }
         polled.map(|o| o.map(|r| r.map_err(Into::into)))
@@ -228,18 +471,17 @@ where
     }
 }
 
-fn tee<B>(body: B, into: &Arc<Mutex<Captured>>, inspector: &Inspector) -> ProxyBody
+fn tee<B>(body: B, ex: &Arc<Exchange>, side: Side, inspector: &Arc<Inspector>) -> ProxyBody
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
-    Tee {
-        inner: body,
-        into: into.clone(),
-        limit: inspector.body_limit,
-        used: inspector.used.clone(),
+    let body = Tee { inner: body, ex: ex.clone(), side, inspector: inspector.clone() };
+    // An empty body is complete before it is polled (and may never be).
+    if body.inner.is_end_stream() {
+        inspector.capture(ex, side, &[], true);
     }
-    .boxed()
+    body.boxed()
 }
 
 /// A connection to the tunnel's target, HTTP/1.1 or h2c.
@@ -282,16 +524,16 @@ impl Upstream {
     }
 }
 
-/// Sends one request to the target and records it; used for tunnel traffic and replays.
+/// Sends one request of a recorded exchange (its body already teed) to the target, and
+/// records the response head; used for tunnel traffic and replays.
 async fn exchange(
-    inspector: &Inspector,
+    inspector: &Arc<Inspector>,
     spec: &TunnelSpec,
     upstream: &mut Option<Upstream>,
     mut req: Request<ProxyBody>,
-    ex: Exchange,
-) -> (Arc<Exchange>, Response<ProxyBody>) {
+    ex: &Arc<Exchange>,
+) -> Response<ProxyBody> {
     let started = Instant::now();
-    let ex = inspector.record(ex);
     let json = req
         .headers()
         .get(http::header::ACCEPT)
@@ -300,10 +542,7 @@ async fn exchange(
     if upstream.is_none() {
         match connect(spec).await {
             Ok(u) => *upstream = Some(u),
-            Err(e) => {
-                let resp = failed(&ex, spec, &e.to_string(), json);
-                return (ex, resp);
-            }
+            Err(e) => return failed(inspector, ex, spec, &e.to_string(), json),
         }
     }
     if spec.options.upstream_http2 {
@@ -312,29 +551,38 @@ async fn exchange(
         *req.version_mut() = Version::HTTP_11;
     }
     let Some(up) = upstream.as_mut() else {
-        let resp = failed(&ex, spec, "no upstream connection", json);
-        return (ex, resp);
+        return failed(inspector, ex, spec, "no upstream connection", json);
     };
-    let resp = match up.send(req).await {
+    match up.send(req).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            *lock(&ex.response) =
-                Some((parts.status, parts.headers.clone(), started.elapsed().as_micros() as u64));
+            *lock(&ex.response) = Some(ResponseHead {
+                status: parts.status,
+                headers: Heads::copy_of(&parts.headers),
+                duration_us: started.elapsed().as_micros() as u64,
+            });
+            inspector.recount(ex);
             let _ = inspector.events.send(ex.id.clone());
-            let body = tee(body, &ex.response_body, inspector);
+            let body = tee(body, ex, Side::Response, inspector);
             Response::from_parts(parts, body)
         }
         Err(e) => {
             *upstream = None;
-            failed(&ex, spec, &e.to_string(), json)
+            failed(inspector, ex, spec, &e.to_string(), json)
         }
-    };
-    (ex, resp)
+    }
 }
 
 /// The agent's 502 page (HTML, or JSON when asked) for a target that cannot be reached.
-fn failed(ex: &Exchange, spec: &TunnelSpec, why: &str, json: bool) -> Response<ProxyBody> {
+fn failed(
+    inspector: &Inspector,
+    ex: &Exchange,
+    spec: &TunnelSpec,
+    why: &str,
+    json: bool,
+) -> Response<ProxyBody> {
     *lock(&ex.error) = Some(format!("cannot reach {}: {why}", spec.target));
+    inspector.recount(ex);
     tracing::warn!(tunnel = %spec.name, target = %spec.target, reason = %why, "cannot reach the target");
     let (html, json_body) = crate::forward::bad_gateway_page(spec, why);
     let (ctype, body) =
@@ -363,11 +611,10 @@ where
                 .contains_key(http::header::UPGRADE)
                 .then(|| hyper::upgrade::on(&mut req));
             let (parts, body) = req.into_parts();
-            let ex = inspector.new_exchange(spec.name.as_str(), &parts, None);
-            let req_body = tee(body, &ex.request_body, &inspector);
-            let req = Request::from_parts(parts, req_body);
+            let ex = inspector.record(inspector.new_exchange(spec.name.as_str(), &parts, None));
+            let req = Request::from_parts(parts, tee(body, &ex, Side::Request, &inspector));
             let mut up = upstream.lock().await;
-            let (_, mut resp) = exchange(&inspector, &spec, &mut up, req, ex).await;
+            let mut resp = exchange(&inspector, &spec, &mut up, req, &ex).await;
             if let Some(visitor) = visitor_upgrade
                 && resp.status() == StatusCode::SWITCHING_PROTOCOLS
             {
@@ -408,7 +655,7 @@ pub async fn replay(
     let path = path.unwrap_or_else(|| original.uri.clone());
     let uri: Uri = path.parse().map_err(|e| format!("path {path:?}: {e}"))?;
     let mut req = Request::builder().method(method).uri(uri);
-    let mut hm = original.request_headers.clone();
+    let mut hm = original.request_headers.to_map();
     for (k, v) in headers {
         let name =
             http::HeaderName::from_bytes(k.as_bytes()).map_err(|_| format!("header {k:?}"))?;
@@ -433,12 +680,16 @@ pub async fn replay(
         .body(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed())
         .map_err(|e| e.to_string())?;
     let (parts, body) = req.into_parts();
-    let ex = inspector.new_exchange(spec.name.as_str(), &parts, Some(original.id.clone()));
-    let req = Request::from_parts(parts, tee(body, &ex.request_body, inspector));
+    let ex = inspector.record(inspector.new_exchange(
+        spec.name.as_str(),
+        &parts,
+        Some(original.id.clone()),
+    ));
+    let req = Request::from_parts(parts, tee(body, &ex, Side::Request, inspector));
     let mut upstream = None;
-    let (ex, resp) = exchange(inspector, spec, &mut upstream, req, ex).await;
-    // Read the whole response so the record is complete.
-    let _ = resp.into_body().collect().await;
+    let mut body = exchange(inspector, spec, &mut upstream, req, &ex).await.into_body();
+    // Read the whole response so the record is complete, keeping only what the tee keeps.
+    while let Some(Ok(_)) = body.frame().await {}
     Ok(ex)
 }
 
@@ -446,24 +697,123 @@ pub async fn replay(
 mod tests {
     use super::*;
 
+    fn parts(uri: &str) -> http::request::Parts {
+        Request::builder()
+            .uri(uri)
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-empty", "")
+            .header("x-forwarded-for", "198.51.100.1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0
+    }
+
+    fn limits(max_requests: usize, max_bytes: usize) -> Limits {
+        Limits { max_requests, max_bytes }
+    }
+
+    /// Records an exchange whose request body of `n` bytes then streams in.
+    fn request(insp: &Arc<Inspector>, uri: &str, n: usize) -> Arc<Exchange> {
+        let ex = insp.record(insp.new_exchange("t", &parts(uri), None));
+        insp.capture(&ex, Side::Request, &vec![7; n], true);
+        ex
+    }
+
+    fn total(insp: &Inspector) -> usize {
+        insp.list().iter().map(|e| e.weight()).sum()
+    }
+
     #[test]
-    fn the_ring_stays_within_its_budget_and_clear_empties_it() {
-        let insp = Inspector::new(4_000, 1024);
-        let (parts, ()) = Request::builder().uri("/x").body(()).unwrap().into_parts();
-        for _ in 0..50 {
-            // As a request's body streams in after its exchange is recorded.
-            let ex = insp.record(insp.new_exchange("t", &parts, None));
-            lock(&ex.request_body).bytes.extend_from_slice(&[0; 100]);
-            insp.used.fetch_add(100, Ordering::Relaxed);
+    fn the_ring_stays_within_its_byte_cap_and_clear_empties_it() {
+        let insp = Inspector::new(limits(1_000, 8_000));
+        for i in 0..50 {
+            request(&insp, &format!("/x{i}"), 100);
         }
         let kept = insp.list();
-        let total: usize = kept.iter().map(|e| e.weight()).sum();
         assert!(kept.len() > 1 && kept.len() < 50, "{} kept", kept.len());
-        assert!(total <= 4_000, "{total} bytes kept");
-        assert_eq!(insp.used.load(Ordering::Relaxed), total);
+        assert!(total(&insp) <= 8_000, "{} bytes kept", total(&insp));
+        assert_eq!(insp.usage(), Usage { kept: kept.len(), bytes: total(&insp) });
         assert_eq!(kept[0].id, "req_00000050", "newest first");
         insp.clear();
         assert!(insp.list().is_empty());
-        assert_eq!(insp.used.load(Ordering::Relaxed), 0);
+        assert_eq!(insp.usage(), Usage { kept: 0, bytes: 0 });
+    }
+
+    #[test]
+    fn the_count_cap_keeps_the_newest() {
+        let insp = Inspector::new(limits(3, 1 << 20));
+        for i in 0..10 {
+            request(&insp, &format!("/{i}"), 10);
+        }
+        let uris: Vec<_> = insp.list().iter().map(|e| e.uri.clone()).collect();
+        assert_eq!(uris, ["/9", "/8", "/7"]);
+        assert_eq!(insp.usage().bytes, total(&insp));
+    }
+
+    #[test]
+    fn a_forgotten_exchange_stops_capturing_and_is_not_counted() {
+        let insp = Inspector::new(limits(1, 1 << 20));
+        let old = insp.record(insp.new_exchange("t", &parts("/old"), None));
+        request(&insp, "/new", 10);
+        // The old request's body still streams after it was forgotten.
+        insp.capture(&old, Side::Request, &[1; 5_000], true);
+        assert!(lock(&old.request_body).bytes.is_empty());
+        assert_eq!(insp.usage(), Usage { kept: 1, bytes: total(&insp) });
+    }
+
+    #[test]
+    fn weight_counts_heads_bodies_and_bookkeeping() {
+        let insp = Inspector::new(Limits::default());
+        let small = request(&insp, "/", 0);
+        let big = request(&insp, &format!("/{}", "p".repeat(1_000)), 10_000);
+        // Bookkeeping alone is counted...
+        assert!(small.weight() >= std::mem::size_of::<Exchange>() + 100, "{}", small.weight());
+        // ... and every byte of a longer path and a body, with allocation overhead.
+        assert!(big.weight() >= small.weight() + 11_000, "{} {}", big.weight(), small.weight());
+        assert_eq!(lock(&big.request_body).bytes.capacity(), 10_000, "an exact-size copy");
+    }
+
+    #[test]
+    fn bodies_past_the_limit_are_cut_and_sized() {
+        let insp = Inspector::new(limits(10, Limits::MIN_BYTES));
+        assert_eq!(insp.body_limit(), 8 << 10);
+        let ex = insp.record(insp.new_exchange("t", &parts("/"), None));
+        for _ in 0..10 {
+            insp.capture(&ex, Side::Response, &[1; 1_000], false);
+        }
+        insp.capture(&ex, Side::Response, &[], true);
+        let c = lock(&ex.response_body);
+        assert_eq!((c.bytes.len(), c.size, c.complete), (8 << 10, 10_000, true));
+        assert_eq!(c.bytes.capacity(), 8 << 10, "shrunk once complete");
+    }
+
+    #[test]
+    fn heads_are_copied_in_order_and_read_back() {
+        let p = parts("/");
+        let heads = Heads::copy_of(&p.headers);
+        let fields: Vec<_> = heads.iter().collect();
+        assert_eq!(
+            fields,
+            [
+                ("x-forwarded-for", &b"203.0.113.7"[..]),
+                ("x-forwarded-for", &b"198.51.100.1"[..]),
+                ("x-empty", &b""[..]),
+            ]
+        );
+        assert_eq!(heads.to_map(), p.headers);
+        assert_eq!(heads.0.len(), 3 * 6 + 15 * 2 + 11 + 12 + 7);
+    }
+
+    #[test]
+    fn caps_parse_and_refuse_what_would_keep_nothing() {
+        assert_eq!(Limits::parse_requests("10"), Ok(10));
+        assert!(Limits::parse_requests("0").unwrap_err().contains("--inspect false"));
+        assert!(Limits::parse_requests("many").is_err());
+        assert_eq!(Limits::parse_bytes("32MiB"), Ok(32 << 20));
+        assert_eq!(Limits::parse_bytes("512KiB"), Ok(512 << 10));
+        assert!(Limits::parse_bytes("1KiB").unwrap_err().contains("64KiB"));
+        assert!(Limits::parse_bytes("lots").is_err());
+        assert_eq!(Limits::default().body_limit(), 64 << 10);
     }
 }

@@ -26,7 +26,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use crate::agent::{AgentHandle, Control, TunnelStatus};
-use crate::inspect::{Captured, Exchange, Inspector};
+use crate::inspect::{Captured, Exchange, Inspector, lock};
 use crate::tunnel::{OPTION_KEYS, Target, TunnelSpec};
 
 /// The default address of an agent's local API.
@@ -267,8 +267,15 @@ async fn metrics(State(h): State<AgentHandle>) -> Response {
         }
     }
     if let Some(i) = h.state.inspector() {
+        let usage = i.usage();
+        let _ =
+            writeln!(out, "# HELP warren_agent_requests_kept HTTP exchanges the inspector keeps.");
         let _ = writeln!(out, "# TYPE warren_agent_requests_kept gauge");
-        let _ = writeln!(out, "warren_agent_requests_kept {}", i.list().len());
+        let _ = writeln!(out, "warren_agent_requests_kept {}", usage.kept);
+        let _ =
+            writeln!(out, "# HELP warren_agent_requests_kept_bytes Bytes those exchanges hold.");
+        let _ = writeln!(out, "# TYPE warren_agent_requests_kept_bytes gauge");
+        let _ = writeln!(out, "warren_agent_requests_kept_bytes {}", usage.bytes);
     }
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
@@ -311,14 +318,14 @@ fn inspector(h: &AgentHandle) -> Result<Arc<Inspector>, ApiError> {
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, "not_found", "the inspector is off".into()))
 }
 
-fn headers_json(h: &http::HeaderMap) -> Value {
+fn headers_json(h: &crate::inspect::Heads) -> Value {
     let mut out = serde_json::Map::new();
-    for (k, v) in h {
-        let v = Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned());
-        match out.get_mut(k.as_str()) {
+    for (k, v) in h.iter() {
+        let v = Value::String(String::from_utf8_lossy(v).into_owned());
+        match out.get_mut(k) {
             Some(Value::Array(a)) => a.push(v),
             _ => {
-                out.insert(k.as_str().to_owned(), Value::Array(vec![v]));
+                out.insert(k.to_owned(), Value::Array(vec![v]));
             }
         }
     }
@@ -337,7 +344,7 @@ fn body_json(c: &Captured) -> Value {
 }
 
 fn exchange_json(e: &Exchange, full: bool) -> Value {
-    let response = e.response.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let response = lock(&e.response);
     let secs = (e.started_ms / 1000) as i64;
     let start = format!(
         "{}.{:03}Z",
@@ -350,21 +357,20 @@ fn exchange_json(e: &Exchange, full: bool) -> Value {
         "tunnel_name": e.tunnel,
         "start": start,
         "replay_of": e.replay_of,
-        "error": e.error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        "error": lock(&e.error).clone(),
         "request": { "method": e.method.as_str(), "uri": e.uri, "proto": format!("{:?}", e.version) },
-        "response": response.as_ref().map(|(s, _, us)| json!({
-            "status_code": s.as_u16(),
-            "status": s.to_string(),
-            "duration_us": us,
+        "response": response.as_ref().map(|r| json!({
+            "status_code": r.status.as_u16(),
+            "status": r.status.to_string(),
+            "duration_us": r.duration_us,
         })),
     });
     if full {
         v["request"]["headers"] = headers_json(&e.request_headers);
-        v["request"]["body"] = body_json(&e.request_body.lock().unwrap_or_else(|p| p.into_inner()));
-        if let Some((_, h, _)) = &response {
-            v["response"]["headers"] = headers_json(h);
-            v["response"]["body"] =
-                body_json(&e.response_body.lock().unwrap_or_else(|p| p.into_inner()));
+        v["request"]["body"] = body_json(&lock(&e.request_body));
+        if let Some(r) = response.as_ref() {
+            v["response"]["headers"] = headers_json(&r.headers);
+            v["response"]["body"] = body_json(&lock(&e.response_body));
         }
     }
     v
@@ -396,19 +402,25 @@ async fn list_requests(
         .iter()
         .filter(|e| q.tunnel_name.as_ref().is_none_or(|t| e.tunnel == *t))
         .filter(|e| {
-            q.status.is_none_or(|s| {
-                e.response
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
-                    .is_some_and(|r| r.0.as_u16() == s)
-            })
+            q.status
+                .is_none_or(|s| lock(&e.response).as_ref().is_some_and(|r| r.status.as_u16() == s))
         })
         .filter(|e| q.path.as_ref().is_none_or(|p| e.uri.starts_with(p.as_str())))
         .take(limit)
         .map(|e| exchange_json(e, false))
         .collect();
-    Ok(Json(json!({ "requests": picked, "uri": "/api/requests/http" })))
+    let (usage, limits) = (insp.usage(), insp.limits());
+    Ok(Json(json!({
+        "requests": picked,
+        "uri": "/api/requests/http",
+        "inspector": {
+            "kept": usage.kept,
+            "bytes": usage.bytes,
+            "max_requests": limits.max_requests,
+            "max_bytes": limits.max_bytes,
+            "body_limit": limits.body_limit(),
+        },
+    })))
 }
 
 async fn one_request(

@@ -14,6 +14,7 @@ use warren_client::api_access::{self, LocalApi, Want};
 use warren_client::config::{self, FileConfig};
 use warren_client::demo::{self, DemoOptions};
 use warren_client::identity;
+use warren_client::inspect::Limits;
 use warren_client::tunnel::{ForwardRule, Target, TunnelSpec};
 use warren_proto::message::Token;
 use warren_proto::{AgentId, Protocol, Subdomain, TunnelName};
@@ -431,14 +432,50 @@ struct ConnOpts {
     /// loopback addresses, and refuses other names (DNS rebinding).
     #[arg(long, value_name = "NAME")]
     api_host: Vec<String>,
-    /// Serve no local API.
+    /// Serve no local API (and so keep no requests for the inspector).
     #[arg(long)]
     no_api: bool,
+    #[command(flatten)]
+    inspect: InspectOpts,
     /// Let the relay's API open a forward into this agent to TARGET (repeatable): HOST:PORT,
     /// PORT (on loopback), CIDR (any port) or CIDR:LOW-HIGH. Without it every forward is
     /// refused.
     #[arg(long, value_name = "TARGET")]
     allow_forward: Vec<ForwardRule>,
+}
+
+/// What the request inspector keeps: the HTTP exchanges of tunnels with `--inspect true` (the
+/// default), while the local API runs.
+#[derive(Debug, Args)]
+struct InspectOpts {
+    /// Most HTTP requests the inspector keeps, with their responses, for the local API, the
+    /// dashboard and `warren requests` (all tunnels together; default 1000). Past it, or past
+    /// --inspect-max-bytes, the oldest are forgotten; traffic never waits on the inspector. To
+    /// keep none, give the tunnel --inspect false (or the agent --no-api).
+    #[arg(long, value_name = "N", value_parser = Limits::parse_requests)]
+    inspect_max_requests: Option<usize>,
+    /// Most memory the kept requests may hold, e.g. 512KiB or 64MiB (default 32MiB; at least
+    /// 64KiB). Everything is counted: heads, the first bytes of each body (64KiB, or an eighth
+    /// of this cap if less) and the bookkeeping.
+    #[arg(long, value_name = "SIZE", value_parser = Limits::parse_bytes)]
+    inspect_max_bytes: Option<usize>,
+}
+
+impl InspectOpts {
+    /// The caps: flags, else the config file's keys, else the defaults.
+    fn limits(&self, file: &FileConfig) -> Limits {
+        let default = Limits::default();
+        Limits {
+            max_requests: self
+                .inspect_max_requests
+                .or(file.inspect_max_requests)
+                .unwrap_or(default.max_requests),
+            max_bytes: self
+                .inspect_max_bytes
+                .or(file.inspect_max_bytes)
+                .unwrap_or(default.max_bytes),
+        }
+    }
 }
 
 impl ConnOpts {
@@ -691,11 +728,6 @@ fn agent_config(conn: ConnOpts, file: FileConfig) -> anyhow::Result<AgentConfig>
     })
 }
 
-/// Bytes of HTTP exchanges the inspector keeps, all tunnels together.
-const INSPECT_BUDGET: usize = 32 << 20;
-/// Bytes of each request and response body the inspector keeps.
-const INSPECT_BODY_LIMIT: usize = 64 << 10;
-
 /// One request to a running agent's local API; its JSON answer, or its error message.
 async fn agent_api(
     api: &LocalApi,
@@ -770,7 +802,7 @@ async fn run_daemon(
             .map_err(anyhow::Error::msg)?;
     }
     if no_relay {
-        return run_local(conn, networks, manager.is_some(), shutdown).await;
+        return run_local(conn, &file, networks, manager.is_some(), shutdown).await;
     }
     let expose = docker.docker.then_some(docker.docker_socket);
     run_agent_with(conn, file, networks, manager, expose, shutdown).await
@@ -779,6 +811,7 @@ async fn run_daemon(
 /// An agent without a relay: the local API and networks only.
 async fn run_local(
     conn: ConnOpts,
+    file: &FileConfig,
     networks: axum::Router,
     manages_networks: bool,
     shutdown: CancellationToken,
@@ -792,10 +825,7 @@ async fn run_local(
     );
     let (handle, mut inbox) = agent::channel(Vec::new());
     handle.state.set_no_relay();
-    handle
-        .state
-        .set_inspector(warren_client::inspect::Inspector::new(INSPECT_BUDGET, INSPECT_BODY_LIMIT));
-    let settings = ApiSettings::from(&conn)?;
+    let settings = ApiSettings::from(&conn, file)?;
     let api = settings.serve(handle, networks, manages_networks, shutdown.clone()).await?;
     let refuse = tokio::spawn(async move {
         while let Some(c) = inbox.next_control().await {
@@ -830,6 +860,8 @@ struct ApiSettings {
     token_file: Option<PathBuf>,
     hosts: Vec<String>,
     config_dir: PathBuf,
+    /// The request inspector's caps.
+    inspect: Limits,
 }
 
 /// The local API being served, and this agent's entry in `agent.json`.
@@ -847,7 +879,7 @@ impl ServedApi {
 impl ApiSettings {
     /// The token (given, or generated into the config directory) and the hosts; an address
     /// others can reach needs a token given on purpose.
-    fn from(conn: &ConnOpts) -> anyhow::Result<Self> {
+    fn from(conn: &ConnOpts, file: &FileConfig) -> anyhow::Result<Self> {
         let config_dir = conn.config_dir();
         let given = conn.api_token.clone().filter(|t| !t.trim().is_empty());
         if !conn.api.ip().is_loopback() && given.is_none() {
@@ -867,7 +899,14 @@ impl ApiSettings {
                 (t, Some(path))
             }
         };
-        Ok(Self { addr: conn.api, token, token_file, hosts: conn.api_host.clone(), config_dir })
+        Ok(Self {
+            addr: conn.api,
+            token,
+            token_file,
+            hosts: conn.api_host.clone(),
+            config_dir,
+            inspect: conn.inspect.limits(file),
+        })
     }
 
     /// Binds the API (or the next free port), serves it, logs the dashboard's login URL on
@@ -911,10 +950,7 @@ impl ApiSettings {
                 None
             }
         };
-        handle.state.set_inspector(warren_client::inspect::Inspector::new(
-            INSPECT_BUDGET,
-            INSPECT_BODY_LIMIT,
-        ));
+        handle.state.set_inspector(warren_client::inspect::Inspector::new(self.inspect));
         let access = warren_client::local_api::Access::new(self.token, addr, self.hosts);
         let task = tokio::spawn(warren_client::local_api::serve(
             listener, handle, networks, access, shutdown,
@@ -931,7 +967,7 @@ async fn run_agent_with(
     docker_socket: Option<PathBuf>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let api = if conn.no_api { None } else { Some(ApiSettings::from(&conn)?) };
+    let api = if conn.no_api { None } else { Some(ApiSettings::from(&conn, &file)?) };
     let cfg = agent_config(conn, file)?;
     tracing::info!(agent = %cfg.agent_id, relay = %cfg.relay, tunnels = cfg.tunnels.len(), "starting agent");
     let (tx, mut rx) = mpsc::unbounded_channel();

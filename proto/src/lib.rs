@@ -12,7 +12,7 @@
 //! - [`names`]: validated newtypes for what crosses the wire (tunnel names, subdomains, ids).
 //! - [`frame`]: the frame header, length bounds and the primitive field codecs.
 //! - [`message`]: control messages and error codes.
-//! - [`stream`]: the data-stream header.
+//! - [`stream`]: the data-stream header and the agent's answer to it.
 //! - [`options`]: per-tunnel access control and HTTP options carried in a bind.
 //! - [`overlay`]: overlay networks: their control messages and the relay path of their frames.
 //! - [`datagram`]: how UDP tunnels carry packets (QUIC datagrams or stream records).
@@ -34,7 +34,7 @@ pub use message::{Bind, Bound, ErrorCode, Forward, Hello, Message, Protocol, Wel
 pub use names::{AgentId, Label, Subdomain, TunnelId, TunnelName};
 pub use options::{BasicAuth, Cidr, TunnelOptions};
 pub use preface::{PROTOCOL_VERSION, Preface, SUPPORTED_VERSIONS};
-pub use stream::StreamHeader;
+pub use stream::{AcceptReader, StreamAccept, StreamHeader};
 
 /// The ALPN protocol identifier both transports negotiate.
 pub const ALPN: &[u8] = b"warren/1";

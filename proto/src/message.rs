@@ -418,6 +418,8 @@ pub mod kind {
     pub const FORWARD_OK: u16 = 0x0d;
     /// [`crate::StreamHeader`], only at the start of a data stream.
     pub const STREAM_HEADER: u16 = 0x40;
+    /// [`crate::stream::StreamAccept`], the agent's first frame on a data stream.
+    pub const STREAM_ACCEPT: u16 = 0x41;
 }
 
 impl Message {

@@ -15,10 +15,10 @@ pub const MAGIC: &[u8; 6] = b"WARREN";
 pub const PREFACE_LEN: usize = 10;
 
 /// The protocol version this crate implements.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The versions this crate can speak, lowest to highest.
-pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 1..=1;
+pub const SUPPORTED_VERSIONS: std::ops::RangeInclusive<u16> = 2..=2;
 
 /// The range of protocol versions a peer speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -531,6 +531,29 @@ proptest! {
         }
     }
 
+    /// Whatever an agent writes first on a data stream, in whatever pieces, the relay's
+    /// `AcceptReader` never panics, never claims more bytes than it was given, and finishes only
+    /// on a `StreamAccept` frame.
+    #[test]
+    fn accept_reader_takes_any_bytes(bytes in vec(any::<u8>(), 0..64), cut in 0usize..64) {
+        let cut = cut.min(bytes.len());
+        let mut r = crate::stream::AcceptReader::new();
+        let mut used = 0;
+        for piece in [&bytes[..cut], &bytes[cut..]] {
+            match r.feed(piece) {
+                Ok(n) => {
+                    prop_assert!(n <= piece.len());
+                    used += n;
+                }
+                Err(_) => break,
+            }
+        }
+        if r.done() {
+            prop_assert_eq!(u16::from_be_bytes([bytes[0], bytes[1]]), kind::STREAM_ACCEPT);
+            prop_assert!(used >= HEADER_LEN);
+        }
+    }
+
     /// Random payloads behind a valid header of a known type reach deep into the field decoders.
     /// Whatever decodes must re-encode to something that decodes to the same value.
     #[test]

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{debug, info};
-use warren_proto::{Protocol, StreamHeader};
+use warren_proto::{AcceptReader, Protocol, StreamHeader};
 use warren_transport::Stream;
 
 use crate::edge::{ConnGuard, Edge, IdleTimeout, Prefixed, read_proxy_header};
@@ -70,14 +70,22 @@ pub async fn open_data_stream(
     stream.write_all(&header).await?;
     live.stats.open.fetch_add(1, Ordering::Relaxed);
     live.stats.total.fetch_add(1, Ordering::Relaxed);
-    Ok(DataStream { inner: stream, stats: live.stats.clone(), _permits: (permit, token_permit) })
+    Ok(DataStream {
+        inner: stream,
+        accept: AcceptReader::new(),
+        stats: live.stats.clone(),
+        _permits: (permit, token_permit),
+    })
 }
 
 /// A data stream to an agent that counts the bytes it carries into its tunnel's counters and
-/// holds the stream-limit permits it was opened with.
+/// holds the stream-limit permits it was opened with. Reading takes the agent's `StreamAccept`
+/// off the front: what the caller reads is the target's bytes only. The relay writes the
+/// visitor's bytes without waiting for it.
 #[derive(Debug)]
 pub struct DataStream {
     inner: Stream,
+    accept: AcceptReader,
     stats: Arc<TunnelStats>,
     _permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 }
@@ -95,12 +103,28 @@ impl AsyncRead for DataStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        loop {
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            let read = buf.filled().len() - before;
+            if read == 0 || self.accept.done() {
+                break;
+            }
+            let used = self.accept.feed(&buf.filled()[before..]).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("agent: {e}"))
+            })?;
+            let filled = buf.filled_mut();
+            filled.copy_within(before + used.., before);
+            buf.set_filled(before + read - used);
+            if read > used {
+                break;
+            }
+            // Only the answer so far: read again rather than report an end of stream.
+        }
         let n = (buf.filled().len() - before) as u64;
         if n > 0 {
             self.stats.bytes_out.fetch_add(n, Ordering::Relaxed);
         }
-        r
+        Poll::Ready(Ok(()))
     }
 }
 

@@ -286,9 +286,10 @@ impl Agent {
         crate::procfs::fd_count(self.pid().expect("the agent is not running"))
     }
 
-    /// The agent's resident memory in bytes. Panics when it is not running.
+    /// The agent's resident memory now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when
+    /// the agent is not running.
     pub fn rss_bytes(&self) -> u64 {
-        crate::procfs::rss_bytes(self.pid().expect("the agent is not running"))
+        crate::util::rss_bytes(self.pid().expect("the agent is not running"))
     }
 
     /// SIGKILL and wait until the process is gone.

@@ -47,7 +47,7 @@ impl HttpBackend {
 
     /// Starts a backend whose `/` answers `hello from NAME`.
     pub async fn start_named(name: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind http backend");
+        let listener = listen_local().expect("bind http backend");
         Self::serve(listener, name)
     }
 
@@ -155,7 +155,7 @@ pub struct EchoBackend {
 impl EchoBackend {
     /// Starts the echo server.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo backend");
+        let listener = listen_local().expect("bind echo backend");
         Self::serve(listener)
     }
 
@@ -210,4 +210,15 @@ impl Drop for EchoBackend {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A listener on `127.0.0.1`, a free port, with the system's largest accept queue. A test that
+/// connects thousands of times would otherwise overflow the default queue (1024): the kernel
+/// then completes the client's handshake but drops the connection before `accept`, and a client
+/// that sends nothing never finds out.
+fn listen_local() -> std::io::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+    // The kernel caps this at net.core.somaxconn.
+    socket.listen(65_535)
 }

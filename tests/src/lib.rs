@@ -11,7 +11,7 @@
 //! - [`client`]: visitors (HTTP with an explicit `Host`, TCP echo, WebSocket).
 //! - [`raw`]: hostile or broken peers for the control port (TLS, yamux, QUIC).
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
-//! - [`procfs`]: a child's fds, memory and CPU time from `/proc`, and signals to it.
+//! - [`procfs`]: a child's fds, CPU time and TCP sockets from `/proc`, and signals to it.
 //! - [`netns`], [`overlay`]: network namespaces: one host with an agent, or several hosts on
 //!   an underlay with a relay, for the networks tests.
 //!
@@ -180,8 +180,13 @@ pub struct TcpSetup {
 impl TcpSetup {
     /// Starts everything with `--transport t` and waits for the URL.
     pub async fn start(t: Transport) -> Self {
+        Self::start_with(RelayOpts::default(), t).await
+    }
+
+    /// Same with relay options.
+    pub async fn start_with(opts: RelayOpts, t: Transport) -> Self {
         let tmp = TempDir::new("tcp");
-        let relay = Relay::start_default().await;
+        let relay = Relay::start(opts).await;
         let backend = EchoBackend::start().await;
         let mut agent = relay.spawn_agent(
             "tcp-agent",

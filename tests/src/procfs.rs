@@ -1,5 +1,6 @@
-//! What `/proc` says about a child process (open file descriptors, resident memory, CPU time),
-//! and signals to it: for tests that freeze processes and look for leaks.
+//! What `/proc` says about a child process (open file descriptors, CPU time, TCP sockets), and
+//! signals to it: for tests that freeze processes and look for leaks (resident memory:
+//! [`crate::util::rss_bytes`]).
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -14,19 +15,6 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"))
         .count()
-}
-
-/// Resident memory of `pid` in bytes (`VmRSS` of `/proc/PID/status`); panics if it is gone.
-pub fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
-    let kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
-    kib * 1024
 }
 
 /// CPU time `pid` has used so far, user plus system, in [`TICKS_PER_SEC`] ticks; `None` once the
@@ -72,7 +60,6 @@ mod tests {
     fn reads_this_process() {
         let me = std::process::id();
         assert!(fd_count(me) >= 3);
-        assert!(rss_bytes(me) > 0);
         assert!(cpu_ticks(me).is_some());
     }
 }

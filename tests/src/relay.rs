@@ -200,7 +200,7 @@ impl Relay {
     /// The relay's resident memory now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when
     /// the relay is not running.
     pub fn rss_bytes(&self) -> u64 {
-        crate::procfs::rss_bytes(self.pid().expect("the relay is not running"))
+        crate::util::rss_bytes(self.pid().expect("the relay is not running"))
     }
 
     /// How many file descriptors the relay has open. Panics when it is not running.

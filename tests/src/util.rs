@@ -72,6 +72,20 @@ pub async fn within<F: Future>(timeout: Duration, what: &str, fut: F) -> F::Outp
     }
 }
 
+/// Resident memory of process `pid` now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when
+/// the process is gone.
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status:\n{status}"));
+    kib * 1024
+}
+
 /// A directory under the system temp dir with a unique name, removed on drop.
 #[derive(Debug)]
 pub struct TempDir {

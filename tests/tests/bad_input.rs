@@ -7,7 +7,7 @@ use http::StatusCode;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use warren_proto::message::kind;
-use warren_proto::{ErrorCode, Message};
+use warren_proto::{ErrorCode, Message, PROTOCOL_VERSION};
 use warren_tests::raw::{
     YamuxStream, client_hello, drain, frame_header, hello_frame, preface, quic_connect,
     read_message, tls_connect, yamux_header,
@@ -238,7 +238,7 @@ async fn garbage_and_huge_frames_over_tls() {
     // warren level: a good preface, then a Hello frame header claiming u32::MAX bytes.
     let tls = tls_connect(control).await.expect("TLS to the relay");
     let mut y = YamuxStream::open(tls).await.expect("yamux stream");
-    let mut bytes = preface(1, 1);
+    let mut bytes = preface(PROTOCOL_VERSION, PROTOCOL_VERSION);
     bytes.extend(frame_header(kind::HELLO, u32::MAX));
     bytes.extend(random_bytes(1024));
     let _ = y.stream.write_all(&bytes).await;
@@ -278,7 +278,7 @@ async fn garbage_and_huge_frames_over_quic() {
 
     let (_ep2, conn2) = quic_connect(control).await.expect("QUIC to the relay");
     let (mut send, mut recv) = conn2.open_bi().await.expect("open stream");
-    let mut bytes = preface(1, 1);
+    let mut bytes = preface(PROTOCOL_VERSION, PROTOCOL_VERSION);
     bytes.extend(frame_header(kind::HELLO, u32::MAX));
     bytes.extend(random_bytes(1024));
     let _ = send.write_all(&bytes).await;
@@ -346,9 +346,11 @@ fn assert_version_mismatch(msg: Message) {
     match msg {
         Message::Error { code, message, .. } => {
             assert_eq!(code, ErrorCode::VersionMismatch, "message: {message}");
+            let relay = format!("{PROTOCOL_VERSION}-{PROTOCOL_VERSION}");
             assert!(
-                message.contains('1') && message.contains("90"),
-                "the message should name the relay's version 1 and the agent's 90: {message:?}"
+                message.contains(&relay) && message.contains("90-99"),
+                "the message should name the relay's versions {relay} and the agent's 90-99: \
+                 {message:?}"
             );
         }
         other => panic!("expected an Error frame, got {other:?}"),
@@ -369,18 +371,37 @@ async fn version_mismatch_over_quic() {
     relay.assert_running();
 }
 
+/// What the relay answers, over TLS + yamux, an agent whose preface says `min..=max`.
+async fn answer_to_versions_over_tls(relay: &Relay, min: u16, max: u16) -> Message {
+    let tls = tls_connect(relay.control_addr).await.expect("TLS to the relay");
+    let mut y = YamuxStream::open(tls).await.expect("yamux stream");
+    let mut bytes = preface(min, max);
+    bytes.extend(hello_frame(relay.token(), "version-test"));
+    y.stream.write_all(&bytes).await.expect("send preface and Hello");
+    y.stream.flush().await.expect("flush");
+    read_message(&mut y.stream, IO_TIMEOUT).await.expect("an answer from the relay")
+}
+
 /// The same over TLS + yamux.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn version_mismatch_over_tls() {
     let mut relay = Relay::start_default().await;
-    let tls = tls_connect(relay.control_addr).await.expect("TLS to the relay");
-    let mut y = YamuxStream::open(tls).await.expect("yamux stream");
-    let mut bytes = preface(90, 99);
-    bytes.extend(hello_frame(relay.token(), "version-test"));
-    y.stream.write_all(&bytes).await.expect("send preface and Hello");
-    y.stream.flush().await.expect("flush");
-    let msg = read_message(&mut y.stream, IO_TIMEOUT).await.expect("an answer from the relay");
-    assert_version_mismatch(msg);
+    assert_version_mismatch(answer_to_versions_over_tls(&relay, 90, 99).await);
+    relay.assert_running();
+}
+
+/// An agent of protocol version 1, which does not answer data streams with `StreamAccept`, is
+/// told to upgrade rather than let in to serve streams the relay would reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_1_agent_is_told_to_upgrade() {
+    let mut relay = Relay::start_default().await;
+    match answer_to_versions_over_tls(&relay, 1, 1).await {
+        Message::Error { code, message, .. } => {
+            assert_eq!(code, ErrorCode::VersionMismatch, "message: {message}");
+            assert!(message.contains("upgrade the agent"), "{message:?}");
+        }
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
     relay.assert_running();
 }
 

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use warren_proto::{ErrorCode, Message};
+use warren_proto::{ErrorCode, Message, PROTOCOL_VERSION};
 use warren_tests::raw::{
     YamuxStream, drain, hello_frame, insecure_client_config, preface, quic_connect, read_message,
     tls_connect,
@@ -71,7 +71,7 @@ async fn flood_one(
     let Ok(Ok(mut first)) = tokio::time::timeout_at(until, session.open()).await else {
         return done;
     };
-    if first.write_all(&preface(1, 1)).await.is_err() {
+    if first.write_all(&preface(PROTOCOL_VERSION, PROTOCOL_VERSION)).await.is_err() {
         return done;
     }
     let bytes = Arc::new(AtomicU64::new(0));
@@ -193,7 +193,7 @@ async fn only_the_control_stream(t: Transport) {
     let relay = Relay::start_default().await;
     let session = raw_session(relay.control_addr, t).await.expect("session to the relay");
     let mut control = session.open().await.expect("control stream");
-    control.write_all(&preface(1, 1)).await.expect("preface");
+    control.write_all(&preface(PROTOCOL_VERSION, PROTOCOL_VERSION)).await.expect("preface");
     match t {
         Transport::Quic => {
             let second = tokio::time::timeout(Duration::from_secs(1), session.open()).await;
@@ -280,7 +280,7 @@ async fn handshakes_per_address_are_capped() {
 async fn hello_answer(control: SocketAddr, token: &str) -> Message {
     let tls = tls_connect(control).await.expect("TLS to the relay");
     let mut y = YamuxStream::open(tls).await.expect("yamux stream");
-    let mut bytes = preface(1, 1);
+    let mut bytes = preface(PROTOCOL_VERSION, PROTOCOL_VERSION);
     bytes.extend(hello_frame(token, "throttle-test"));
     y.stream.write_all(&bytes).await.expect("preface and Hello");
     y.stream.flush().await.expect("flush");
