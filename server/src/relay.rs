@@ -62,7 +62,8 @@ pub enum RelayError {
         source: std::io::Error,
     },
     /// The state database.
-    #[error("the relay's database {path}: {source}")]
+    // The store's error follows through the source chain, which `main` prints.
+    #[error("the relay's database {path}")]
     Store {
         /// The file.
         path: PathBuf,

@@ -14,10 +14,13 @@
 //! behind a mutex is enough) and async wrappers (callers on a runtime use `spawn_blocking`).
 
 use std::fmt;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 /// The schema, one SQL batch per version: after batch `i` has run, `user_version` is `i + 1`.
@@ -249,17 +252,45 @@ pub enum StoreError {
     /// The database holds a value this build cannot have written.
     #[error("corrupt database: {0}")]
     Corrupt(String),
+    /// Another relay runs on the same data directory: two relays on one database would each
+    /// think they own its leases.
+    #[error(
+        "{} is in use by another warren-server{}: stop it or use another --data dir",
+        dir.display(),
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse {
+        /// The data directory.
+        dir: PathBuf,
+        /// The other relay's process id, as it wrote it into the lock file.
+        pid: Option<u32>,
+    },
+    /// Another process holds a lock on the database file itself (SQLite's busy error at open).
+    #[error(
+        "{} is locked by another process ({sqlite}): stop whatever holds it open (an sqlite3 \
+         shell, a backup tool, another relay) or use another --data dir",
+        path.display()
+    )]
+    Locked {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error (in the message, not a source: it says nothing more).
+        sqlite: rusqlite::Error,
+    },
 }
 
 /// The relay's database: one SQLite connection behind a mutex.
 ///
 /// Every method takes the lock for its whole duration, so calls from one process are
-/// serialised; other processes on the same file are handled by SQLite's own locking and the
-/// busy timeout.
+/// serialised. A file database is also held under an exclusive advisory lock (`flock` on
+/// `DB.lock`, which records the holder's pid) for the store's lifetime, so a second relay on
+/// the same data dir refuses to start instead of sharing leases it believes it owns alone.
 pub struct Store {
     conn: Mutex<Connection>,
     /// `None` for an in-memory database.
     path: Option<PathBuf>,
+    /// The advisory lock on a file database, released on drop.
+    _lock: Option<Flock<File>>,
 }
 
 impl fmt::Debug for Store {
@@ -278,31 +309,51 @@ impl Store {
     ///
     /// Fails with [`StoreError::NewerSchema`] if the database has run more migrations than
     /// this build knows. The parent directory must exist.
+    ///
+    /// Fails with [`StoreError::InUse`] while another store (another relay) holds the database,
+    /// and with [`StoreError::Locked`] when another process keeps SQLite's lock on it for
+    /// longer than the busy timeout.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let lock = lock_exclusive(path)?;
         create_private(path)?;
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        // Refuse a newer database before changing anything about it, the journal mode included.
-        check_version(&conn)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            tracing::warn!(path = %path.display(), journal_mode = %mode, "database is not in WAL mode");
-        }
-        Self::finish(conn, Some(path.to_owned()))
+        let opened = (|| {
+            let conn = Connection::open(path)?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            // Refuse a newer database before changing anything about it, the journal mode
+            // included.
+            check_version(&conn)?;
+            let mode: String =
+                conn.pragma_update_and_check(None, "journal_mode", "wal", |row| row.get(0))?;
+            if !mode.eq_ignore_ascii_case("wal") {
+                tracing::warn!(path = %path.display(), journal_mode = %mode, "database is not in WAL mode");
+            }
+            Self::finish(conn, Some(path.to_owned()), Some(lock))
+        })();
+        opened.map_err(|e| match e {
+            StoreError::Sqlite(sqlite) if is_busy(&sqlite) => {
+                StoreError::Locked { path: path.to_owned(), sqlite }
+            }
+            e => e,
+        })
     }
 
     /// A fresh, empty database that lives in memory only and vanishes on drop: for tests.
     pub fn open_in_memory() -> Result<Self, StoreError> {
-        Self::finish(Connection::open_in_memory()?, None)
+        Self::finish(Connection::open_in_memory()?, None, None)
     }
 
     /// Settings common to both kinds of database, then the migrations.
-    fn finish(mut conn: Connection, path: Option<PathBuf>) -> Result<Self, StoreError> {
+    fn finish(
+        mut conn: Connection,
+        path: Option<PathBuf>,
+        lock: Option<Flock<File>>,
+    ) -> Result<Self, StoreError> {
         // A no-op inside a transaction, so set before migrating.
         conn.pragma_update(None, "foreign_keys", true)?;
+        // Always takes SQLite's write lock once (even with nothing to migrate), so a database
+        // another process keeps locked is refused here rather than on the first lease write.
         migrate(&mut conn)?;
-        Ok(Self { conn: Mutex::new(conn), path })
+        Ok(Self { conn: Mutex::new(conn), path, _lock: lock })
     }
 
     pub(crate) fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -589,6 +640,48 @@ impl Store {
 /// Creates `path` with mode 0600 if it does not exist, so SQLite (which would use 0644 less the
 /// umask) never creates it world-readable. SQLite gives the `-wal` and `-shm` files the same
 /// mode as the database.
+/// Takes the exclusive advisory lock of the database at `path` (on `PATH.lock`, created 0600)
+/// and writes this process's id into it; [`StoreError::InUse`] with the holder's pid when
+/// another process has it.
+fn lock_exclusive(path: &Path) -> Result<Flock<File>, StoreError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let io = |source| StoreError::Io { path: lock_path.clone(), source };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io)?;
+    let mut locked = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => locked,
+        Err((mut file, Errno::EWOULDBLOCK)) => {
+            let mut text = String::new();
+            let pid = file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse().ok());
+            let dir = path.parent().unwrap_or(path).to_owned();
+            return Err(StoreError::InUse { dir, pid });
+        }
+        Err((_, errno)) => return Err(io(std::io::Error::from(errno))),
+    };
+    locked.set_len(0).map_err(io)?;
+    locked.rewind().map_err(io)?;
+    writeln!(locked, "{}", std::process::id()).map_err(io)?;
+    Ok(locked)
+}
+
+/// Whether SQLite gave up waiting for another connection's lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 fn create_private(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let created = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
@@ -722,7 +815,7 @@ mod tests {
 
     impl Drop for TempDb {
         fn drop(&mut self) {
-            for suffix in ["", "-wal", "-shm", "-journal"] {
+            for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
                 let mut p = self.0.clone().into_os_string();
                 p.push(suffix);
                 let _ = std::fs::remove_file(p);
@@ -765,6 +858,33 @@ mod tests {
         assert_eq!(store.token_by_digest(&digest(7)).unwrap(), Some(created));
         assert_eq!(store.token_by_digest(&digest(8)).unwrap(), None);
         assert_eq!(store.token("tok_nosuchtoken").unwrap(), None);
+    }
+
+    #[test]
+    fn a_second_store_on_one_file_is_refused_until_the_first_closes() {
+        let db = TempDb::new("in-use");
+        let first = Store::open(&db.0).unwrap();
+        let err = Store::open(&db.0).unwrap_err();
+        let pid = std::process::id();
+        assert!(matches!(err, StoreError::InUse { pid: Some(p), .. } if p == pid), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&format!("in use by another warren-server (pid {pid})")), "{msg}");
+        assert!(msg.contains("use another --data dir"), "{msg}");
+        drop(first);
+        Store::open(&db.0).expect("the lock goes with the store");
+    }
+
+    #[test]
+    fn a_database_locked_by_another_connection_is_refused_clearly() {
+        let db = TempDb::new("locked");
+        drop(Store::open(&db.0).unwrap());
+        let holder = Connection::open(&db.0).unwrap();
+        holder.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let err = Store::open(&db.0).unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(err.to_string().contains("is locked by another process"), "{err}");
+        holder.execute_batch("COMMIT").unwrap();
+        Store::open(&db.0).expect("open once the lock is gone");
     }
 
     #[test]

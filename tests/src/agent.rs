@@ -50,6 +50,32 @@ impl Agent {
     {
         let args: Vec<String> =
             args.into_iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        Self::launch(label, &binary("warren"), args, envs)
+    }
+
+    /// Spawns `warren ARGS...` inside the network namespace at `netns` (`/run/netns/NAME`),
+    /// through `nsenter --net`, which execs the agent in place: [`Agent::pid`] is the agent's.
+    pub fn spawn_in_netns<I, S>(label: &str, netns: &std::path::Path, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let nsenter = crate::which("nsenter").expect("`nsenter` (util-linux) is not installed");
+        let mut all = vec![
+            format!("--net={}", netns.display()),
+            "--".to_owned(),
+            binary("warren").display().to_string(),
+        ];
+        all.extend(args.into_iter().map(|a| a.as_ref().to_string_lossy().into_owned()));
+        Self::launch(label, &nsenter, all, &[])
+    }
+
+    fn launch(
+        label: &str,
+        program: &std::path::Path,
+        args: Vec<String>,
+        envs: &[(&str, &str)],
+    ) -> Self {
         // Every agent's local API on a port of its own unless the test says otherwise, with the
         // harness's token.
         let mut all: Vec<(String, String)> = vec![
@@ -57,10 +83,9 @@ impl Agent {
             ("WARREN_API_TOKEN".into(), AGENT_API_TOKEN.into()),
         ];
         all.extend(envs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
-        let envs = all;
         let stdout = Lines::default();
         let stderr = Lines::default();
-        let proc = Proc::spawn(label, &binary("warren"), &args, &envs, &stdout, &stderr);
+        let proc = Proc::spawn(label, program, &args, &all, &stdout, &stderr);
         Self { proc, stdout, stderr }
     }
 
@@ -254,6 +279,11 @@ impl Agent {
     /// The OS process id while running.
     pub fn pid(&self) -> Option<u32> {
         self.proc.id()
+    }
+
+    /// How many file descriptors the agent has open. Panics when it is not running.
+    pub fn fd_count(&self) -> usize {
+        crate::procfs::fd_count(self.pid().expect("the agent is not running"))
     }
 
     /// The agent's resident memory now, in bytes (`VmRSS` of `/proc/PID/status`). Panics when

@@ -47,6 +47,17 @@ impl HttpBackend {
 
     /// Starts a backend whose `/` answers `hello from NAME`.
     pub async fn start_named(name: &str) -> Self {
+        let listener = listen_local().expect("bind http backend");
+        Self::serve(listener, name)
+    }
+
+    /// Starts a backend named `name` on a listener bound elsewhere (e.g. inside a network
+    /// namespace, where the listener was created).
+    pub fn start_on(listener: std::net::TcpListener, name: &str) -> Self {
+        Self::serve(tokio_listener(listener), name)
+    }
+
+    fn serve(listener: TcpListener, name: &str) -> Self {
         let greeting = Self::greeting_for(name);
         let app = Router::new()
             .route("/", get(move || async move { greeting }))
@@ -56,7 +67,6 @@ impl HttpBackend {
             .route("/hop-by-hop", get(hop_by_hop))
             .route("/ws", get(ws))
             .layer(DefaultBodyLimit::max(ECHO_LIMIT));
-        let listener = listen_local().expect("bind http backend");
         let addr = listener.local_addr().expect("backend addr");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -146,6 +156,16 @@ impl EchoBackend {
     /// Starts the echo server.
     pub async fn start() -> Self {
         let listener = listen_local().expect("bind echo backend");
+        Self::serve(listener)
+    }
+
+    /// Starts the echo server on a listener bound elsewhere (e.g. inside a network namespace,
+    /// where the listener was created).
+    pub fn start_on(listener: std::net::TcpListener) -> Self {
+        Self::serve(tokio_listener(listener))
+    }
+
+    fn serve(listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("echo addr");
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
@@ -178,6 +198,12 @@ impl EchoBackend {
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Relaxed)
     }
+}
+
+/// A std listener made non-blocking and registered with the runtime.
+fn tokio_listener(listener: std::net::TcpListener) -> TcpListener {
+    listener.set_nonblocking(true).expect("make the backend's listener non-blocking");
+    TcpListener::from_std(listener).expect("register the backend's listener")
 }
 
 impl Drop for EchoBackend {

@@ -11,6 +11,7 @@
 //! - [`client`]: visitors (HTTP with an explicit `Host`, TCP echo, WebSocket).
 //! - [`raw`]: hostile or broken peers for the control port (TLS, yamux, QUIC).
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//! - [`procfs`]: a child's fds, CPU time and TCP sockets from `/proc`, and signals to it.
 //! - [`netns`], [`overlay`]: network namespaces: one host with an agent, or several hosts on
 //!   an underlay with a relay, for the networks tests.
 //!
@@ -31,6 +32,7 @@ pub mod netns;
 pub mod overlay;
 pub mod pki;
 pub mod process;
+pub mod procfs;
 pub mod proxy_backend;
 pub mod raw;
 pub mod relay;

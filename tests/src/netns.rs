@@ -1,8 +1,8 @@
 //! Network namespaces for the end-to-end tests of warren's local networks (`warren net ...`).
 //!
 //! Everything happens inside namespaces created here; the root network namespace is never
-//! changed (no links, no routes, no nftables there) and traffic only goes to loopback or to
-//! addresses inside those namespaces.
+//! changed (no routes, no nftables there; no links but the host end of an [`Uplink`], removed on
+//! drop) and traffic only goes to loopback or to addresses inside those namespaces.
 //!
 //! - [`Netns`]: `ip netns add wt<pid>-<n><tag>` with `lo` up; deleted on drop.
 //! - Code inside a namespace without external tools: [`Netns::run`] runs a closure on a fresh
@@ -13,6 +13,8 @@
 //!   `peer=IP:PORT local=IP:PORT\n`) and [`dns_upstream`], a tiny resolver that answers
 //!   `upstream-test.example.` with A [`UPSTREAM_TEST_ADDR`] and NXDOMAIN otherwise.
 //! - Clients inside a namespace: [`tcp_ask`], [`udp_ask`].
+//! - [`Uplink`]: a namespace wired to the test's own namespace by a veth pair (the one place the
+//!   test's namespace gets a link, deleted on drop), whose path can be cut with nftables.
 //! - [`HostNs`]: a "host" namespace H running `warren agent --api 127.0.0.1:4040` and an "ext"
 //!   namespace E wired to it by a veth pair (H `up0` 198.51.100.1/24, E `eth0` 198.51.100.2/24),
 //!   with [`HostNs::net`] (`warren net ARGS` in H), [`HostNs::api`] (curl in H) and
@@ -351,6 +353,88 @@ impl Drop for Netns {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
+    }
+}
+
+/// The nftables table [`Uplink::cut`] adds inside the namespace.
+const CUT_TABLE: &str = "wtcut";
+
+/// A namespace wired to the test's own namespace by a veth pair, so a process here (a relay)
+/// can listen on [`Uplink::host_ip`] for processes in the namespace (an agent), and the path
+/// between them can be cut. Here: `wtv<pid>-<n>` with `10.253.X.1/30`; in the namespace: `eth0`
+/// with `10.253.X.2/30` (X from the pid and a counter). The pair is deleted on drop, then the
+/// namespace (and the nftables table in it).
+#[derive(Debug)]
+pub struct Uplink {
+    /// This side's address.
+    pub host_ip: Ipv4Addr,
+    /// The namespace's address.
+    pub ns_ip: Ipv4Addr,
+    host_dev: String,
+    ns: Netns,
+}
+
+impl Uplink {
+    /// Creates the namespace and the pair, both ends up. Call [`require`] first.
+    pub fn new(tag: &str) -> Self {
+        let ns = Netns::new(tag);
+        let n = NS_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let x = ((std::process::id() + n) % 256) as u8;
+        let (host_ip, ns_ip) = (Ipv4Addr::new(10, 253, x, 1), Ipv4Addr::new(10, 253, x, 2));
+        let host_dev = format!("wtv{}-{n}", std::process::id());
+        let up = Self { host_ip, ns_ip, host_dev, ns };
+        let here = |args: &[&str]| {
+            stdout_ok(&format!("ip {}", args.join(" ")), &run_here("ip", args));
+        };
+        here(&[
+            "link",
+            "add",
+            &up.host_dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            up.ns.name(),
+        ]);
+        here(&["addr", "add", &format!("{host_ip}/30"), "dev", &up.host_dev]);
+        here(&["link", "set", &up.host_dev, "up"]);
+        up.ns.ip_ok(&["addr", "add", &format!("{ns_ip}/30"), "dev", "eth0"]);
+        up.ns.ip_ok(&["link", "set", "eth0", "up"]);
+        up
+    }
+
+    /// The namespace.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// Drops every packet between the namespace and this side (an nftables table in the
+    /// namespace, dropping in and out on `eth0`) until [`Uplink::restore`].
+    pub fn cut(&self) {
+        let t = CUT_TABLE;
+        let rules = format!(
+            "table inet {t} {{\n\
+             chain in {{ type filter hook input priority -10; policy accept; iifname \"eth0\" drop; }}\n\
+             chain out {{ type filter hook output priority -10; policy accept; oifname \"eth0\" drop; }}\n\
+             }}\n"
+        );
+        let file = TempDir::new("uplink-cut");
+        let path = file.write("cut.nft", &rules);
+        self.ns.exec_ok("nft", &["-f", &path.display().to_string()]);
+    }
+
+    /// Removes what [`Uplink::cut`] added.
+    pub fn restore(&self) {
+        self.ns.exec_ok("nft", &["delete", "table", "inet", CUT_TABLE]);
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        // Deleting one end deletes both; the namespace goes after, with its nftables table.
+        let _ = run_here("ip", &["link", "del", &self.host_dev]);
     }
 }
 

@@ -203,6 +203,22 @@ impl Relay {
         crate::util::rss_bytes(self.pid().expect("the relay is not running"))
     }
 
+    /// How many file descriptors the relay has open. Panics when it is not running.
+    pub fn fd_count(&self) -> usize {
+        crate::procfs::fd_count(self.pid().expect("the relay is not running"))
+    }
+
+    /// Sends `sig` to the relay (SIGSTOP and SIGCONT to freeze and thaw it). Panics when it is
+    /// not running.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        crate::procfs::signal(self.pid().expect("the relay is not running"), sig);
+    }
+
+    /// Replaces `--lease-grace` from the next [`Relay::restart`] on.
+    pub fn set_lease_grace(&mut self, grace: &str) {
+        self.opts.lease_grace = Some(grace.to_owned());
+    }
+
     /// SIGKILLs the relay and waits until it is gone.
     pub async fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {
@@ -214,11 +230,7 @@ impl Relay {
     /// HTTP port. Retries for a while if the ports are not free yet.
     pub async fn restart(&mut self) {
         self.kill().await;
-        let control = self.control_addr.to_string();
-        let http = self.http_addr.to_string();
-        let https = self.https_addr.to_string();
-        let api = self.api_addr.to_string();
-        let args = relay_args(&self.opts, &self.data_dir, [&control, &http, &https, &api]);
+        let args = self.same_ports_args();
         let deadline = Instant::now() + READY_TIMEOUT;
         let mut tries = 0;
         loop {
@@ -249,6 +261,39 @@ impl Relay {
                 }
             }
         }
+    }
+
+    /// Kills the relay if running and starts it again once, on the same ports and data dir,
+    /// for a start that may be refused: `Err` carries the exit status and what the new process
+    /// printed when it exits (or does not listen) within `timeout`.
+    pub async fn try_restart(&mut self, timeout: Duration) -> Result<(), String> {
+        self.kill().await;
+        let args = self.same_ports_args();
+        self.stderr.push("----- test harness: relay start that may be refused -----".into());
+        let (proc, _) = launch(&args, &self.stdout, &self.stderr, Instant::now() + timeout).await?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    /// Starts a second relay on this relay's data dir (on free ports and a pool of its own), as
+    /// an operator starting a relay twice would. `Err` carries its exit status and output when
+    /// it exits within `timeout` without listening; `Ok` (after killing it) when it listens.
+    pub async fn try_second_on_data_dir(&self, timeout: Duration) -> Result<(), String> {
+        let opts = RelayOpts { ports: PortRange::random(4), ..self.opts.clone() };
+        let any = "127.0.0.1:0";
+        let args = relay_args(&opts, &self.data_dir, [any, any, any, any]);
+        let (out, err) = (Lines::default(), Lines::default());
+        let (mut proc, _) = launch(&args, &out, &err, Instant::now() + timeout).await?;
+        proc.kill().await;
+        Ok(())
+    }
+
+    fn same_ports_args(&self) -> Vec<String> {
+        let control = self.control_addr.to_string();
+        let http = self.http_addr.to_string();
+        let https = self.https_addr.to_string();
+        let api = self.api_addr.to_string();
+        relay_args(&self.opts, &self.data_dir, [&control, &http, &https, &api])
     }
 
     /// The arguments every agent needs to reach this relay: `--relay`, `--token`, `--relay-ca`.

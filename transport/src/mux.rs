@@ -11,14 +11,16 @@
 //! stream the relay opens (data streams, UDP flows, the overlay relay path).
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::io;
-use std::task::Poll;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use futures::future::poll_fn;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
@@ -82,16 +84,20 @@ impl MuxHandle {
         }
     }
 
-    pub(crate) async fn open(&self) -> io::Result<Compat<yamux::Stream>> {
+    pub(crate) async fn open(&self) -> io::Result<MuxStream> {
         let (tx, rx) = oneshot::channel();
         self.open_tx.send(tx).await.map_err(|_| closed_error())?;
         let stream = rx.await.map_err(|_| closed_error())??;
-        Ok(stream.compat())
+        Ok(self.wrap(stream))
     }
 
-    pub(crate) async fn accept(&self) -> io::Result<Compat<yamux::Stream>> {
+    pub(crate) async fn accept(&self) -> io::Result<MuxStream> {
         let mut rx = self.inbound.lock().await;
-        rx.recv().await.map(FuturesAsyncReadCompatExt::compat).ok_or_else(closed_error)
+        rx.recv().await.map(|s| self.wrap(s)).ok_or_else(closed_error)
+    }
+
+    fn wrap(&self, stream: yamux::Stream) -> MuxStream {
+        MuxStream { inner: stream.compat(), ended: Box::pin(self.closed.clone().cancelled_owned()) }
     }
 
     pub(crate) fn close(&self) {
@@ -100,6 +106,84 @@ impl MuxHandle {
 
     pub(crate) async fn closed(&self) {
         self.closed.cancelled().await;
+    }
+}
+
+/// A yamux stream that fails once its connection has ended.
+///
+/// yamux wakes a stream's pending read or write only when its connection fails or is dropped
+/// while active. After a close the driver asked for (`poll_close`, as when a session ends on its
+/// heartbeat timeout) they stay pending for ever: every splice through that session would hang,
+/// holding its visitor's socket. So each pending operation also watches the driver's end.
+#[derive(Debug)]
+pub struct MuxStream {
+    inner: Compat<yamux::Stream>,
+    ended: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl MuxStream {
+    /// `poll`'s result, or an error when it is pending and the connection has ended.
+    fn or_ended<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll {
+            Poll::Pending if self.ended.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(closed_error()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncRead for MuxStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.or_ended(cx, poll)
+    }
+}
+
+impl AsyncWrite for MuxStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.or_ended(cx, poll)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.or_ended(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.or_ended(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.or_ended(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
 
@@ -124,6 +208,9 @@ async fn drive<T>(
 ) where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
 {
+    // Streams watch this token (see `MuxStream`); cancelled however the driver ends, aborted
+    // with its handle included.
+    let _ended = closed.clone().drop_guard();
     let mut pending: VecDeque<OpenReply> = VecDeque::new();
     let (mut taken, mut refused) = (0usize, 0usize);
     let run = poll_fn(|cx| {
@@ -189,4 +276,47 @@ async fn drive<T>(
         let _ = tx.send(Err(closed_error()));
     }
     closed.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// The relay closes a session (as on a heartbeat timeout) while one of its streams waits
+    /// for the agent's bytes: the read fails instead of waiting for ever, so the splice ends and
+    /// lets go of its visitor.
+    #[tokio::test]
+    async fn a_pending_read_fails_once_the_connection_is_closed() {
+        let (relay_io, agent_io) = tokio::io::duplex(64 * 1024);
+        let relay = MuxHandle::start(relay_io, Side::Server);
+        let agent = MuxHandle::start(agent_io, Side::Client);
+        let mut ours = relay.open().await.unwrap();
+        ours.write_all(b"header").await.unwrap();
+        ours.flush().await.unwrap();
+        let mut theirs = agent.accept().await.unwrap();
+        let mut got = [0u8; 6];
+        theirs.read_exact(&mut got).await.unwrap();
+
+        let read = tokio::spawn(async move {
+            let mut buf = [0u8; 1];
+            ours.read(&mut buf).await
+        });
+        // Let the read start and wait, as a splice's read of the agent's side does.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!read.is_finished(), "nothing was sent: the read must wait");
+        relay.close();
+        // A hang guard only: the read ends as soon as the driver has.
+        let res = tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the read still waits after its connection was closed")
+            .unwrap();
+        assert!(res.is_err(), "a read on a closed connection must fail: {res:?}");
+        drop(theirs);
+    }
 }

@@ -7,11 +7,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::compat::Compat;
-
-use crate::mux::MuxHandle;
+use crate::mux::{MuxHandle, MuxStream};
 use crate::tuning;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Which transport a session runs over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,7 +166,7 @@ pub enum Stream {
         recv: quinn::RecvStream,
     },
     /// A yamux stream.
-    Mux(Compat<yamux::Stream>),
+    Mux(MuxStream),
 }
 
 impl AsyncRead for Stream {
