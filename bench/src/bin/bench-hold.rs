@@ -60,13 +60,7 @@ enum Command {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    match run(Cli::parse().command).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("bench-hold: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    warren_bench::finish("bench-hold", run(Cli::parse().command).await)
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -97,9 +91,7 @@ async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
         let (mut s, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                // Out of descriptors and the like: say so, and keep serving.
-                eprintln!("accept: {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                warren_bench::accept_failed(&e).await;
                 continue;
             }
         };
