@@ -263,7 +263,11 @@ async fn connect_quic(
     let crypto =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(io::Error::other)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config(tuning::MAX_STREAMS, tuning::QUIC_CONN_WINDOW)));
+    cfg.transport_config(Arc::new(transport_config(
+        tuning::MAX_STREAMS,
+        tuning::QUIC_CONN_WINDOW,
+        tuning::AGENT_KEEP_ALIVE,
+    )));
     let mut last = io::Error::other("relay host resolved to no address");
     for addr in addrs {
         let bind: SocketAddr = if addr.is_ipv4() {

@@ -59,8 +59,13 @@ pub mod tuning {
     pub const QUIC_MTU_UPPER_BOUND: u16 = 16_384;
     /// Requested UDP socket buffer size, each direction (capped by the kernel's limits).
     pub const UDP_BUFFER: usize = 4 * 1024 * 1024;
-    /// QUIC keep-alive interval (also keeps NAT bindings open).
+    /// QUIC keep-alive interval of the relay (also keeps NAT bindings open).
     pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+    /// QUIC keep-alive interval of the agent: shorter, because a relay restarted on the same
+    /// address answers an agent's next packet with a stateless reset, and that packet is how
+    /// soon the agent learns to reconnect (over TCP the kernel's reset tells it at once). One
+    /// small packet every 2 s per agent.
+    pub const AGENT_KEEP_ALIVE: Duration = Duration::from_secs(2);
     /// A session with no packets from the peer for this long is dead.
     pub const IDLE_TIMEOUT: Duration = Duration::from_secs(20);
     /// How long `auto` waits for a QUIC handshake before trying TCP.

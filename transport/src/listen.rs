@@ -61,17 +61,22 @@ impl std::fmt::Debug for Accepted {
 }
 
 /// QUIC transport settings; `peer_streams` bounds how many streams the peer may open at once
-/// (the relay opens one per visitor connection; an agent opens only its control stream), and
+/// (the relay opens one per visitor connection; an agent opens only its control stream),
 /// `receive_window` how many bytes the peer may have in flight on all of them (the relay starts
-/// agents small, see [`Session::lift_pre_auth_limits`]).
-pub(crate) fn transport_config(peer_streams: u32, receive_window: u32) -> quinn::TransportConfig {
+/// agents small, see [`Session::lift_pre_auth_limits`]), and `keep_alive` how often this side
+/// sends a packet when it has nothing else to send.
+pub(crate) fn transport_config(
+    peer_streams: u32,
+    receive_window: u32,
+    keep_alive: std::time::Duration,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(peer_streams.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(tuning::QUIC_STREAM_WINDOW.into())
         .receive_window(receive_window.into())
         .send_window(tuning::QUIC_CONN_WINDOW.into())
-        .keep_alive_interval(Some(tuning::KEEP_ALIVE))
+        .keep_alive_interval(Some(keep_alive))
         // UDP tunnels ride datagrams: room for bursts, after which the oldest are dropped.
         .datagram_receive_buffer_size(Some(4 << 20))
         .datagram_send_buffer_size(4 << 20);
@@ -176,6 +181,7 @@ impl ControlListener {
             cfg.transport_config(Arc::new(transport_config(
                 tuning::AGENT_STREAMS,
                 tuning::PRE_AUTH_WINDOW,
+                tuning::KEEP_ALIVE,
             )));
             Some(cfg)
         } else {
