@@ -638,8 +638,18 @@ impl Overlay {
             b_uplink,
             _switch: switch,
         };
-        let (_, path) = o.wait_back("the overlay's setup", Instant::now(), READY_TIMEOUT).await;
-        eprintln!("chaos {t}: B's endpoint reaches A's over the overlay ({path})");
+        o.wait_back("the overlay's setup", Instant::now(), READY_TIMEOUT).await;
+        // The faults start from the steady state: B's probes of the direct path answered.
+        let direct = try_eventually(READY_TIMEOUT, || async {
+            let path = o.path_to_a();
+            ensure!(path == "direct", "B uses the {path} path to A");
+            Ok(())
+        })
+        .await;
+        if let Err(e) = direct {
+            panic!("the overlay's direct path over the switch did not come up: {e:#}");
+        }
+        eprintln!("chaos {t}: B's endpoint reaches A's over the overlay (direct path)");
         o
     }
 
