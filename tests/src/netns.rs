@@ -1120,26 +1120,7 @@ impl HostNs {
     /// Attaches `ns` to `net` as `name` (`extra`: `--ip`, `--alias`...), checks the CLI's
     /// `attached N to NET: IP/PREFIX (eth0 in PATH)` line and returns the address.
     pub fn attach(&self, net: &str, ns: &Netns, name: &str, extra: &[&str]) -> Ipv4Addr {
-        let path = ns.path_str();
-        let mut args = vec!["attach", net, "--netns", &path, "--name", name];
-        args.extend_from_slice(extra);
-        let out = self.net(&args);
-        let line = out.ok().trim().to_owned();
-        let prefix = format!("attached {name} to {net}: ");
-        let rest = line
-            .strip_prefix(&prefix)
-            .unwrap_or_else(|| panic!("`{}` printed {line:?}, not {prefix:?}...", out.what));
-        let (cidr, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-        let ip: Ipv4Addr = cidr
-            .split_once('/')
-            .and_then(|(ip, _)| ip.parse().ok())
-            .unwrap_or_else(|| panic!("`{}`: no IP/PREFIX in {line:?}", out.what));
-        assert!(
-            tail.starts_with("(eth") && tail.ends_with(&format!(" in {path})")),
-            "`{}`: expected `(ethN in {path})` in {line:?}",
-            out.what
-        );
-        ip
+        attach_with(|args| self.net(args), net, ns, name, extra)
     }
 
     /// The API of the agent: `(status, JSON body)` via curl in H. Status 0 when nothing
@@ -1254,4 +1235,36 @@ pub fn api_call(
         serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned()))
     };
     (status, json)
+}
+
+/// `warren net attach NET --netns NS --name NAME EXTRA...` through `net_cli` (which runs
+/// `warren net ARGS...` against some agent); checks the CLI's
+/// `attached N to NET: IP/PREFIX (eth0 in PATH)` line and returns the address.
+pub(crate) fn attach_with(
+    net_cli: impl Fn(&[&str]) -> CliOut,
+    net: &str,
+    ns: &Netns,
+    name: &str,
+    extra: &[&str],
+) -> Ipv4Addr {
+    let path = ns.path_str();
+    let mut args = vec!["attach", net, "--netns", &path, "--name", name];
+    args.extend_from_slice(extra);
+    let out = net_cli(&args);
+    let line = out.ok().trim().to_owned();
+    let prefix = format!("attached {name} to {net}: ");
+    let rest = line
+        .strip_prefix(&prefix)
+        .unwrap_or_else(|| panic!("`{}` printed {line:?}, not {prefix:?}...", out.what));
+    let (cidr, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+    let ip: Ipv4Addr = cidr
+        .split_once('/')
+        .and_then(|(ip, _)| ip.parse().ok())
+        .unwrap_or_else(|| panic!("`{}`: no IP/PREFIX in {line:?}", out.what));
+    assert!(
+        tail.starts_with("(eth") && tail.ends_with(&format!(" in {path})")),
+        "`{}`: expected `(ethN in {path})` in {line:?}",
+        out.what
+    );
+    ip
 }

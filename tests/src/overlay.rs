@@ -25,8 +25,8 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::netns::{
-    AGENT_API, AGENT_READY_TIMEOUT, CMD_TIMEOUT, CliOut, Netns, NsDaemon, api_call, output_in,
-    require, retry,
+    AGENT_API, AGENT_READY_TIMEOUT, CMD_TIMEOUT, CliOut, Netns, NsDaemon, api_call, attach_with,
+    output_in, require, retry,
 };
 use crate::process::{binary, scrub_env};
 use crate::util::TempDir;
@@ -90,7 +90,17 @@ pub struct OverlayLab {
     _data: TempDir,
 }
 
-fn wire(s: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) {
+/// A switch namespace for an underlay: bridge `br0`, up.
+pub fn underlay_switch() -> Netns {
+    let s = Netns::new("sw");
+    s.ip_ok(&["link", "add", "br0", "type", "bridge"]);
+    s.ip_ok(&["link", "set", "br0", "up"]);
+    s
+}
+
+/// Plugs `ns` into switch `s` (see [`underlay_switch`]): `u0` in `ns` with `ip`/24, its peer
+/// `port` on `br0` (both go with either namespace).
+pub fn wire(s: &Netns, ns: &Netns, port: &str, ip: Ipv4Addr) {
     ns.ip_ok(&["link", "add", "u0", "type", "veth", "peer", "name", port, "netns", s.name()]);
     s.ip_ok(&["link", "set", port, "master", "br0", "up"]);
     ns.ip_ok(&["addr", "add", &format!("{ip}/24"), "dev", "u0"]);
@@ -104,9 +114,7 @@ impl OverlayLab {
         if !require(&["ping", "dig", "bridge"]) {
             return None;
         }
-        let s = Netns::new("sw");
-        s.ip_ok(&["link", "add", "br0", "type", "bridge"]);
-        s.ip_ok(&["link", "set", "br0", "up"]);
+        let s = underlay_switch();
         let r = Netns::new("rel");
         wire(&s, &r, "pr", RELAY_IP);
         let data = TempDir::new("overlay-relay");
@@ -322,61 +330,43 @@ impl OverlayHost {
         api_call(&self.ns, AGENT_API, method, path, body, Duration::from_secs(20))
     }
 
+    /// The `warren net` CLI of this host's agent.
+    pub fn cli(&self) -> NetCli<'_> {
+        NetCli {
+            ns: &self.ns,
+            config_dir: self.config.dir("agent"),
+            label: format!("host {}", self.index),
+        }
+    }
+
     /// `warren net ARGS...` on this host.
     pub fn net(&self, args: &[&str]) -> CliOut {
-        let mut cmd = Command::new(binary("warren"));
-        cmd.arg("net").args(args);
-        // The CLI finds the agent through agent.json in the agent's config dir.
-        scrub_env(&mut cmd, [("WARREN_CONFIG_DIR", self.config.dir("agent"))]);
-        let out = output_in(Some(&self.ns.path()), cmd, CMD_TIMEOUT);
-        CliOut::from_output(format!("warren net {} (host {})", args.join(" "), self.index), out)
+        self.cli().net(args)
     }
 
     /// `warren net ARGS...`, asserting success; its stdout.
     pub fn net_ok(&self, args: &[&str]) -> String {
-        self.net(args).ok().to_owned()
+        self.cli().net_ok(args)
     }
 
     /// `warren net inspect NET`, parsed.
     pub fn inspect(&self, net: &str) -> Value {
-        let text = self.net_ok(&["inspect", net]);
-        serde_json::from_str(&text)
-            .unwrap_or_else(|e| panic!("inspect {net}: not JSON ({e}): {text}"))
+        self.cli().inspect(net)
     }
 
     /// Attaches sandbox `ns` to `net` as `name`; its address.
     pub fn attach(&self, net: &str, ns: &Netns, name: &str, extra: &[&str]) -> Ipv4Addr {
-        let path = ns.path_str();
-        let mut args = vec!["attach", net, "--netns", &path, "--name", name];
-        args.extend_from_slice(extra);
-        let out = self.net(&args);
-        let line = out.ok().trim().to_owned();
-        let rest = line
-            .strip_prefix(&format!("attached {name} to {net}: "))
-            .unwrap_or_else(|| panic!("`{}` printed {line:?}", out.what));
-        rest.split('/')
-            .next()
-            .and_then(|ip| ip.parse().ok())
-            .unwrap_or_else(|| panic!("`{}`: no address in {line:?}", out.what))
+        self.cli().attach(net, ns, name, extra)
     }
 
     /// The path (`direct` or `relay`) this host uses to the member with address `peer`.
     pub fn path_to(&self, net: &str, peer: Ipv4Addr) -> Option<String> {
-        let v = self.inspect(net);
-        v["overlay"]["peers"]
-            .as_array()?
-            .iter()
-            .find(|p| p["addr"] == peer.to_string())
-            .and_then(|p| p["path"].as_str().map(str::to_owned))
+        self.cli().path_to(net, peer)
     }
 
     /// Its own address in overlay `net`.
     pub fn host_addr(&self, net: &str) -> Ipv4Addr {
-        let v = self.inspect(net);
-        v["overlay"]["host_addr"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("host {} has no address in {net}: {v}", self.index))
+        self.cli().host_addr(net)
     }
 
     /// The VXLAN device's own forwarding entries: (MAC, remote VTEP).
@@ -422,6 +412,66 @@ impl OverlayHost {
     /// Its config dir.
     pub fn config_dir(&self) -> PathBuf {
         self.config.dir("agent")
+    }
+}
+
+/// The `warren net` CLI of an agent that runs in namespace `ns` with config dir `config_dir`
+/// (the CLI finds the agent through its `agent.json` there).
+#[derive(Debug)]
+pub struct NetCli<'a> {
+    /// Where the CLI runs.
+    pub ns: &'a Netns,
+    /// The agent's config dir.
+    pub config_dir: PathBuf,
+    /// Who it is, for messages.
+    pub label: String,
+}
+
+impl NetCli<'_> {
+    /// `warren net ARGS...` against this agent.
+    pub fn net(&self, args: &[&str]) -> CliOut {
+        let mut cmd = Command::new(binary("warren"));
+        cmd.arg("net").args(args);
+        // The CLI finds the agent through agent.json in the agent's config dir.
+        scrub_env(&mut cmd, [("WARREN_CONFIG_DIR", &self.config_dir)]);
+        let out = output_in(Some(&self.ns.path()), cmd, CMD_TIMEOUT);
+        CliOut::from_output(format!("warren net {} ({})", args.join(" "), self.label), out)
+    }
+
+    /// `warren net ARGS...`, asserting success; its stdout.
+    pub fn net_ok(&self, args: &[&str]) -> String {
+        self.net(args).ok().to_owned()
+    }
+
+    /// `warren net inspect NET`, parsed.
+    pub fn inspect(&self, net: &str) -> Value {
+        let text = self.net_ok(&["inspect", net]);
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("inspect {net}: not JSON ({e}): {text}"))
+    }
+
+    /// Attaches sandbox `ns` to `net` as `name` (`extra`: `--ip`, `--alias`...); its address.
+    pub fn attach(&self, net: &str, ns: &Netns, name: &str, extra: &[&str]) -> Ipv4Addr {
+        attach_with(|args| self.net(args), net, ns, name, extra)
+    }
+
+    /// The path (`direct` or `relay`) this host uses to the member with address `peer`.
+    pub fn path_to(&self, net: &str, peer: Ipv4Addr) -> Option<String> {
+        let v = self.inspect(net);
+        v["overlay"]["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["addr"] == peer.to_string())
+            .and_then(|p| p["path"].as_str().map(str::to_owned))
+    }
+
+    /// Its own address in overlay `net`.
+    pub fn host_addr(&self, net: &str) -> Ipv4Addr {
+        let v = self.inspect(net);
+        v["overlay"]["host_addr"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{} has no address in {net}: {v}", self.label))
     }
 }
 

@@ -8,22 +8,32 @@
 //! port within 10 s, no tunnel exists twice at the relay, and the relay's and the agent's file
 //! descriptors come back to within 10 of their count before.
 //!
+//! As root, agent A (a `warren agent` managing networks) and agent B (another `warren agent`,
+//! same relay and account) live in namespaces of their own, each linked to the relay's by a
+//! veth pair and to each other by an underlay switch; they share an overlay network with an
+//! endpoint on each side, and after every fault a TCP whoami from B's endpoint to A's must
+//! answer again within 10 s too. The overlay's path (direct VXLAN over the switch, or the
+//! relay) is reported with it: the cut of A's link to the relay does not cut the direct path.
+//!
 //! Each fault's figures (time until every URL answered, failed requests, fds and RSS before and
 //! after) are printed and appended as Markdown table rows to `target/chaos/TRANSPORT.md`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::ensure;
+use futures::future::OptionFuture;
 use http::StatusCode;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use warren_tests::netns::{self, Uplink};
+use warren_tests::netns::{self, Netns, NsServer, Uplink, tcp_whoami, tcp_whoami_ask};
+use warren_tests::overlay::{NetCli, underlay_switch, wire};
 use warren_tests::procfs::{TICKS_PER_SEC, cpu_ticks, tcp_sockets};
 use warren_tests::{
     ADMIN_TOKEN, Agent, ApiClient, EchoBackend, HttpBackend, READY_TIMEOUT, Relay, RelayOpts,
@@ -53,6 +63,16 @@ const MAX_PEGGED_RUN: usize = 10;
 
 /// How long a refused relay start may take to exit (its SQLite busy timeout is 5 s).
 const REFUSED_WITHIN: Duration = Duration::from_secs(15);
+
+/// The overlay network A and B share, its subnet (in the relay's pool) and the port of the
+/// whoami server on A's endpoint.
+const NET: &str = "chaosnet";
+const SUBNET: &str = "10.214.77.0/24";
+const WHOAMI_PORT: u16 = 9000;
+
+/// Agent A's and agent B's addresses on the underlay switch (their VXLAN endpoints).
+const VTEP_A: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 1);
+const VTEP_B: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 2);
 
 /// How long one request of a URL may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -95,13 +115,7 @@ async fn chaos(t: Transport) {
     .await;
     c.agent_has_its_urls().await;
     if c.uplink.is_some() {
-        c.fault("path agent-relay dropped 30 s", async |c| {
-            let uplink = c.uplink.as_ref().expect("an uplink");
-            uplink.cut();
-            tokio::time::sleep(PATH_DOWN_FOR).await;
-            uplink.restore();
-        })
-        .await;
+        c.fault("path agent-relay dropped 30 s", async |c| c.cut_path().await).await;
         c.no_takeover_logged("after the path came back");
     }
     c.fault("relay restart with --lease-grace 2m", async |c| {
@@ -127,6 +141,9 @@ async fn chaos(t: Transport) {
 
     c.no_takeover_logged("at the end");
     c.agent.assert_running();
+    if let Some(o) = &mut c.overlay {
+        o.agent_b.assert_running();
+    }
     c.relay.assert_running();
     c.report.finish();
 }
@@ -147,6 +164,8 @@ struct Chaos {
     targets: Vec<Target>,
     load: Load,
     report: Report,
+    /// As root: agent B and the overlay it shares with A (dropped before A's namespace).
+    overlay: Option<Overlay>,
     /// As root: agent A's namespace and its link to the relay's (dropped last).
     uplink: Option<Uplink>,
 }
@@ -194,8 +213,13 @@ impl Chaos {
                 echo.port()
             ),
         );
-        let agent_args = vec![
-            "start".to_owned(),
+        let switch = uplink.as_ref().map(|up| {
+            let switch = underlay_switch();
+            wire(&switch, up.ns(), "pa", VTEP_A);
+            switch
+        });
+        let mut agent_args = vec![
+            "agent".to_owned(),
             "--config".into(),
             config.display().to_string(),
             "--config-dir".into(),
@@ -205,6 +229,11 @@ impl Chaos {
             "--transport".into(),
             t.as_str().into(),
         ];
+        // A manages networks where it can (as root, in its namespace).
+        match &uplink {
+            Some(_) => agent_args.extend(["--vtep".to_owned(), VTEP_A.to_string()]),
+            None => agent_args.push("--no-networks".to_owned()),
+        }
         let mut agent = spawn_agent_a(&relay, uplink.as_ref(), &agent_args);
         let mut urls = agent.urls(2).await;
         urls.sort();
@@ -237,6 +266,12 @@ impl Chaos {
         for target in &targets {
             eventually(READY_TIMEOUT, || target.probe()).await;
         }
+        let overlay = match (&uplink, switch) {
+            (Some(up), Some(switch)) => {
+                Some(Overlay::start(t, &tmp, &relay, up, switch, tmp.dir("agent-a")).await)
+            }
+            _ => None,
+        };
         let load = Load::start(&targets);
         let report = Report::new(t, uplink.is_some());
         Self {
@@ -252,6 +287,7 @@ impl Chaos {
             targets,
             load,
             report,
+            overlay,
             uplink,
         }
     }
@@ -263,13 +299,16 @@ impl Chaos {
         let started = Instant::now();
         apply(self).await;
         let ended = Instant::now();
-        let back = self.wait_back(name, ended).await;
+        // The URLs and the overlay are polled at the same time, each timed on its own.
+        let overlay: OptionFuture<_> =
+            self.overlay.as_ref().map(|o| o.wait_back(name, ended, BACK_WITHIN)).into();
+        let (back, overlay) = futures::join!(self.wait_back(name, ended), overlay);
         self.check_tunnels(name).await;
         self.wait_fds(name, &before).await;
         let after = self.snapshot();
         let failed = self.load.failures_between(started, Instant::now());
         self.load.flows_again(name, ended).await;
-        self.report.row(name, back, failed, &before, &after);
+        self.report.row(name, back, overlay, failed, &before, &after);
     }
 
     /// Restarts the relay, and kills it again as soon as the first agent has said hello to it,
@@ -288,6 +327,41 @@ impl Chaos {
         })
         .await;
         self.relay.restart().await;
+    }
+
+    /// Cuts A's link to the relay for [`PATH_DOWN_FOR`], probing the overlay every few seconds
+    /// meanwhile: on the direct path (over the switch, not the cut link) it must keep answering,
+    /// also once the relay has given A's session up.
+    async fn cut_path(&mut self) {
+        const EVERY: Duration = Duration::from_secs(5);
+        let end = Instant::now() + PATH_DOWN_FOR;
+        let (mut direct, mut relayed) = (0, 0);
+        self.uplink.as_ref().expect("an uplink").cut();
+        // Bounded: PATH_DOWN_FOR / EVERY rounds.
+        while Instant::now() + EVERY <= end {
+            tokio::time::sleep(EVERY).await;
+            let Some(o) = &self.overlay else { continue };
+            let path = o.path_to_a();
+            if path != "direct" {
+                relayed += 1;
+                continue;
+            }
+            if let Err(e) = o.probe().await {
+                panic!(
+                    "the overlay's direct path failed while A's link to the relay was cut: {e:#}"
+                );
+            }
+            direct += 1;
+        }
+        tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+        self.uplink.as_ref().expect("an uplink").restore();
+        if self.overlay.is_some() {
+            self.report.note(&format!(
+                "while A's link to the relay was cut, B's endpoint reached A's over the direct \
+                 path in all {direct} probes made on it; {relayed} times B was on the relay path \
+                 (not probed then: the cut breaks that path)"
+            ));
+        }
     }
 
     /// Agent A (restarted with the same config dir and identity) printed the URLs it had.
@@ -478,6 +552,141 @@ impl Chaos {
         self.agent.assert_running();
         let said = self.agent.stderr().into_iter().find(|l| l.contains("taken over"));
         assert!(said.is_none(), "{when}: agent A was told a tunnel was taken over: {said:?}");
+    }
+}
+
+/// As root: agent B, a `warren agent` in a namespace of its own linked to the relay's, and the
+/// overlay network it shares with agent A: an endpoint on each side, a whoami server on A's.
+/// Fields drop in order: agent B first, the namespaces last.
+struct Overlay {
+    agent_b: Agent,
+    _whoami: NsServer,
+    /// A's endpoint's overlay address.
+    a_ep: Ipv4Addr,
+    /// A's own address in the network (to ask B which path it uses to A).
+    a_host: Ipv4Addr,
+    /// B's endpoint: its sandbox and overlay address; A's endpoint's sandbox.
+    b_ns: Arc<Netns>,
+    b_ep: Ipv4Addr,
+    _a_ns: Netns,
+    b_config: PathBuf,
+    b_uplink: Uplink,
+    _switch: Netns,
+}
+
+impl Overlay {
+    /// Agent A (in `a_up`'s namespace, on `switch` already, config dir `a_config`) creates the
+    /// network and attaches an endpoint; agent B starts, joins the switch, attaches one; then
+    /// waits until B's endpoint reaches A's.
+    async fn start(
+        t: Transport,
+        tmp: &TempDir,
+        relay: &Relay,
+        a_up: &Uplink,
+        switch: Netns,
+        a_config: PathBuf,
+    ) -> Self {
+        let b_uplink = Uplink::new("chab");
+        wire(&switch, b_uplink.ns(), "pb", VTEP_B);
+        // B reaches the relay's address on A's link through its own link.
+        b_uplink.ns().ip_ok(&[
+            "route",
+            "add",
+            &format!("{}/32", a_up.host_ip),
+            "via",
+            &b_uplink.host_ip.to_string(),
+        ]);
+        let a = NetCli { ns: a_up.ns(), config_dir: a_config, label: "agent A".into() };
+        let out = a.net_ok(&["create", NET, "--driver", "overlay", "--subnet", SUBNET]);
+        assert!(out.contains("overlay VNI"), "create printed {out:?}");
+        let a_ns = Netns::new("cea");
+        let a_ep = a.attach(NET, &a_ns, "a-ep", &[]);
+        let whoami = tcp_whoami(&a_ns, SocketAddr::from((a_ep, WHOAMI_PORT)));
+        let a_host = a.host_addr(NET);
+
+        let b_config = tmp.dir("agent-b");
+        let mut args = vec![
+            "agent".to_owned(),
+            "--config-dir".into(),
+            b_config.display().to_string(),
+            "--agent-id".into(),
+            unique("chaos-b"),
+            "--transport".into(),
+            t.as_str().into(),
+            "--vtep".into(),
+            VTEP_B.to_string(),
+        ];
+        args.extend(relay.agent_args());
+        let agent_b = Agent::spawn_in_netns("agent-b", &b_uplink.ns().path(), args);
+        let b_ns = Arc::new(Netns::new("ceb"));
+        let b = NetCli { ns: b_uplink.ns(), config_dir: b_config.clone(), label: "agent B".into() };
+        netns::retry(READY_TIMEOUT, "agent B sees the overlay network", || {
+            let ls = b.net(&["ls"]);
+            ensure!(ls.status.success() && ls.stdout.contains(NET), "{ls:?}");
+            Ok(())
+        });
+        let b_ep = b.attach(NET, &b_ns, "b-ep", &[]);
+        let o = Self {
+            agent_b,
+            _whoami: whoami,
+            a_ep,
+            a_host,
+            b_ns,
+            b_ep,
+            _a_ns: a_ns,
+            b_config,
+            b_uplink,
+            _switch: switch,
+        };
+        o.wait_back("the overlay's setup", Instant::now(), READY_TIMEOUT).await;
+        // The faults start from the steady state: B's probes of the direct path answered.
+        let direct = try_eventually(READY_TIMEOUT, || async {
+            let path = o.path_to_a();
+            ensure!(path == "direct", "B uses the {path} path to A");
+            Ok(())
+        })
+        .await;
+        if let Err(e) = direct {
+            panic!("the overlay's direct path over the switch did not come up: {e:#}");
+        }
+        eprintln!("chaos {t}: B's endpoint reaches A's over the overlay (direct path)");
+        o
+    }
+
+    /// One whoami from B's endpoint to A's, which must see B's endpoint's address.
+    async fn probe(&self) -> anyhow::Result<()> {
+        let (ns, to) = (self.b_ns.clone(), SocketAddr::from((self.a_ep, WHOAMI_PORT)));
+        // A blocking call on a thread of its own (it enters B's endpoint's namespace).
+        let w =
+            tokio::task::spawn_blocking(move || tcp_whoami_ask(&ns, to, PROBE_TIMEOUT)).await??;
+        ensure!(w.peer.ip() == self.b_ep, "{to} saw the client as {}, not {}", w.peer, self.b_ep);
+        Ok(())
+    }
+
+    /// Polls [`Overlay::probe`] until it answers, and returns how long after `since` it did and
+    /// the path B uses to A then; panics when it does not within `within` of `since`.
+    async fn wait_back(&self, fault: &str, since: Instant, within: Duration) -> (Duration, String) {
+        let left = (since + within).saturating_duration_since(Instant::now());
+        if let Err(e) = try_eventually(left, || self.probe()).await {
+            panic!(
+                "{fault}: B's endpoint did not reach A's over the overlay within {within:?} of \
+                 the fault's end: {e:#}"
+            );
+        }
+        let back = Instant::now().saturating_duration_since(since);
+        (back, self.path_to_a())
+    }
+
+    /// The path (`direct` or `relay`) B uses to A, as B's agent tells.
+    fn path_to_a(&self) -> String {
+        let b = NetCli {
+            ns: self.b_uplink.ns(),
+            config_dir: self.b_config.clone(),
+            label: "agent B".into(),
+        };
+        // The CLI is a blocking child process.
+        tokio::task::block_in_place(|| b.path_to(NET, self.a_host))
+            .unwrap_or_else(|| "unknown".into())
     }
 }
 
@@ -708,8 +917,8 @@ impl Report {
         let where_a = if in_netns { "in a namespace" } else { "on loopback" };
         let text = format!(
             "\n### chaos run over {t} (unix time {stamp}, agent A {where_a})\n\n\
-             | fault | every URL back after | failed requests | relay fds | relay RSS MiB | agent fds | agent RSS MiB |\n\
-             |---|---|---|---|---|---|---|\n"
+             | fault | every URL back after | overlay B→A back after (path) | failed requests | relay fds | relay RSS MiB | agent fds | agent RSS MiB |\n\
+             |---|---|---|---|---|---|---|---|\n"
         );
         let report = Self { path: target.join(format!("{t}.md")), text, notes: String::new() };
         report.append(&report.text);
@@ -727,10 +936,22 @@ impl Report {
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", self.path.display()));
     }
 
-    fn row(&mut self, fault: &str, back: Duration, failed: usize, b: &Snapshot, a: &Snapshot) {
+    fn row(
+        &mut self,
+        fault: &str,
+        back: Duration,
+        overlay: Option<(Duration, String)>,
+        failed: usize,
+        b: &Snapshot,
+        a: &Snapshot,
+    ) {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        let overlay = overlay.map_or_else(
+            || "–".to_owned(),
+            |(back, path)| format!("{:.2} s ({path})", back.as_secs_f64()),
+        );
         let row = format!(
-            "| {fault} | {:.2} s | {failed} | {} → {} | {:.1} → {:.1} | {} → {} | {:.1} → {:.1} |\n",
+            "| {fault} | {:.2} s | {overlay} | {failed} | {} → {} | {:.1} → {:.1} | {} → {} | {:.1} → {:.1} |\n",
             back.as_secs_f64(),
             b.relay_fds,
             a.relay_fds,

@@ -4,10 +4,12 @@
 //!
 //! The pushed state survives a lost session, so the kernel's entries, and traffic on the
 //! direct path, stay as they were while the relay is away. When a session comes back the agent
-//! asks for the state again (`Watch`): the relay sends all of it, then answers; whatever was
-//! not sent again is dropped then. The agent also joins its networks again and announces its
-//! endpoints with the addresses they have, so the relay's view is rebuilt from the agents'
-//! after a restart of either side.
+//! asks for the state again (`Watch`): the relay sends all of it, then answers. The agent also
+//! joins its networks again and announces its endpoints with the addresses they have, so the
+//! relay's view is rebuilt from the agents' after a restart of either side. A relay that
+//! restarted knows the other hosts only once they rejoined, so whatever was not sent again is
+//! dropped only [`STALE_AFTER`] later: the other hosts' entries, and the direct path to them,
+//! stay meanwhile.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -27,6 +29,11 @@ use crate::agent::{Control, NetCall, NetCallError, OverlayHooks};
 
 /// How long a request to the relay may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long after a new session's state arrived what the relay did not send again is kept:
+/// time for the other hosts to rejoin a relay that restarted (and forgot them) before their
+/// entries go.
+const STALE_AFTER: Duration = Duration::from_secs(30);
 
 /// What the relay told this agent about one network.
 #[derive(Debug, Clone)]
@@ -346,19 +353,22 @@ impl Overlay {
         p.seen.retain(|_, e| *e >= epoch);
     }
 
-    async fn resync(self: Arc<Self>) {
-        match self.call(|req| NetMessage::Watch { req }).await {
-            Ok(_) => self.drop_stale(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot get the overlay networks from the relay");
-                return;
-            }
+    /// Asks for the whole state and rejoins; drops what was not pushed again `stale_after`
+    /// later.
+    async fn resync(self: Arc<Self>, stale_after: Duration) {
+        if let Err(e) = self.call(|req| NetMessage::Watch { req }).await {
+            tracing::warn!(error = %e, "cannot get the overlay networks from the relay");
+            return;
         }
         self.changed.notify_one();
         let owner = self.owner.get().and_then(Weak::upgrade);
         if let Some(owner) = owner {
             owner.rejoin().await;
         }
+        self.changed.notify_one();
+        // Hosts that rejoin meanwhile are pushed again; what is left went away.
+        tokio::time::sleep(stale_after).await;
+        self.drop_stale();
         self.changed.notify_one();
     }
 
@@ -380,7 +390,8 @@ impl OverlayHooks for Hooks {
         if session.kind() == TransportKind::Quic {
             ov.datapath.set_link(Some(RelaySender::Quic(session.clone())));
         }
-        *lock(&ov.resync) = Some(AbortOnDropHandle::new(tokio::spawn(ov.clone().resync())));
+        *lock(&ov.resync) =
+            Some(AbortOnDropHandle::new(tokio::spawn(ov.clone().resync(STALE_AFTER))));
     }
 
     fn session_down(&self) {
@@ -464,5 +475,44 @@ mod tests {
         assert!(ov.remote("net").is_none());
         assert_eq!(ov.take_removed(), vec![l("net")]);
         assert!(ov.take_removed().is_empty());
+    }
+
+    /// A relay that restarted answers `Watch` before the other hosts rejoined it: their
+    /// entries stay (the manager reprograms without dropping them), and go only once the
+    /// grace has passed without them pushed again.
+    #[tokio::test]
+    async fn a_new_session_keeps_what_it_did_not_send_again_for_a_while() {
+        for grace in [Duration::from_secs(3600), Duration::ZERO] {
+            let (tx, mut rx) = mpsc::channel(1);
+            let ov = Overlay::new(tx);
+            ov.apply(NetMessage::Defined(def("net")));
+            ov.apply(NetMessage::Peer(Peer {
+                network: l("net"),
+                addr: Ipv4Addr::new(10, 214, 0, 253),
+                agent: AgentId::parse("b").expect("agent"),
+                vtep: Ipv4Addr::new(192, 168, 99, 2),
+                online: true,
+            }));
+            ov.epoch.fetch_add(1, Ordering::Relaxed);
+            let resync = tokio::spawn(ov.clone().resync(grace));
+            let call = match rx.recv().await {
+                Some(Control::Net(call)) => call,
+                other => panic!("expected the Watch call, got {other:?}"),
+            };
+            // The restarted relay knows the network (stored) but not the other host yet.
+            ov.apply(NetMessage::Defined(def("net")));
+            call.reply.send(Ok(NetMessage::Ok { req: 1 })).expect("resync waits for the answer");
+            if grace.is_zero() {
+                resync.await.expect("resync");
+                let r = ov.remote("net").expect("net");
+                assert!(r.peers.is_empty(), "gone once the grace passed without it");
+            } else {
+                // The manager is told to reprogram: the other host is still there for it.
+                ov.changed.notified().await;
+                let r = ov.remote("net").expect("net");
+                assert_eq!(r.peers.len(), 1, "the other host stays while it may still rejoin");
+                resync.abort();
+            }
+        }
     }
 }
