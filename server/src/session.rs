@@ -214,6 +214,14 @@ async fn run_session(
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = ControlReader::new(rd);
     let mut writer = ControlWriter::new(wr);
+    // The control stream's protocol is the machine's from the first byte; this task drives it
+    // (the preface, read below, is bytes the machine never sees).
+    let timing = Timing {
+        heartbeat: HEARTBEAT,
+        dead_after: DEAD_AFTER,
+        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
+    };
+    let mut m = Machine::new(std::time::Instant::now(), timing);
 
     // The version is chosen from the preface alone: a Hello of another version may not decode.
     let preface = tokio::time::timeout_at(deadline, read_preface(reader.get_mut()))
@@ -222,32 +230,28 @@ async fn run_session(
     let preface = match preface {
         Ok(p) => p,
         Err(ControlError::Decode(e)) => {
-            refuse(&mut writer, ErrorCode::Malformed, format!("not a warren agent: {e}")).await;
+            m.refuse(ErrorCode::Malformed, format!("not a warren agent: {e}"));
+            shut(&mut writer, &mut m).await;
             return Err(SessionError::Refused(format!("malformed preface: {e}")));
         }
         Err(e) => return Err(e.into()),
     };
     let Some(version) = preface.negotiate() else {
         let msg = mismatch_message(preface);
-        refuse(&mut writer, ErrorCode::VersionMismatch, msg.clone()).await;
+        m.refuse(ErrorCode::VersionMismatch, msg.clone());
+        shut(&mut writer, &mut m).await;
         return Err(SessionError::Refused(msg));
     };
     let first = match tokio::time::timeout_at(deadline, reader.recv()).await {
         Err(_) => return Err(SessionError::HandshakeTimeout),
         Ok(Ok(m)) => m,
         Ok(Err(ControlError::Decode(e))) => {
-            refuse(&mut writer, ErrorCode::Malformed, format!("malformed Hello: {e}")).await;
+            m.refuse(ErrorCode::Malformed, format!("malformed Hello: {e}"));
+            shut(&mut writer, &mut m).await;
             return Err(SessionError::Refused(format!("malformed Hello: {e}")));
         }
         Ok(Err(e)) => return Err(e.into()),
     };
-    // From here on the control stream's protocol is the machine's; this task drives it.
-    let timing = Timing {
-        heartbeat: HEARTBEAT,
-        dead_after: DEAD_AFTER,
-        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
-    };
-    let mut m = Machine::new(std::time::Instant::now(), timing);
     m.handle_message(first, std::time::Instant::now());
     let Some(Event::Hello(hello)) = m.poll_event() else {
         shut(&mut writer, &mut m).await;
@@ -585,7 +589,7 @@ async fn finish(
     Err(why)
 }
 
-/// Writes what the machine has left (a refusal) and closes the sending side, within 2 s.
+/// Writes what the machine has left (its refusal) and closes the sending side, within 2 s.
 async fn shut<W: tokio::io::AsyncWrite + Unpin>(writer: &mut ControlWriter<W>, m: &mut Machine) {
     let _ = timeout(Duration::from_secs(2), async {
         while let Some(msg) = m.poll_transmit() {
@@ -602,18 +606,6 @@ async fn shut<W: tokio::io::AsyncWrite + Unpin>(writer: &mut ControlWriter<W>, m
 fn throttled_message(ip: IpAddr, wait: Duration) -> String {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     format!("too many failed authentications from {ip}; retry in {secs}s")
-}
-
-async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
-    writer: &mut ControlWriter<W>,
-    code: ErrorCode,
-    message: String,
-) {
-    let _ = timeout(Duration::from_secs(2), async {
-        let _ = writer.send(&Message::Error { req: 0, code, message }).await;
-        let _ = writer.shutdown().await;
-    })
-    .await;
 }
 
 #[cfg(test)]

@@ -275,7 +275,6 @@ async fn drive<T>(
     for tx in pending {
         let _ = tx.send(Err(closed_error()));
     }
-    closed.cancel();
 }
 
 #[cfg(test)]
