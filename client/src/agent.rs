@@ -21,10 +21,6 @@ use warren_transport::{
 use crate::forward::{self, Tunnels};
 use crate::tunnel::TunnelSpec;
 
-/// Interval between the agent's pings.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
-/// A session from which nothing arrived for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -496,11 +492,8 @@ async fn serve_session(
     let (rd, wr) = tokio::io::split(control);
     let mut reader = ControlReader::new(rd);
     let mut writer = ControlWriter::new(wr);
-    let timing = Timing {
-        heartbeat: HEARTBEAT,
-        dead_after: DEAD_AFTER,
-        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
-    };
+    // Pings every 5 s, dead after 20 s of silence, answers (Welcome, binds) within 10 s.
+    let timing = Timing::default();
     let hello = Hello {
         token: cfg.token.clone(),
         agent_id: cfg.agent_id.clone(),

@@ -33,10 +33,6 @@ use crate::router::{Owner, Router, SessionCtx};
 /// handshake, control stream, preface, hello. An agent on a slow link needs a few round trips;
 /// a peer that needs longer holds a handshake slot of its address for nothing.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Interval between the relay's pings.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
-/// A session from which nothing arrived for this long is dead.
-pub const DEAD_AFTER: Duration = Duration::from_secs(20);
 
 /// What every session needs from the relay.
 #[derive(Debug)]
@@ -216,11 +212,8 @@ async fn run_session(
     let mut writer = ControlWriter::new(wr);
     // The control stream's protocol is the machine's from the first byte; this task drives it
     // (the preface, read below, is bytes the machine never sees).
-    let timing = Timing {
-        heartbeat: HEARTBEAT,
-        dead_after: DEAD_AFTER,
-        answer_within: warren_transport::tuning::HANDSHAKE_TIMEOUT,
-    };
+    // Pings every 5 s; an agent silent for 20 s is dead (PROTOCOL.md §5).
+    let timing = Timing::default();
     let mut m = Machine::new(std::time::Instant::now(), timing);
 
     // The version is chosen from the preface alone: a Hello of another version may not decode.
@@ -291,7 +284,7 @@ async fn run_session(
             session_id: id,
             relay_version: crate::VERSION.into(),
             domain: shared.domain.clone(),
-            heartbeat_secs: HEARTBEAT.as_secs() as u16,
+            heartbeat_secs: timing.heartbeat.as_secs() as u16,
             lease_grace_secs: shared.lease_grace.as_secs() as u32,
         },
         std::time::Instant::now(),
@@ -541,7 +534,7 @@ async fn run_session(
                     while let Some(msg) = m.poll_transmit() {
                         let _ = out_tx.try_send(msg);
                     }
-                    return Err(SessionError::Dead(DEAD_AFTER));
+                    return Err(SessionError::Dead(timing.dead_after));
                 }
             }
             Some(msg) = notify_rx.recv() => match msg {
